@@ -1,0 +1,35 @@
+"""unetseg: train U-Net segmentation models on AWS SageMaker from a notebook, and locally.
+
+`import unetseg` stays light (no torch, no SageMaker SDK) until a name that needs them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .config import TrainConfig  # noqa: E402  (pydantic only)
+from .errors import ArtifactError, ConfigError, DataError, UnetsegError  # noqa: E402
+
+_LAZY = {
+    "UNetEstimator": "unetseg.estimator",
+    "load_model": "unetseg.model",
+    "Segmenter": "unetseg.model",
+    "make_demo_dataset": "unetseg.synthetic",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .estimator import UNetEstimator
+    from .model import Segmenter, load_model
+    from .synthetic import make_demo_dataset
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'unetseg' has no attribute {name!r}")
+
+
+__all__ = ["TrainConfig", "ConfigError", "DataError", "ArtifactError", "UnetsegError", *_LAZY]

@@ -1,0 +1,236 @@
+"""TrainConfig: the one hyperparameter schema, used by the notebook client and by the container.
+
+The client validates hyperparameters before any AWS call and sends them with `to_hyperparameters()`; the container
+parses what SageMaker hands it (strings such as "True", "0.001", JSON lists, or the training toolkit's JSON-decoded
+values) with `TrainConfig.from_hyperparameters()`. Both directions live here so that they cannot drift apart.
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from typing import Any, Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+# segmentation-models-pytorch architectures, by the class name that smp.create_model accepts.
+ARCHITECTURES = (
+    "Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet",
+    "DeepLabV3", "DeepLabV3Plus", "PAN", "UPerNet", "Segformer", "DPT",
+)
+
+# Keys that SageMaker itself adds to a job's hyperparameters: the HyperparameterTuner's objective and the SDK's
+# framework metadata. They are not ours to validate.
+_SAGEMAKER_KEYS_PREFIXES = ("sagemaker_", "_tuning_objective_metric")
+
+_NONE_STRINGS = ("none", "null", "")
+
+
+class TrainConfig(BaseModel):
+    """Every knob of a training job. Defaults suit a real GPU job with ImageNet weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- model -------------------------------------------------------------------------------------------------
+    arch: Literal[ARCHITECTURES] = Field("Unet", description="smp architecture")  # type: ignore[valid-type]
+    encoder: str = Field("resnet34", min_length=1, description="smp encoder name, e.g. resnet34, efficientnet-b4, tu-convnext_tiny")
+    encoder_weights: Optional[str] = Field(
+        "imagenet",
+        description="pretrained encoder weights: 'imagenet', none, or a path to a .safetensors/.pth encoder state dict",
+    )
+    encoder_depth: int = Field(5, ge=1, le=5, description="number of encoder stages; the input size must divide by 2**depth")
+    decoder_channels: Optional[list[int]] = Field(
+        None, description="decoder widths, one per encoder stage (Unet family); none = the architecture's default"
+    )
+    in_channels: int = Field(3, ge=1, le=64, description="image channels: 1 for grayscale, 3 for RGB")
+    classes: int = Field(2, ge=2, le=255, description="number of classes, background included (2 = binary)")
+    class_names: Optional[list[str]] = Field(None, description="one name per class; default class_0, class_1, ...")
+    class_colors: Optional[list[list[int]]] = Field(
+        None, description="one [r, g, b] per class: decodes RGB palette masks and colours predictions"
+    )
+    mask_mode: Literal["auto", "binary", "index", "palette"] = Field(
+        "auto",
+        description="how mask pixels map to classes: binary ({0,255} or {0,1}), index (0..C-1, 255 = ignore), "
+        "palette (RGB through class_colors); auto decides from the data",
+    )
+
+    # --- optimisation ------------------------------------------------------------------------------------------
+    epochs: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(8, ge=1, le=4096, description="images per device per step")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov)")
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    scheduler: Literal["cosine", "onecycle", "poly", "constant"] = Field("cosine", description="per-step LR schedule")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length (cosine, poly, constant)")
+    grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this value; 0 = off")
+    loss: Literal["dice", "ce", "dice_ce", "focal"] = Field("dice_ce", description="ce is binary CE when classes=2")
+    early_stopping_patience: int = Field(0, ge=0, description="stop after this many epochs without a better val_miou; 0 = off")
+
+    # --- data --------------------------------------------------------------------------------------------------
+    image_size: int = Field(256, ge=16, le=8192, description="square training crop; must divide by 2**encoder_depth")
+    augment: Literal["none", "light", "default", "strong"] = "default"
+    normalize: Literal["imagenet", "per_image"] = Field(
+        "imagenet", description="imagenet: scale to [0,1] by bit depth, then ImageNet mean/std; per_image: zero mean, unit std per image"
+    )
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out fraction when there is no validation channel")
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    num_workers: Optional[int] = Field(None, ge=0, le=64, description="DataLoader workers per process; none = auto")
+    cache_images: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep decoded images in RAM; auto = when they fit in a quarter of the memory"
+    )
+
+    # --- speed -------------------------------------------------------------------------------------------------
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA; auto = bf16 where supported, else fp16")
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA")
+    compile: bool = Field(False, description="torch.compile the model")
+    log_every: int = Field(0, ge=0, description="print a step line every N optimizer steps; 0 = epoch lines only")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, data)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decode_strings(cls, data: Any) -> Any:
+        """Accept SageMaker's string-valued hyperparameters ("True", "0.001", '["a","b"]') field by field."""
+        if not isinstance(data, Mapping):
+            return data
+        return {key: _decode_value(cls.model_fields[key].annotation, value) if key in cls.model_fields else value
+                for key, value in data.items()}
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "TrainConfig":
+        stride = 2 ** self.encoder_depth
+        if self.image_size % stride:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of 2**encoder_depth={stride}")
+        if self.decoder_channels is not None:
+            if any(c < 1 for c in self.decoder_channels):
+                raise ValueError(f"decoder_channels={self.decoder_channels} must be positive")
+            if self.arch in ("Unet", "UnetPlusPlus", "MAnet") and len(self.decoder_channels) != self.encoder_depth:
+                raise ValueError(
+                    f"decoder_channels={self.decoder_channels} needs one width per encoder stage "
+                    f"(encoder_depth={self.encoder_depth})"
+                )
+        if self.class_names is not None:
+            if len(self.class_names) != self.classes:
+                raise ValueError(f"class_names has {len(self.class_names)} names but classes={self.classes}")
+            if len(set(self.class_names)) != len(self.class_names):
+                raise ValueError(f"class_names={self.class_names} has duplicates")
+        if self.class_colors is not None:
+            if len(self.class_colors) != self.classes:
+                raise ValueError(f"class_colors has {len(self.class_colors)} colours but classes={self.classes}")
+            for colour in self.class_colors:
+                if len(colour) != 3 or any(not 0 <= c <= 255 for c in colour):
+                    raise ValueError(f"class_colors entry {colour} is not [r, g, b] with values 0..255")
+            if len({tuple(c) for c in self.class_colors}) != self.classes:
+                raise ValueError("class_colors has duplicate colours")
+        if self.mask_mode == "palette" and self.class_colors is None:
+            raise ValueError("mask_mode=palette needs class_colors")
+        if self.mask_mode == "binary" and self.classes != 2:
+            raise ValueError(f"mask_mode=binary needs classes=2, got classes={self.classes}")
+        return self
+
+    # --- the SageMaker round trip ------------------------------------------------------------------------------
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: Mapping[str, Any]) -> "TrainConfig":
+        """Parse a job's hyperparameters (string-valued, or JSON-decoded by the training toolkit)."""
+        ours = {k: v for k, v in hyperparameters.items() if not str(k).startswith(_SAGEMAKER_KEYS_PREFIXES)}
+        return cls(**ours)
+
+    def to_hyperparameters(self) -> dict[str, str]:
+        """Every field as the string SageMaker carries; `from_hyperparameters` reads it back to an equal config."""
+        return {name: value if isinstance(value, str) else json.dumps(value)
+                for name, value in self.model_dump().items()}
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed, validated like a new config."""
+        return type(self)(**{**self.model_dump(exclude_unset=False), **changes})
+
+    # --- derived facts ------------------------------------------------------------------------------------------
+    @property
+    def stride(self) -> int:
+        """Input sides must be multiples of this for the encoder-decoder to line up."""
+        return 2 ** self.encoder_depth
+
+    @property
+    def resolved_class_names(self) -> list[str]:
+        return list(self.class_names) if self.class_names else [f"class_{i}" for i in range(self.classes)]
+
+    @classmethod
+    def describe_fields(cls) -> list[tuple[str, str, str]]:
+        """(name, default, description) for help texts and docs."""
+        rows = []
+        for name, field in cls.model_fields.items():
+            choices = _literal_choices(field.annotation)
+            text = field.description or ""
+            if choices:
+                text = f"{text} [{'|'.join(choices)}]".strip()
+            rows.append((name, json.dumps(field.default), text))
+        return rows
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+def _literal_choices(annotation: Any) -> list[str]:
+    inner, _ = _strip_optional(annotation)
+    return [str(c) for c in typing.get_args(inner)] if typing.get_origin(inner) is Literal else []
+
+
+def _decode_value(annotation: Any, value: Any) -> Any:
+    inner, optional = _strip_optional(annotation)
+    if isinstance(value, str):
+        if optional and value.strip().lower() in _NONE_STRINGS:
+            return None
+        if typing.get_origin(inner) is list:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    return value  # pydantic reports it as not a list
+            return [part.strip() for part in text.split(",")]  # "bg,cell" from a command line
+        return value  # pydantic's lax mode parses "True", "0.001", "40"
+    if inner is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # the training toolkit JSON-decodes "123" to 123 even for string fields
+    return value
+
+
+def _describe(exc: ValidationError, data: Mapping[str, Any]) -> str:
+    """One message naming each bad key, its value, and what is allowed."""
+    known = list(TrainConfig.model_fields)
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        key = loc[0] if loc else ""
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"unknown hyperparameter '{key}'{hint}; known: {', '.join(known)}")
+            continue
+        if not key:  # a cross-field rule from _check_consistency
+            problems.append(err["msg"].removeprefix("Value error, "))
+            continue
+        where = key + "".join(f"[{p}]" for p in loc[1:])
+        choices = _literal_choices(TrainConfig.model_fields[key].annotation)
+        reason = f"allowed values: {', '.join(choices)}" if choices else err["msg"].removeprefix("Value error, ")
+        problems.append(f"hyperparameter '{where}' = {data.get(key)!r}: {reason}")
+    # pydantic reports a value once per union member; keep each message once, in order
+    unique = list(dict.fromkeys(problems))
+    return unique[0] if len(unique) == 1 else "invalid hyperparameters:\n  " + "\n  ".join(unique)

@@ -1,0 +1,98 @@
+"""The SageMaker training container contract in one place: SM_* variables and the /opt/ml tree.
+
+SageMaker (and the sagemaker-training toolkit) hands a job its inputs as environment variables and files:
+
+- hyperparameters: SM_HPS (JSON, values decoded by the toolkit) or /opt/ml/input/config/hyperparameters.json
+  (every value a string);
+- channels: SM_CHANNELS + SM_CHANNEL_<NAME>, else the folders under /opt/ml/input/data;
+- SM_MODEL_DIR (/opt/ml/model, tarred to model.tar.gz), SM_OUTPUT_DATA_DIR (/opt/ml/output/data, tarred to
+  output.tar.gz), SM_OUTPUT_DIR (/opt/ml/output; the `failure` file lives there);
+- SM_HOSTS / SM_CURRENT_HOST, else /opt/ml/input/config/resourceconfig.json;
+- SM_NUM_GPUS, which reads 0 where nvidia-smi is missing: the engine falls back to torch.cuda.device_count().
+
+/opt/ml/checkpoints is synced to the job's checkpoint_s3_uri. UNETSEG_OPT_ML moves the whole tree (tests, local
+runs); UNETSEG_CHECKPOINT_DIR moves only the checkpoints. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+DEFAULT_ROOT = Path("/opt/ml")
+
+
+@dataclass(frozen=True)
+class TrainingEnv:
+    hyperparameters: dict[str, Any]
+    channels: dict[str, Path]
+    model_dir: Path
+    output_data_dir: Path
+    output_dir: Path
+    checkpoint_dir: Path
+    hosts: list[str] = field(default_factory=lambda: ["algo-1"])
+    current_host: str = "algo-1"
+    num_gpus: Optional[int] = None  # None: unknown here, the engine asks torch
+
+    @property
+    def failure_file(self) -> Path:
+        return self.output_dir / "failure"
+
+    @property
+    def host_rank(self) -> int:
+        return self.hosts.index(self.current_host)
+
+    @property
+    def master_host(self) -> str:
+        return self.hosts[0]
+
+    @classmethod
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "TrainingEnv":
+        env = os.environ if environ is None else environ
+        root = Path(env.get("UNETSEG_OPT_ML", DEFAULT_ROOT))
+        config_dir = Path(env.get("SM_INPUT_CONFIG_DIR", root / "input" / "config"))
+
+        resource = _read_json(config_dir / "resourceconfig.json") or {}
+        hosts = json.loads(env["SM_HOSTS"]) if env.get("SM_HOSTS") else resource.get("hosts", ["algo-1"])
+        current = env.get("SM_CURRENT_HOST") or resource.get("current_host", hosts[0])
+
+        gpus = env.get("SM_NUM_GPUS")
+        return cls(
+            hyperparameters=_hyperparameters(env, config_dir),
+            channels=_channels(env, Path(env.get("SM_INPUT_DATA_DIR", root / "input" / "data"))),
+            model_dir=Path(env.get("SM_MODEL_DIR", root / "model")),
+            output_data_dir=Path(env.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
+            output_dir=Path(env.get("SM_OUTPUT_DIR", root / "output")),
+            checkpoint_dir=Path(env.get("UNETSEG_CHECKPOINT_DIR", root / "checkpoints")),
+            hosts=list(hosts),
+            current_host=current,
+            num_gpus=int(gpus) if gpus not in (None, "") and int(gpus) > 0 else None,
+        )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _hyperparameters(env: Mapping[str, str], config_dir: Path) -> dict[str, Any]:
+    if env.get("SM_HPS"):
+        return json.loads(env["SM_HPS"])
+    return _read_json(config_dir / "hyperparameters.json") or {}
+
+
+def _channels(env: Mapping[str, str], data_dir: Path) -> dict[str, Path]:
+    if env.get("SM_CHANNELS"):
+        names = json.loads(env["SM_CHANNELS"])
+        return {name: Path(env.get(f"SM_CHANNEL_{name.upper()}", data_dir / name)) for name in names}
+    found = {key[len("SM_CHANNEL_"):].lower(): Path(value) for key, value in env.items() if key.startswith("SM_CHANNEL_")}
+    if found:
+        return found
+    if data_dir.is_dir():
+        return {p.name: p for p in sorted(data_dir.iterdir()) if p.is_dir()}
+    return {}
