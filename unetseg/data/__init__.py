@@ -1,0 +1,1 @@
+"""Datasets: pairing (scan), decoding (io), mask conventions (masks), checks; torch parts in dataset/transforms."""

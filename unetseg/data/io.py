@@ -1,0 +1,152 @@
+"""Decode image and mask files to numpy arrays, with errors that name the file.
+
+Images come back as HxWxC (C = 1 or 3), uint8 or uint16. Masks come back raw: HxW integers (palette PNGs give
+their indices) or HxWx3 for RGB palette masks; `masks.MaskCodec` turns them into class indices.
+PIL does most of the work (it reports truncated files, which OpenCV silently fills with grey); tifffile reads
+multi-channel and 16-bit TIFFs, which PIL cuts to 8 bits; OpenCV reads 16-bit RGB PNGs for the same reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+Image.MAX_IMAGE_PIXELS = 1 << 31  # whole-slide and satellite tiles are large; decompression bombs are not our threat
+_TIFF = (".tif", ".tiff")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """HxWxC uint8 or uint16 pixels."""
+    path = Path(path)
+    if path.suffix.lower() in _TIFF:
+        array = _read_tiff(path)
+    elif path.suffix.lower() == ".png" and _png_is_16bit_colour(path):
+        array = _read_png16_colour(path)
+    else:
+        array = _pil_image_array(path)
+    return _as_hwc(array, path)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """HxW integer labels (palette PNGs: their indices), or HxWx3 uint8 for RGB-coloured masks."""
+    path = Path(path)
+    with _open(path) as im:
+        if im.mode in _ALPHA_MODES:
+            raise DataError(f"{path}: mask has an alpha channel ({im.mode}); save it as a single-channel or RGB PNG")
+        if im.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+            array = np.asarray(im)  # "P" keeps the palette indices, which are the classes in VOC-style masks
+        elif im.mode == "RGB":
+            array = np.asarray(im)
+        else:
+            raise DataError(f"{path}: unsupported mask mode {im.mode}; use 8/16-bit grayscale, palette or RGB")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.ndim == 2 and array.dtype.kind in "iu" and array.dtype.itemsize > 1:
+        if array.min() < 0 or array.max() > 65535:
+            raise DataError(f"{path}: mask values {array.min()}..{array.max()} do not fit 16 bits")
+        array = array.astype(np.uint16)
+    return np.ascontiguousarray(array)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    with _open(Path(path), load=False) as im:
+        return im.height, im.width
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+class _open:
+    """Image.open that turns every decoding failure into a DataError naming the file."""
+
+    def __init__(self, path: Path, load: bool = True):
+        self.path, self.load = path, load
+
+    def __enter__(self) -> Image.Image:
+        try:
+            self.im = Image.open(self.path)
+            if self.load:
+                self.im.load()
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: file not found") from None
+        except UnidentifiedImageError:
+            raise DataError(f"{self.path}: not a readable image (unknown or corrupt format)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{self.path}: unreadable or truncated image ({exc})") from None
+        return self.im
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "im"):
+            self.im.close()
+
+
+def _pil_image_array(path: Path) -> np.ndarray:
+    with _open(path) as im:
+        if im.mode in _ALPHA_MODES:
+            raise DataError(
+                f"{path}: image has an alpha channel ({im.mode}); unetseg reads grayscale or RGB: "
+                "drop the alpha channel (e.g. PIL's .convert('RGB'))"
+            )
+        if im.mode in ("L", "RGB", "I;16", "I;16B", "I;16L"):
+            return np.asarray(im)
+        if im.mode in ("1",):
+            return np.asarray(im.convert("L"))
+        if im.mode == "I":
+            array = np.asarray(im)
+            if array.min() < 0 or array.max() > 65535:
+                raise DataError(f"{path}: 32-bit pixel values {array.min()}..{array.max()} are outside 0..65535")
+            return array.astype(np.uint16)
+        if im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+            return np.asarray(im.convert("RGB"))
+        raise DataError(f"{path}: unsupported pixel mode {im.mode}; use 8/16-bit grayscale or 8-bit RGB")
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    try:
+        import tifffile
+
+        array = tifffile.imread(path)
+    except Exception:  # noqa: BLE001 - compressions tifffile lacks a codec for (LZW without imagecodecs) go to PIL
+        return _pil_image_array(path)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar (C, H, W) TIFF
+    if array.ndim > 3 or (array.ndim == 3 and array.shape[-1] > 4):
+        raise DataError(f"{path}: TIFF with shape {array.shape}; expected one 2-D page (grayscale or RGB)")
+    return array
+
+
+def _png_is_16bit_colour(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    # PNG signature (8) + IHDR length/type (8) + width, height (8) + bit depth (1) + colour type (1)
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
+
+
+def _read_png16_colour(path: Path) -> np.ndarray:
+    import cv2
+
+    array = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise DataError(f"{path}: unreadable or truncated 16-bit PNG")
+    if array.ndim == 3 and array.shape[2] == 4:
+        raise DataError(f"{path}: image has an alpha channel (RGBA); drop it and save as RGB")
+    return array[..., ::-1]  # OpenCV decodes to BGR
+
+
+def _as_hwc(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise DataError(f"{path}: image shape {array.shape} is not HxW, HxWx1 or HxWx3")
+    if array.shape[2] == 4:
+        raise DataError(f"{path}: image has 4 channels (RGBA); drop the alpha channel and save as RGB")
+    if array.dtype == np.uint8 or array.dtype == np.uint16:
+        return np.ascontiguousarray(array)
+    if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 65535:
+        return np.ascontiguousarray(array.astype(np.uint16))
+    raise DataError(f"{path}: pixel type {array.dtype} is not supported; use 8- or 16-bit unsigned integers")

@@ -1,0 +1,118 @@
+"""Mask pixels to class indices, under one of three conventions.
+
+- binary: 0 = background, 1 or 255 = foreground (classes = 2);
+- index: 0..C-1 are classes, 255 = ignore (excluded from loss and metrics);
+- palette: RGB colours mapped through `class_colors` (SageMaker Ground Truth semantic segmentation output).
+
+`auto` picks one for the whole dataset from the values seen, so that every file is read the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+IGNORE_INDEX = 255
+
+
+def squeeze_gray(raw: np.ndarray) -> np.ndarray:
+    """An RGB mask whose three channels are equal is a grayscale mask saved as RGB."""
+    if raw.ndim == 3 and np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]):
+        return np.ascontiguousarray(raw[..., 0])
+    return raw
+
+
+def mask_values(raw: np.ndarray) -> frozenset:
+    """The distinct values (ints) or colours ((r, g, b) tuples) in a raw mask."""
+    if raw.ndim == 2:
+        return frozenset(np.flatnonzero(np.bincount(raw.ravel(), minlength=1)).tolist())
+    packed = (raw[..., 0].astype(np.uint32) << 16) | (raw[..., 1].astype(np.uint32) << 8) | raw[..., 2]
+    return frozenset(((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255) for v in np.unique(packed))
+
+
+def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[Sequence[int]]],
+                 values_by_file: dict[Path, frozenset]) -> str:
+    """The mask convention for the whole dataset."""
+    rgb_files = [p for p, v in values_by_file.items() if v and isinstance(next(iter(v)), tuple)]
+    if requested != "auto":
+        mode = requested
+    elif rgb_files:
+        if class_colors is None:
+            raise DataError(
+                f"{rgb_files[0]}: RGB colour mask, but no class_colors hyperparameter; give one [r, g, b] per class "
+                f"(colours in this file: {_show(values_by_file[rgb_files[0]])})"
+            )
+        mode = "palette"
+    else:
+        union = set().union(*values_by_file.values()) if values_by_file else set()
+        mode = "binary" if classes == 2 and 255 in union and union <= {0, 255} else "index"
+    gray_files = [p for p, v in values_by_file.items() if v and not isinstance(next(iter(v)), tuple)]
+    if mode == "palette" and gray_files:
+        raise DataError(f"{gray_files[0]}: single-channel mask, but mask_mode is palette (RGB colour masks)")
+    if mode != "palette" and rgb_files:
+        raise DataError(f"{rgb_files[0]}: RGB colour mask, but mask_mode is {mode}; set class_colors (and mask_mode=palette)")
+    return mode
+
+
+@dataclass(frozen=True)
+class MaskCodec:
+    mode: str  # binary | index | palette
+    classes: int
+    class_colors: Optional[tuple[tuple[int, int, int], ...]] = None
+
+    def allowed_values(self) -> set:
+        if self.mode == "binary":
+            return {0, 1, 255}
+        if self.mode == "index":
+            return set(range(self.classes)) | {IGNORE_INDEX}
+        return set(self.class_colors or ())
+
+    def check_values(self, values: Iterable, path: Path) -> None:
+        bad = set(values) - self.allowed_values()
+        if not bad:
+            return
+        if self.mode == "binary":
+            rule = "binary masks hold 0 (background) and 1 or 255 (foreground)"
+        elif self.mode == "index":
+            rule = f"class indices are 0..{self.classes - 1} (classes={self.classes}) and 255 = ignore"
+        else:
+            rule = "every colour must be one of class_colors"
+        raise DataError(f"{path}: mask values outside the class range: {_show(bad)}; {rule}")
+
+    def decode(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """HxW uint8 class indices with 255 = ignore. `raw` passed squeeze_gray already."""
+        if self.mode == "palette":
+            if raw.ndim != 3:
+                raise DataError(f"{path}: single-channel mask, but mask_mode is palette")
+            out = np.full(raw.shape[:2], IGNORE_INDEX, np.uint8)
+            packed = _pack(raw)
+            for index, colour in enumerate(self.class_colors or ()):
+                out[packed == _pack(np.asarray(colour, np.uint8))] = index
+            if (out == IGNORE_INDEX).any():
+                self.check_values(mask_values(raw), path)  # names the unknown colours
+            return out
+        if raw.ndim != 2:
+            raise DataError(f"{path}: RGB colour mask, but mask_mode is {self.mode}")
+        if self.mode == "binary":
+            return (raw > 0).astype(np.uint8)
+        if raw.dtype != np.uint8:
+            if raw.max() > IGNORE_INDEX:
+                self.check_values(mask_values(raw), path)
+            raw = raw.astype(np.uint8)
+        return raw
+
+
+def _pack(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.uint32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _show(values: Iterable, limit: int = 8) -> str:
+    items = sorted(values)
+    text = ", ".join(str(list(v)) if isinstance(v, tuple) else str(v) for v in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,102 @@
+"""Find a channel's image/mask pairs. Pure pathlib: the notebook client runs this before uploading.
+
+A channel is a folder with `images/` and `masks/`; an image and its mask share a file stem (`a.jpg` with `a.png`),
+never a sort position. Every problem found is reported at once, each naming the file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MASK_EXTENSIONS = (".png", ".tif", ".tiff")  # lossless only: JPEG smears class boundaries into new values
+MAX_LISTED = 10  # files named in one error message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Sample:
+    stem: str
+    image: Path
+    mask: Path
+
+
+def pair_channel(root: str | Path) -> list[Sample]:
+    """The channel's samples sorted by stem, or one DataError listing every problem found."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    missing = [name for name in ("images", "masks") if not (root / name).is_dir()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+        raise DataError(
+            f"{root}: expected sub-folders images/ and masks/, missing {', '.join(m + '/' for m in missing)} "
+            f"(found: {', '.join(found) or 'nothing'})"
+        )
+
+    problems: list[str] = []
+    images = _index_folder(root / "images", IMAGE_EXTENSIONS, problems)
+    masks = _index_folder(root / "masks", MASK_EXTENSIONS, problems)
+    if not images and not problems:
+        raise DataError(f"{root / 'images'}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+
+    no_mask = [images[s] for s in sorted(images.keys() - masks.keys())]
+    no_image = [masks[s] for s in sorted(masks.keys() - images.keys())]
+    if no_mask:
+        problems.append(_listing(f"{len(no_mask)} image(s) without a mask of the same name in {root / 'masks'}", no_mask))
+    if no_image:
+        problems.append(_listing(f"{len(no_image)} mask(s) without an image of the same name in {root / 'images'}", no_image))
+    if problems:
+        raise DataError(f"dataset {root} is not usable:\n  " + "\n  ".join(problems))
+    return [Sample(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def _index_folder(folder: Path, allowed: Sequence[str], problems: list[str]) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    unknown: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue  # .DS_Store, ._foo, editor swap files
+        suffix = path.suffix.lower()
+        if path.is_dir() or suffix not in allowed:
+            unknown.append(path)
+            continue
+        if path.stem in by_stem:
+            problems.append(f"{by_stem[path.stem]} and {path}: two files with the stem '{path.stem}'; keep one")
+            continue
+        by_stem[path.stem] = path
+    if unknown:
+        kind = "mask" if folder.name == "masks" else "image"
+        hint = " (masks must be lossless: JPEG is not accepted)" if any(p.suffix.lower() in (".jpg", ".jpeg") for p in unknown) and kind == "mask" else ""
+        problems.append(_listing(f"{len(unknown)} file(s) in {folder} with an unknown {kind} extension; "
+                                 f"allowed: {', '.join(allowed)}{hint}", unknown))
+    return by_stem
+
+
+def _listing(headline: str, paths: Iterable[Path]) -> str:
+    paths = list(paths)
+    names = ", ".join(p.name for p in paths[:MAX_LISTED])
+    more = f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else ""
+    return f"{headline}: {names}{more}"
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A deterministic (train, validation) split by a hash of each stem.
+
+    Hashing, rather than shuffling a list, keeps a sample on the same side when files are added or removed.
+    """
+    if len(samples) < 2:
+        raise DataError(
+            f"{len(samples)} sample(s) cannot be split into train and validation; "
+            "add images or give a separate validation channel"
+        )
+    n_val = min(len(samples) - 1, max(1, math.ceil(fraction * len(samples))))
+    ranked = sorted(samples, key=lambda s: hashlib.sha256(f"{seed}:{s.stem}".encode()).hexdigest())
+    val = sorted(ranked[:n_val], key=lambda s: s.stem)
+    train = sorted(ranked[n_val:], key=lambda s: s.stem)
+    return train, val
