@@ -27,7 +27,7 @@ EPOCH_METRICS = (
 )
 # Printed per class after the epoch metrics: val_iou_<class>, val_dice_<class>.
 PER_CLASS_METRICS = ("val_iou", "val_dice")
-# Printed every `log_every` steps when asked: step=120 epoch=3 step_loss=0.2345 lr=0.00093
+# Printed every `log_every` steps when asked: step=120 epoch=3 step_loss=0.2345
 STEP_METRICS = ("step_loss",)
 
 SELECTION_METRIC = "val_miou"  # best model, early stopping, and the default tuning objective
@@ -41,8 +41,13 @@ def slug(name: str) -> str:
     return text or "class"
 
 
+def class_metric(prefix: str, class_name: str) -> str:
+    """`val_iou` and `cell nucleus` give `val_iou_cell_nucleus`."""
+    return f"{prefix}_{slug(class_name)}"
+
+
 def per_class_names(class_names: Iterable[str]) -> list[str]:
-    return [f"{prefix}_{slug(name)}" for prefix in PER_CLASS_METRICS for name in class_names]
+    return [class_metric(prefix, name) for prefix in PER_CLASS_METRICS for name in class_names]
 
 
 def all_metric_names(class_names: Iterable[str]) -> list[str]:

@@ -24,15 +24,25 @@ from .scan import MAX_LISTED, Sample
 class CheckedDataset:
     samples: list[Sample]
     codec: MaskCodec
-    class_pixels: np.ndarray  # pixels per class (ignore excluded)
+    sample_class_pixels: np.ndarray  # (samples, classes) pixel counts, ignore excluded
+    sizes: list[tuple[int, int]]  # (height, width) per sample
     cached: Optional[list[tuple[np.ndarray, np.ndarray]]] = field(default=None, repr=False)  # (image, class mask)
+
+    def subset(self, indices: Sequence[int]) -> "CheckedDataset":
+        pick = lambda items: [items[i] for i in indices]  # noqa: E731
+        return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
+                              pick(self.sizes), pick(self.cached) if self.cached is not None else None)
+
+    @property
+    def class_pixels(self) -> np.ndarray:
+        return self.sample_class_pixels.sum(0)
 
 
 @dataclass(frozen=True)
 class _FileFacts:
     channels: int
     dtype: str
-    values: frozenset
+    values: dict  # pixel count per raw mask value
     image: Optional[np.ndarray]
     mask: Optional[np.ndarray]
 
@@ -57,43 +67,39 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
     # Headers first: cheap, and they size the cache before any pixel is decoded.
     with ThreadPoolExecutor(threads) as pool:
         sizes = list(pool.map(_header_sizes, samples))
-    problems = [s for s in sizes if isinstance(s, str)]
-    _raise_if(problems, samples)
-    decoded_bytes = sum(h * w * (cfg.in_channels * 2 + 1) for (h, w) in sizes)  # upper bound: 16-bit pixels
+    readable = [i for i, size in enumerate(sizes) if not isinstance(size, str)]
+    decoded_bytes = sum(h * w * (cfg.in_channels * 2 + 1) for h, w in (sizes[i] for i in readable))  # 16-bit bound
     keep = cfg.cache_images == "on" or (cfg.cache_images == "auto" and decoded_bytes < memory_budget_bytes(cache_share))
 
+    # Then every pixel, also of files after a bad one: the error lists every problem at once.
     with ThreadPoolExecutor(threads) as pool:
-        facts = list(pool.map(lambda s: _read(s, cfg, keep), samples))
-    _raise_if([f for f in facts if isinstance(f, str)], samples)
+        facts = list(pool.map(lambda i: _read(samples[i], cfg, keep), readable))
+    facts = dict(zip(readable, facts))
+    problems = [sizes[i] if isinstance(sizes[i], str) else facts[i] for i in range(len(samples))
+                if isinstance(sizes[i], str) or isinstance(facts[i], str)]
+    good = {i: f for i, f in facts.items() if not isinstance(f, str)}
 
-    dtypes = {f.dtype for f in facts}
+    dtypes = {f.dtype for f in good.values()}
     if len(dtypes) > 1:
-        first = {d: next(s.image for s, f in zip(samples, facts) if f.dtype == d) for d in dtypes}
-        raise DataError("images mix bit depths: " + ", ".join(f"{p} is {d}" for d, p in sorted(first.items())) +
-                        "; convert them to one depth")
+        first = {d: next(samples[i].image for i, f in good.items() if f.dtype == d) for d in dtypes}
+        problems.append(f"{first[max(dtypes)]}: images mix bit depths (" +
+                        ", ".join(f"{p.name} is {d}" for d, p in sorted(first.items())) + "); convert them to one depth")
 
-    if codec is None:
-        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors,
-                            {s.mask: f.values for s, f in zip(samples, facts)})
+    if codec is None and good:
+        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, {samples[i].mask: f.values for i, f in good.items()})
         colours = tuple(tuple(c) for c in cfg.class_colors) if cfg.class_colors else None
         codec = MaskCodec(mode, cfg.classes, colours)
-    problems = []
-    for sample, fact in zip(samples, facts):
+    for i, fact in good.items():
         try:
-            codec.check_values(fact.values, sample.mask)
+            codec.check_values(fact.values, samples[i].mask)
         except DataError as exc:
             problems.append(str(exc))
     _raise_if(problems, samples)
 
-    cached = None
-    class_pixels = np.zeros(cfg.classes, np.int64)
-    if keep:
-        cached = []
-        for sample, fact in zip(samples, facts):
-            mask = codec.decode(fact.mask, sample.mask)
-            class_pixels += np.bincount(mask.ravel(), minlength=256)[: cfg.classes]
-            cached.append((fact.image, mask))
-    return CheckedDataset(list(samples), codec, class_pixels, cached)
+    facts = [good[i] for i in range(len(samples))]
+    class_pixels = np.stack([codec.class_counts(f.values) for f in facts])
+    cached = [(f.image, codec.decode(f.mask, s.mask)) for s, f in zip(samples, facts)] if keep else None
+    return CheckedDataset(list(samples), codec, class_pixels, list(sizes), cached)
 
 
 def _header_sizes(sample: Sample) -> tuple[int, int] | str:

@@ -39,9 +39,9 @@ def read_mask(path: str | Path) -> np.ndarray:
         if im.mode in _ALPHA_MODES:
             raise DataError(f"{path}: mask has an alpha channel ({im.mode}); save it as a single-channel or RGB PNG")
         if im.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-            array = np.asarray(im)  # "P" keeps the palette indices, which are the classes in VOC-style masks
+            array = np.array(im)  # "P" keeps the palette indices, which are the classes in VOC-style masks
         elif im.mode == "RGB":
-            array = np.asarray(im)
+            array = np.array(im)
         else:
             raise DataError(f"{path}: unsupported mask mode {im.mode}; use 8/16-bit grayscale, palette or RGB")
     if array.dtype == bool:
@@ -93,7 +93,7 @@ def _pil_image_array(path: Path) -> np.ndarray:
                 "drop the alpha channel (e.g. PIL's .convert('RGB'))"
             )
         if im.mode in ("L", "RGB", "I;16", "I;16B", "I;16L"):
-            return np.asarray(im)
+            return np.array(im)
         if im.mode in ("1",):
             return np.asarray(im.convert("L"))
         if im.mode == "I":

@@ -27,16 +27,17 @@ def squeeze_gray(raw: np.ndarray) -> np.ndarray:
     return raw
 
 
-def mask_values(raw: np.ndarray) -> frozenset:
-    """The distinct values (ints) or colours ((r, g, b) tuples) in a raw mask."""
+def mask_values(raw: np.ndarray) -> dict:
+    """Pixel count per distinct value (ints) or colour ((r, g, b) tuples) in a raw mask."""
     if raw.ndim == 2:
-        return frozenset(np.flatnonzero(np.bincount(raw.ravel(), minlength=1)).tolist())
-    packed = (raw[..., 0].astype(np.uint32) << 16) | (raw[..., 1].astype(np.uint32) << 8) | raw[..., 2]
-    return frozenset(((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255) for v in np.unique(packed))
+        counts = np.bincount(raw.ravel(), minlength=1)
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    values, counts = np.unique(_pack(raw), return_counts=True)
+    return {((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255): int(c) for v, c in zip(values, counts)}
 
 
 def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[Sequence[int]]],
-                 values_by_file: dict[Path, frozenset]) -> str:
+                 values_by_file: dict[Path, dict]) -> str:
     """The mask convention for the whole dataset."""
     rgb_files = [p for p, v in values_by_file.items() if v and isinstance(next(iter(v)), tuple)]
     if requested != "auto":
@@ -83,6 +84,16 @@ class MaskCodec:
         else:
             rule = "every colour must be one of class_colors"
         raise DataError(f"{path}: mask values outside the class range: {_show(bad)}; {rule}")
+
+    def class_counts(self, value_counts: dict) -> np.ndarray:
+        """Pixels per class from `mask_values` output (ignore excluded)."""
+        out = np.zeros(self.classes, np.int64)
+        lookup = {tuple(c): i for i, c in enumerate(self.class_colors or ())}
+        for value, count in value_counts.items():
+            index = lookup.get(value) if self.mode == "palette" else (min(value, 1) if self.mode == "binary" else value)
+            if index is not None and index < self.classes:
+                out[index] += count
+        return out
 
     def decode(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """HxW uint8 class indices with 255 = ignore. `raw` passed squeeze_gray already."""

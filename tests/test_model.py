@@ -1,0 +1,117 @@
+"""The model artifact: safetensors + JSON, opened from a folder or a model.tar.gz, never unpickled."""
+
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from support import TINY
+from unetseg.config import TrainConfig
+from unetseg.errors import ArtifactError
+from unetseg.model import artifact_config, build_model, freeze_unused, load_model, save_artifact
+
+CFG = TrainConfig(**TINY, classes=3, class_names=["bg", "a", "b"])
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    folder = tmp_path_factory.mktemp("model")
+    save_artifact(folder, model.state_dict(), artifact_config(CFG, "index", {"epoch": 1, "val_miou": 0.5}), [{"epoch": 1}])
+    tar_path = folder.parent / "model.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for path in folder.iterdir():
+            tar.add(path, arcname=path.name)
+    return model.eval(), folder, tar_path
+
+
+def test_folder_and_tarball_give_the_same_predictions_at_any_size(artifact):
+    model, folder, tar_path = artifact
+    a, b = load_model(folder, device="cpu"), load_model(tar_path, device="cpu")
+    rng = np.random.default_rng(0)
+    for shape in [(32, 32, 3), (37, 53, 3), (8, 100, 3)]:  # not multiples of the stride (8)
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        mask = a.predict(image)
+        assert mask.shape == shape[:2] and mask.dtype == np.uint8 and mask.max() < 3
+        assert np.array_equal(mask, b.predict(image))
+        probs = a.predict_proba(image)
+        assert probs.shape == (3, *shape[:2]) and np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert a.class_names == ["bg", "a", "b"] and a.history == [{"epoch": 1}]
+    assert json.loads((folder / "config.json").read_text())["best"]["val_miou"] == 0.5
+
+
+def test_prediction_matches_the_model_on_the_padded_image(artifact):
+    model, folder, _ = artifact
+    segmenter = load_model(folder, device="cpu")
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(x).argmax(1)[0].numpy()
+    assert np.array_equal(segmenter.predict(image), expected)
+
+
+def test_loading_never_unpickles(artifact, monkeypatch):
+    _, folder, tar_path = artifact
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during load_model")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    load_model(folder, device="cpu")
+    load_model(tar_path, device="cpu")
+    assert not list(folder.glob("*.pt")) and not list(folder.glob("*.pth"))
+
+
+def test_bad_artifacts_are_named(artifact, tmp_path):
+    _, folder, _ = artifact
+    with pytest.raises(ArtifactError, match="no such model folder"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(ArtifactError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ArtifactError, match="not a unetseg model config"):
+        load_model(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="upgrade unetseg"):
+        load_model(tmp_path)
+    other = CFG.replace(classes=2, class_names=None)
+    (tmp_path / "config.json").write_text(json.dumps(artifact_config(other, "binary")))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match="weights do not match"):
+        load_model(tmp_path)
+
+
+def test_wrong_channel_count_is_a_clear_error(artifact):
+    segmenter = load_model(artifact[1], device="cpu")
+    with pytest.raises(ValueError, match="3-channel"):
+        segmenter.predict(np.zeros((16, 16), np.uint8))
+
+
+def test_unused_encoder_stages_are_frozen():
+    model = build_model(CFG)
+    unused = freeze_unused(model, 3, CFG.stride)
+    assert unused and all(name.startswith(("encoder.layer3", "encoder.layer4")) for name in unused)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in unused)
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    from safetensors.torch import save_file
+
+    source = build_model(CFG)
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(tmp_path / "enc.safetensors"))
+    model = build_model(CFG.replace(encoder_weights=str(tmp_path / "enc.safetensors")))
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), source.encoder.state_dict().values()))
+    from unetseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file"):
+        build_model(CFG.replace(encoder_weights=str(tmp_path / "nope.pth")))
+    with pytest.raises(ConfigError, match="'encoder' = 'resnet999'"):
+        build_model(CFG.replace(encoder="resnet999"))

@@ -1,0 +1,158 @@
+"""The engine end to end on the CPU: it learns, its artifact reproduces its metrics, resume is exact, DDP works,
+and the SageMaker entry contract (string hyperparameters in, artifacts or a failure file out) holds."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from support import REPO, TINY, run_entry, sagemaker_tree, write_pair
+from unetseg.config import TrainConfig
+from unetseg.metrics import confusion, summarize
+from unetseg.metrics_log import EPOCH_METRICS, SELECTION_METRIC, metric_definitions, parse_line
+from unetseg.model import load_model
+from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
+from unetseg.training import RunPaths, train
+
+pytestmark = pytest.mark.slow
+
+# Small enough for a few seconds per run on one CPU thread: 16 train / 8 validation images of 32 px, 4 steps an epoch.
+HPS = {**TINY, "epochs": 3, "log_every": 1, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("small"), kind="binary", train=16, validation=8, size=32)
+
+
+def test_model_learns_and_its_artifact_reproduces_the_best_metric(tmp_path):
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=48, validation=16, size=64)
+    cfg = TrainConfig(**{**demo_hyperparameters("binary"), "epochs": 6, "seed": 0})
+    paths = RunPaths(data / "train", data / "validation", tmp_path / "model", tmp_path / "ckpt", tmp_path / "out")
+    result = train(cfg, paths, progress=False)
+
+    steps = result.history[-1]["step"]
+    assert steps == 6 * 6  # 48 images / batch 8, six epochs: the bound on steps
+    assert result.best[SELECTION_METRIC] >= 0.85, result.history  # learned within 36 steps
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] / 2
+
+    # The saved model is the best epoch's: recomputing its metric from predictions gives the logged number.
+    model = load_model(paths.model_dir, device="cpu")
+    from unetseg.data.checks import check_dataset
+    from unetseg.data.scan import pair_channel
+
+    val = check_dataset(pair_channel(data / "validation"), cfg)
+    matrix = sum(confusion(torch.from_numpy(model.predict(img)), torch.from_numpy(mask), 2) for img, mask in val.cached)
+    assert summarize(matrix, cfg.resolved_class_names)[SELECTION_METRIC] == pytest.approx(result.best[SELECTION_METRIC], abs=1e-6)
+    assert json.loads((paths.model_dir / "history.json").read_text()) == result.history
+    assert (paths.output_data_dir / "predictions.png").stat().st_size > 1000
+
+
+def entry_env(tmp_path, data, hps=HPS, **extra):
+    env = sagemaker_tree(tmp_path, hps, {"train": data / "train", "validation": data / "validation"})
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def test_entry_contract_writes_artifacts_and_metric_lines(small_data, tmp_path):
+    done = run_entry(entry_env(tmp_path, small_data))
+    assert done.returncode == 0, done.stderr[-3000:]
+    model_dir = tmp_path / "model"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "history.json", "model.safetensors"]
+    config = json.loads((model_dir / "config.json").read_text())
+    assert TrainConfig.from_hyperparameters(config["hyperparameters"]) == TrainConfig.from_hyperparameters(
+        {k: json.dumps(v) if not isinstance(v, str) else v for k, v in HPS.items()})
+    assert (tmp_path / "output" / "data" / "predictions.png").is_file()
+    assert not (tmp_path / "output" / "failure").exists()
+    # What SageMaker's metric regexes will find in this log: every epoch metric, three times (three epochs).
+    for definition in metric_definitions(config["class_names"]):
+        found = re.findall(definition["Regex"], done.stdout)
+        expected = 12 if definition["Name"] == "step_loss" else 3
+        assert len(found) == expected, definition
+    epoch_lines = [parse_line(line) for line in done.stdout.splitlines() if line.startswith("epoch=")]
+    assert [line["epoch"] for line in epoch_lines] == [1, 2, 3]
+    assert all(set(EPOCH_METRICS) <= set(line) for line in epoch_lines)
+
+
+def test_entry_contract_bad_dataset_writes_a_failure_file_naming_the_file(small_data, tmp_path):
+    bad = tmp_path / "bad"
+    write_pair(bad / "train", "good", np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8))
+    write_pair(bad / "train", "broken", np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8))
+    (bad / "train" / "masks" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    env = sagemaker_tree(tmp_path / "ml", HPS, {"train": bad / "train"})
+    done = run_entry(env)
+    assert done.returncode != 0
+    failure = (tmp_path / "ml" / "output" / "failure").read_text()
+    first = failure[:1024]  # what SageMaker shows as FailureReason
+    assert first.startswith("DataError: ") and "masks/broken.png" in first
+    assert "Traceback" in failure
+
+
+def test_bad_hyperparameter_fails_with_the_key_named(small_data, tmp_path):
+    done = run_entry(sagemaker_tree(tmp_path, {**HPS, "optimiser": "sgd"}, {"train": small_data / "train"}))
+    assert done.returncode != 0
+    failure = (tmp_path / "output" / "failure").read_text()
+    assert failure.startswith("ConfigError: unknown hyperparameter 'optimiser' (did you mean 'optimizer'?)")
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
+    straight = run_entry(entry_env(tmp_path / "straight", small_data))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    env = entry_env(tmp_path / "spot", small_data)
+    proc = subprocess.Popen([sys.executable, str(REPO / "entry" / "train.py")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if line.startswith("step=6 "):  # mid-way through epoch 2 of 3
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM, "".join(log)
+    text = "".join(log)
+    stopped = re.search(r"stopping on SIGTERM at epoch (\d+), batch (\d+)", text)
+    assert stopped and stopped.group(1) == "2" and 1 <= int(stopped.group(2)) < 4, text  # inside an epoch
+    assert "epoch=3 " not in text
+    assert not (tmp_path / "spot" / "output" / "failure").exists()  # a stop, not a failure
+
+    resumed = run_entry(env)  # same checkpoint dir, as after a spot restart
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stdout
+
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "spot" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    last_b = torch.load(tmp_path / "spot" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
+    timing = ("epoch_time", "images_per_sec")
+    strip = lambda h: [{k: v for k, v in r.items() if k not in timing} for r in h]  # noqa: E731
+    assert strip(last_a["history"]) == strip(last_b["history"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu_trains_and_writes_artifacts_once(small_data, tmp_path):
+    env = entry_env(tmp_path, small_data, {**HPS, "epochs": 2, "log_every": 0},
+                    UNETSEG_PROCS_PER_HOST="2", UNETSEG_MASTER_PORT=str(free_port()))
+    done = run_entry(env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "on 2 x cpu" in done.stdout
+    assert [parse_line(l)["epoch"] for l in done.stdout.splitlines() if l.startswith("epoch=")] == [1, 2]  # rank 0 only
+    assert sum(line.startswith("model: ") for line in done.stdout.splitlines()) == 1  # only rank 0 saves
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    # 16 images over 2 ranks x batch 4: 2 steps per epoch, each step seeing 8 images.
+    assert [h["step"] for h in history] == [2, 4]
+    assert load_model(tmp_path / "model", device="cpu").predict(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32)

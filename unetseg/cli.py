@@ -1,0 +1,155 @@
+"""The `unetseg` command: local training, the demo, synthetic data, and (from other modules) image and predict.
+
+Importing this module stays light; each command imports what it needs (torch only for training/prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import TrainConfig
+from .errors import UnetsegError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["image"]:  # build and push the container image: its own argument parser
+        from . import image
+
+        return _guarded(lambda: image.main(argv[1:]))
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _guarded(lambda: args.run(args, extra))
+
+
+def _guarded(run) -> int:
+    try:
+        return run() or 0
+    except UnetsegError as exc:  # the user's input: say what is wrong, no stack trace
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unetseg", description="Train U-Net segmentation models locally and on SageMaker.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("train", help="train locally on a folder with images/ and masks/ (or train/ and validation/)",
+                       description="Train in this process. Hyperparameters: key=value or --key value "
+                                   "(see `unetseg hyperparameters`).")
+    p.add_argument("--data", required=True, type=Path, help="a folder with images/ and masks/, or with train/ and validation/")
+    p.add_argument("--validation", type=Path, help="validation folder (default: validation/ beside train/, else a held-out fraction)")
+    p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
+                                               "the same folder resumes an interrupted run")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("demo", help="make a synthetic dataset and train a small model on it (no AWS, no Docker)")
+    p.add_argument("--output", type=Path, default=Path("demo"), help="where the data and the run go (default: ./demo)")
+    p.add_argument("--kind", choices=("binary", "multiclass"), default="multiclass")
+    p.add_argument("--epochs", type=int, default=12)
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("demo-data", help="write a synthetic dataset (train/ and validation/)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--kind", choices=("binary", "multiclass"), default="binary")
+    p.add_argument("--train", type=int, default=48, help="training images")
+    p.add_argument("--validation", type=int, default=16, help="validation images")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_demo_data)
+
+    p = sub.add_parser("hyperparameters", help="list every hyperparameter with its default")
+    p.set_defaults(run=_hyperparameters)
+    return parser
+
+
+def parse_hyperparameters(tokens: Sequence[str]) -> dict[str, str]:
+    """`lr=0.01`, `--lr 0.01` and `--lr=0.01` alike; names may use - for _."""
+    out: dict[str, str] = {}
+    tokens = list(tokens)
+    while tokens:
+        token = tokens.pop(0)
+        if token.startswith("--"):
+            key, eq, value = token[2:].partition("=")
+            if not eq:
+                if not tokens:
+                    raise UnetsegError(f"hyperparameter --{key} needs a value")
+                value = tokens.pop(0)
+        else:
+            key, eq, value = token.partition("=")
+            if not eq:
+                raise UnetsegError(f"unexpected argument {token!r}: give hyperparameters as key=value or --key value")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optional[Path]]:
+    """A folder with train/ (and validation/ or val/) is a dataset root; otherwise it is the training channel."""
+    if (data / "train").is_dir() and not (data / "images").is_dir():
+        val = validation or next((data / n for n in ("validation", "val") if (data / n).is_dir()), None)
+        return data / "train", val
+    return data, validation
+
+
+def _train(args, extra: Sequence[str]) -> int:
+    cfg = TrainConfig.from_hyperparameters(parse_hyperparameters(extra))  # fails before torch is even imported
+    train_dir, val_dir = _split_layout(args.data, args.validation)
+    output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
+    return _run_training(cfg, train_dir, val_dir, output)
+
+
+def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], output: Path) -> int:
+    from .training import RunPaths, train
+
+    paths = RunPaths(train_dir, val_dir, output / "model", output / "checkpoints", output / "output")
+    result = train(cfg, paths)
+    if result.interrupted:
+        print(f"interrupted; resume with the same command and --output {output}", file=sys.stderr)
+        return 128 + signal.Signals[result.interrupted]
+    return 0
+
+
+def _demo(args, _extra) -> int:
+    from .synthetic import demo_hyperparameters, make_demo_dataset
+
+    data = make_demo_dataset(args.output / "data", kind=args.kind)
+    print(f"synthetic {args.kind} dataset: {data} (train/, validation/)")
+    cfg = TrainConfig(**demo_hyperparameters(args.kind), epochs=args.epochs)
+    return _run_training(cfg, data / "train", data / "validation", args.output / "run")
+
+
+def _demo_data(args, _extra) -> int:
+    from .synthetic import KINDS, demo_hyperparameters, make_demo_dataset
+
+    make_demo_dataset(args.folder, kind=args.kind, train=args.train, validation=args.validation, size=args.size,
+                      channels=args.channels, seed=args.seed)
+    hps = demo_hyperparameters(args.kind, args.channels, args.size)
+    print(f"wrote {args.train} training and {args.validation} validation images to {args.folder} "
+          f"(classes: {', '.join(KINDS[args.kind])})")
+    print("train on it with:\n  unetseg train --data " + str(args.folder) + " " +
+          " ".join(f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}" for k, v in hps.items()
+                   if v is not None) + " encoder_weights=none")
+    return 0
+
+
+def _hyperparameters(_args, _extra) -> int:
+    rows = TrainConfig.describe_fields()
+    width = max(len(r[0]) for r in rows)
+    for name, default, text in rows:
+        print(f"{name:<{width}}  {default:<12} {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

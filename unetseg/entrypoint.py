@@ -1,0 +1,91 @@
+"""The container entry point: SageMaker's training environment in; a model, or a failure file, out.
+
+`entry/train.py` (SAGEMAKER_PROGRAM) calls `main()`. On a multi-GPU or multi-host job, `main()` relaunches this
+module under torchrun and supervises it; each worker then runs `main()` again and trains.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from .errors import DataError
+from .sagemaker_env import TrainingEnv
+
+TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
+FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
+
+
+def main() -> int:
+    env = TrainingEnv.from_environ()
+    try:
+        if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: decide how many processes this host runs
+            from .distributed import procs_per_host, torchrun_command
+
+            command = torchrun_command(env, procs_per_host(env), module=__name__)
+            if command:
+                return supervise(command, env.failure_file)
+        return run(env)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
+        write_failure(env.failure_file, exc)
+        return 1
+
+
+def run(env: TrainingEnv) -> int:
+    from .config import TrainConfig
+    from .training import RunPaths, train
+
+    cfg = TrainConfig.from_hyperparameters(env.hyperparameters)
+    train_dir, val_dir = pick_channels(env.channels)
+    paths = RunPaths(train_dir, val_dir, env.model_dir, env.checkpoint_dir, env.output_data_dir)
+    result = train(cfg, paths, progress=False)
+    return 128 + signal.Signals[result.interrupted] if result.interrupted else 0
+
+
+def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
+    train = next((channels[n] for n in TRAIN_CHANNELS if n in channels), None)
+    if train is None and len(channels) == 1:
+        train = next(iter(channels.values()))
+    if train is None:
+        raise DataError(f"no training data: expected a channel named 'train' (or 'validation' beside it); "
+                        f"this job has {sorted(channels) or 'no channels'}")
+    val = next((channels[n] for n in VALIDATION_CHANNELS if n in channels), None)
+    return train, val
+
+
+def supervise(command: list[str], failure_file: Path) -> int:
+    """Run torchrun, passing SIGTERM on (it forwards to the workers, which checkpoint and stop)."""
+    child = subprocess.Popen(command)
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code not in (0, 128 + signal.SIGTERM) and not failure_file.exists():
+        write_failure(failure_file, RuntimeError(f"distributed training exited with code {code}; see the job log"))
+    return code
+
+
+def write_failure(path: Path, exc: BaseException) -> None:
+    """The error's one-line summary first (SageMaker shows only the first 1024 characters), then the traceback."""
+    summary = f"{type(exc).__name__}: {exc}"
+    text = summary + "\n\n" + "".join(traceback.format_exception(exc))
+    print(summary, file=sys.stderr, flush=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"could not write {path}: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

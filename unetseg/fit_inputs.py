@@ -1,0 +1,198 @@
+"""Turn what a user hands to `fit()` into the `train` and `validation` channels the container reads.
+
+Accepted: an S3 prefix (finds `train/` and `validation/` or `val/` under it, or is itself a channel with `images/` and
+`masks/`), a local folder of the same layout (checked locally by `pair_channel`, then uploaded, or bound as file://
+in local mode), a single TrainingInput (the train channel), or a dict of channels whose values are any of these.
+Every problem is reported before a training job is created, naming the prefix or folder and what was found there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from .data.scan import pair_channel
+from .errors import DataError
+from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
+from .s3_upload import list_children, prefix_size, sync_folder
+
+TRAIN, VALIDATION = "train", "validation"
+CHANNELS = (TRAIN, VALIDATION)
+_VALIDATION_FOLDERS = ("validation", "val")
+
+
+@dataclass(frozen=True)
+class Channels:
+    inputs: dict[str, Any]  # channel name -> TrainingInput, FileSystemInput or file:// URI
+    file_mode_bytes: int  # bytes that File mode copies onto the instance (0 where unknown or streamed)
+
+
+@dataclass
+class InputResolver:
+    local: bool  # local mode: local folders are bound as file://, not uploaded
+    input_mode: str
+    s3_client: Callable[[], Any]  # made on first use: a local-mode run with local data needs no AWS client
+    datasets_uri: Callable[[], str]  # s3://.../datasets/ where local folders are uploaded (resolved on first upload)
+    progress: bool = True
+
+    def resolve(self, inputs: Any) -> Channels:
+        from sagemaker.inputs import FileSystemInput, TrainingInput
+
+        if inputs is None:
+            raise DataError("fit() needs training data: an S3 prefix with train/ (and validation/) under it, a local "
+                            "folder of the same layout, or a dict {'train': ..., 'validation': ...}")
+        if isinstance(inputs, (TrainingInput, FileSystemInput)):
+            inputs = {TRAIN: inputs}
+        if isinstance(inputs, Mapping):
+            return self._from_dict(inputs)
+        if isinstance(inputs, (str, os.PathLike)):
+            text = os.fspath(inputs)
+            if text.startswith("s3://"):
+                return self._from_s3_prefix(text)
+            return self._from_local_folder(self._local_path(text))
+        raise DataError(f"fit() got {type(inputs).__name__}: pass an s3:// prefix, a local folder, a TrainingInput or a "
+                        "dict of channels")
+
+    # --- S3 --------------------------------------------------------------------------------------------------------
+    def _from_s3_prefix(self, uri: str) -> Channels:
+        check_s3_uri("fit inputs", uri)
+        bucket, key = split_s3_uri(uri)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        folders, files = list_children(self.s3_client(), bucket, prefix)
+        root = f"s3://{bucket}/{prefix}"
+        if TRAIN in folders:
+            found = {TRAIN: root + "train/"}
+            validation = _validation_folder(folders, root)
+            if validation:
+                found[VALIDATION] = root + validation + "/"
+        elif "images" in folders and "masks" in folders:
+            found = {TRAIN: root}  # the prefix is itself one channel; the container holds out val_fraction
+        else:
+            raise DataError(f"{root}: expected train/ (and validation/) or images/ + masks/ under it; "
+                            f"found {_listing(folders, files)}")
+        for name, channel_uri in found.items():
+            if channel_uri != root:
+                self._check_s3_channel(channel_uri)
+        return Channels({name: self._training_input(u) for name, u in found.items()},
+                        sum(self._s3_bytes(u) for u in found.values()))
+
+    def _check_s3_channel(self, uri: str) -> None:
+        bucket, prefix = split_s3_uri(uri)
+        folders, files = list_children(self.s3_client(), bucket, prefix)
+        missing = [name + "/" for name in ("images", "masks") if name not in folders]
+        if missing:
+            raise DataError(f"{uri}: a channel needs images/ and masks/, missing {', '.join(missing)}; "
+                            f"found {_listing(folders, files)}")
+
+    def _s3_bytes(self, uri: str) -> int:
+        if self.input_mode != "File":
+            return 0  # FastFile streams: nothing is copied onto the volume
+        bucket, prefix = split_s3_uri(uri)
+        return prefix_size(self.s3_client(), bucket, prefix)
+
+    def _training_input(self, uri: str) -> Any:
+        from sagemaker.inputs import TrainingInput
+
+        return TrainingInput(uri, input_mode=self.input_mode, distribution="FullyReplicated")
+
+    # --- local folders -----------------------------------------------------------------------------------------------
+    def _local_path(self, text: str) -> Path:
+        if text.startswith("file://"):
+            if not self.local:
+                raise JobSettingsError(f"{text!r}: file:// data is for local mode (instance_type='local' or "
+                                       "'local_gpu'); pass the folder path to upload it, or an s3:// prefix")
+            text = text[len("file://"):]
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{text!r} is neither an s3:// prefix nor an existing local folder")
+        return path.resolve()
+
+    def _from_local_folder(self, folder: Path) -> Channels:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if TRAIN in subfolders:
+            validation = _validation_folder(subfolders, str(folder) + "/")
+            layout = {TRAIN: TRAIN, **({VALIDATION: validation} if validation else {})}
+        elif "images" in subfolders and "masks" in subfolders:
+            layout = {TRAIN: ""}
+        else:
+            files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            raise DataError(f"{folder}: expected train/ (and validation/) or images/ + masks/ in it; "
+                            f"found {_listing(subfolders, files)}")
+        for sub in layout.values():
+            pair_channel(folder / sub)  # the preflight: every image has its mask, named by stem
+        if self.local:
+            return Channels({name: (folder / sub).as_uri() for name, sub in layout.items()}, 0)
+        return self._upload(folder, layout)
+
+    def _upload(self, folder: Path, layout: Mapping[str, str], name: Optional[str] = None) -> Channels:
+        target = self.datasets_uri().rstrip("/") + "/" + _s3_safe(name or folder.name) + "/"
+        bucket, prefix = split_s3_uri(target)
+        subfolders = [sub for sub in layout.values() if sub]
+        report = sync_folder(self.s3_client(), folder, bucket, prefix, subfolders=subfolders or None,
+                             progress=self.progress)
+        channels = {ch: self._training_input(target + (sub + "/" if sub else "")) for ch, sub in layout.items()}
+        return Channels(channels, report.total_bytes if self.input_mode == "File" else 0)
+
+    # --- a dict of channels ----------------------------------------------------------------------------------------------
+    def _from_dict(self, inputs: Mapping[str, Any]) -> Channels:
+        from sagemaker.inputs import FileSystemInput, TrainingInput
+
+        unknown = [name for name in inputs if name not in CHANNELS]
+        if unknown:
+            hint = " (use 'validation')" if "val" in unknown else ""
+            raise DataError(f"unknown channel name(s) {unknown}{hint}: the unetseg container reads "
+                            f"{' and '.join(CHANNELS)}")
+        if TRAIN not in inputs:
+            raise DataError(f"fit() inputs {sorted(inputs)} have no 'train' channel")
+        channels: dict[str, Any] = {}
+        total = 0
+        for name, value in inputs.items():
+            if isinstance(value, TrainingInput):
+                mode = value.config.get("InputMode")
+                if mode is not None and mode not in INPUT_MODES:
+                    raise JobSettingsError(f"channel {name!r} has input_mode={mode!r}; use 'File' or 'FastFile' "
+                                           "(the container reads image files, not a Pipe stream)")
+                channels[name] = value
+            elif isinstance(value, FileSystemInput):
+                channels[name] = value
+            elif isinstance(value, str) and value.startswith("s3://"):
+                check_s3_uri(f"fit inputs[{name!r}]", value)
+                uri = value if value.endswith("/") else value + "/"
+                self._check_s3_channel(uri)
+                channels[name] = self._training_input(uri)
+                total += self._s3_bytes(uri)
+            elif isinstance(value, (str, os.PathLike)):
+                folder = self._local_path(os.fspath(value))
+                pair_channel(folder)
+                if self.local:
+                    channels[name] = folder.as_uri()
+                else:
+                    uploaded = self._upload(folder, {name: ""}, name=f"{folder.parent.name}-{folder.name}")
+                    channels[name] = uploaded.inputs[name]
+                    total += uploaded.file_mode_bytes
+            else:
+                raise DataError(f"channel {name!r}: {type(value).__name__} is not an s3:// URI, local folder or "
+                                "TrainingInput")
+        return Channels(channels, total)
+
+
+def _validation_folder(folders: list[str], where: str) -> Optional[str]:
+    present = [name for name in _VALIDATION_FOLDERS if name in folders]
+    if len(present) > 1:
+        raise DataError(f"{where}: both validation/ and val/ are there; keep one, so the validation channel is clear")
+    return present[0] if present else None
+
+
+def _listing(folders: list[str], files: list[str], limit: int = 10) -> str:
+    names = [f + "/" for f in folders] + list(files)
+    if not names:
+        return "nothing (is the path right?)"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _s3_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "dataset"

@@ -1,0 +1,311 @@
+"""Build segmentation-models-pytorch models; save and load the model artifact; predict masks.
+
+The artifact (the model dir, tarred by SageMaker to model.tar.gz) is three files, none of them pickles:
+- model.safetensors: the weights;
+- config.json: all that inference needs (architecture, encoder, classes and names, colours, normalization,
+  input size and stride) plus the training hyperparameters and the best epoch's metrics;
+- history.json: one record of metrics per epoch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import TrainConfig
+from .errors import ArtifactError, ConfigError
+
+FORMAT = "unetseg-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "history.json"
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# A distinct colour per class for drawn masks when the config gives none (background black).
+DEFAULT_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                   (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+
+def normalization(cfg: TrainConfig) -> dict[str, Any]:
+    """What the model expects of its input after scaling pixels to [0, 1] by their bit depth."""
+    if cfg.normalize == "per_image":
+        return {"mode": "per_image"}
+    if cfg.in_channels == 3:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:  # smp folds a pretrained RGB stem into other channel counts; the grey statistics match that
+        mean, std = (sum(IMAGENET_MEAN) / 3,) * cfg.in_channels, (sum(IMAGENET_STD) / 3,) * cfg.in_channels
+    return {"mode": "mean_std", "mean": list(mean), "std": list(std)}
+
+
+def class_colors(cfg_colors: Optional[Sequence[Sequence[int]]], classes: int) -> list[list[int]]:
+    if cfg_colors:
+        return [list(c) for c in cfg_colors]
+    rng = np.random.default_rng(classes)
+    extra = [tuple(int(v) for v in rng.integers(40, 256, 3)) for _ in range(max(0, classes - len(DEFAULT_PALETTE)))]
+    return [list(c) for c in (DEFAULT_PALETTE + extra)[:classes]]
+
+
+def build_model(cfg: TrainConfig, *, pretrained: bool = True) -> torch.nn.Module:
+    """The smp model the config describes; `pretrained=False` skips encoder weights (loading an artifact)."""
+    cls = getattr(smp, cfg.arch)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if cfg.encoder_depth != 5:
+        if "encoder_depth" not in accepted:
+            raise ConfigError(f"hyperparameter 'encoder_depth' = {cfg.encoder_depth}: {cfg.arch} has a fixed depth of 5")
+        kwargs["encoder_depth"] = cfg.encoder_depth
+    if cfg.decoder_channels is not None:
+        if "decoder_channels" not in accepted:
+            raise ConfigError(f"hyperparameter 'decoder_channels': {cfg.arch} does not take a list of decoder widths")
+        kwargs["decoder_channels"] = list(cfg.decoder_channels)
+    weights = cfg.encoder_weights if pretrained else None
+    path_weights = weights is not None and weights != "imagenet"
+    try:
+        model = cls(encoder_name=cfg.encoder, encoder_weights=None if path_weights else weights,
+                    in_channels=cfg.in_channels, classes=cfg.classes, **kwargs)
+    except KeyError as exc:
+        if "encoder" in str(exc).lower() and "weights" not in str(exc).lower():
+            raise ConfigError(f"hyperparameter 'encoder' = {cfg.encoder!r}: not an smp encoder "
+                              f"(e.g. resnet34, efficientnet-b0, mobilenet_v2, or tu-<timm model>)") from None
+        raise ConfigError(f"hyperparameter 'encoder_weights' = {weights!r}: {exc}") from None
+    except OSError as exc:  # the Hugging Face hub download of pretrained weights
+        raise ConfigError(
+            f"hyperparameter 'encoder_weights' = {weights!r}: could not fetch the pretrained weights of "
+            f"{cfg.encoder} ({type(exc).__name__}). Without network access, bake them into the image "
+            f"or pass a local weights file, or set encoder_weights=none"
+        ) from None
+    if path_weights:
+        _load_encoder_file(model, Path(weights))
+    return model
+
+
+def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no such file")
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    own = model.encoder.state_dict()
+    if not set(state) & set(own):
+        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the {type(model.encoder).__name__} encoder")
+    try:
+        model.encoder.load_state_dict(state, strict=False)  # a classifier head in the file is fine to skip
+    except RuntimeError as exc:
+        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': {str(exc)[:300]}") from None
+
+
+def freeze_unused(model: torch.nn.Module, in_channels: int, stride: int) -> list[str]:
+    """Stop training parameters that the forward pass never reaches (encoder stages beyond encoder_depth).
+
+    DDP refuses parameters without gradients, and the optimizer would only decay them. Found by probing, so it
+    holds for every architecture and encoder.
+    """
+    was_training = model.training
+    model.eval()  # BatchNorm in training mode rejects the probe's 1x1 deepest features
+    model.zero_grad(set_to_none=True)
+    model(torch.zeros(1, in_channels, 2 * stride, 2 * stride)).sum().backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    model.train(was_training)
+    return unused
+
+
+# --- the artifact -----------------------------------------------------------------------------------------------
+
+def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = None) -> dict[str, Any]:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "unetseg_version": __version__,
+        "arch": cfg.arch, "encoder": cfg.encoder, "encoder_depth": cfg.encoder_depth,
+        "decoder_channels": cfg.decoder_channels, "in_channels": cfg.in_channels, "classes": cfg.classes,
+        "class_names": cfg.resolved_class_names, "class_colors": class_colors(cfg.class_colors, cfg.classes),
+        "mask_mode": mask_mode, "normalization": normalization(cfg),
+        "input": {"image_size": cfg.image_size, "stride": cfg.stride},
+        "hyperparameters": cfg.to_hyperparameters(), "best": best or {},
+    }
+
+
+def save_artifact(model_dir: str | Path, state_dict: dict[str, torch.Tensor], config: dict, history: list) -> None:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    _atomic(model_dir / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), metadata={"format": FORMAT}))
+    _atomic(model_dir / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
+    _atomic(model_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _locate(path: str | Path, workdir: Path) -> Path:
+    """The folder holding config.json: `path` itself, or the extracted model.tar.gz."""
+    text = str(path)
+    if text.startswith("file://"):
+        path = text[len("file://"):]
+    elif text.startswith("s3://"):
+        path = _download_s3(text, workdir)
+    path = Path(path)
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            tar.extractall(workdir / "model", filter="data")
+        path = workdir / "model"
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such model folder or model.tar.gz")
+    if not (path / CONFIG_FILE).is_file():
+        nested = [p.parent for p in path.glob(f"*/{CONFIG_FILE}")]
+        if len(nested) != 1:
+            raise ArtifactError(f"{path}: not a unetseg model (no {CONFIG_FILE})")
+        path = nested[0]
+    return path
+
+
+def _download_s3(uri: str, workdir: Path) -> Path:
+    import boto3
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    target = workdir / (Path(key).name or "model.tar.gz")
+    boto3.client("s3").download_file(bucket, key, str(target))
+    return target
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> "Segmenter":
+    """Open a model folder, a model.tar.gz (local, file:// or s3://) written by unetseg training."""
+    with tempfile.TemporaryDirectory(prefix="unetseg-model-") as tmp:
+        folder = _locate(path, Path(tmp))
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from None
+        if config.get("format") != FORMAT:
+            raise ArtifactError(f"{folder / CONFIG_FILE}: not a unetseg model config (format={config.get('format')!r})")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise ArtifactError(f"{folder}: model format {config['format_version']} is newer than this unetseg "
+                                f"({__version__}) reads; upgrade unetseg")
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ArtifactError(f"{folder}: no {WEIGHTS_FILE}")
+        state = load_file(str(folder / WEIGHTS_FILE))
+        history_file = folder / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    cfg = TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
+    model = build_model(cfg, pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: weights do not match the architecture in {CONFIG_FILE}: {str(exc)[:300]}") from None
+    return Segmenter(model, config, history, device)
+
+
+# --- prediction -------------------------------------------------------------------------------------------------
+
+class Segmenter:
+    """A trained model with what it needs to turn numpy images into masks."""
+
+    def __init__(self, model: torch.nn.Module, config: dict, history: Optional[list] = None,
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.history = history or []
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["class_names"])
+
+    @property
+    def class_colors(self) -> list[list[int]]:
+        return [list(c) for c in self.config["class_colors"]]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def stride(self) -> int:
+        return int(self.config["input"]["stride"])
+
+    def to_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """NHWC tensor (uint8, or float32 in [0, 1]) of same-sized images, checked against the model."""
+        arrays = [_as_hwc(img, self.in_channels) for img in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch needs images of one size, got {sorted(shapes)}")
+        if all(a.dtype == np.uint8 for a in arrays):
+            return torch.from_numpy(np.stack(arrays))
+        return torch.from_numpy(np.stack([_unit_float(a) for a in arrays]))
+
+    @torch.inference_mode()
+    def logits(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, C, H, W) for an NHWC batch, padded to the stride and cropped back."""
+        height, width = batch_nhwc.shape[1:3]
+        x = prepare_input(batch_nhwc.to(self.device), self.config["normalization"])
+        pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.model(x)[:, :, :height, :width].float()
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        """(C, H, W) float32 class probabilities."""
+        return torch.softmax(self.logits(self.to_batch([image])), 1)[0].cpu().numpy()
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 class indices."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self.logits(self.to_batch(images)).argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def prepare_input(batch_nhwc: torch.Tensor, norm: dict) -> torch.Tensor:
+    """NHWC uint8/float batch (already on its device) to a normalized NCHW float tensor.
+
+    The permute leaves NHWC memory order, i.e. channels_last, at no cost; callers that want NCHW memory call
+    .contiguous(). Doing this on the device keeps the DataLoader shipping compact uint8 images.
+    """
+    x = batch_nhwc.permute(0, 3, 1, 2)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if norm["mode"] == "per_image":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        return (x - mean) / std
+    mean = torch.tensor(norm["mean"], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def _as_hwc(image: np.ndarray, channels: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] != channels:
+        raise ValueError(f"image of shape {image.shape}: this model takes {channels}-channel images (HxW"
+                         f"{'' if channels == 1 else f'x{channels}'})")
+    return image
+
+
+def _unit_float(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if image.dtype.kind == "f":
+        return image.astype(np.float32)
+    raise ValueError(f"image dtype {image.dtype}: use uint8, uint16 or float in [0, 1]")

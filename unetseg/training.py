@@ -1,0 +1,396 @@
+"""The training loop: plain PyTorch, one screen for the loop itself.
+
+CUDA: AMP (bf16 where supported, else fp16 with a grad scaler), channels_last, cudnn.benchmark, optional
+torch.compile, DDP. CPU: the same code in fp32. Every epoch: validation metrics, one log line, a checkpoint.
+SIGTERM (spot interruption, StopTrainingJob) or Ctrl-C: checkpoint at the next step boundary, write the best model
+so far, and stop; the next run with the same checkpoint dir continues exactly where this one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from . import checkpoint, distributed
+from .config import TrainConfig
+from .data.checks import CheckedDataset, check_dataset
+from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
+from .data.scan import pair_channel, split_holdout
+from .data.transforms import train_transform
+from .distributed import DistContext, all_reduce
+from .errors import ConfigError
+from .losses import build_loss
+from .metrics import confusion, summarize
+from .metrics_log import SELECTION_METRIC, format_line
+from .model import artifact_config, build_model, freeze_unused, prepare_input, save_artifact
+from .visualize import prediction_grid
+
+# Changing these between runs makes a checkpoint unusable; changing the others (epochs, lr, ...) is allowed.
+MODEL_SHAPING = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels", "classes")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    train: Path
+    validation: Optional[Path]
+    model_dir: Path
+    checkpoint_dir: Path
+    output_data_dir: Path
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best: dict
+    interrupted: Optional[str] = None  # the signal's name when stopped by one
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving its checkpoint."""
+
+
+def train(cfg: TrainConfig, paths: RunPaths, *, progress: Optional[bool] = None) -> TrainResult:
+    ctx = distributed.init_process()
+    try:
+        return _train(cfg, paths, ctx, progress=sys.stderr.isatty() if progress is None else progress)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) -> TrainResult:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    device = ctx.device
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = autocast_dtype(cfg, device, say)
+    channels_last = cfg.channels_last and device.type == "cuda"
+
+    # --- data -----------------------------------------------------------------------------------------------
+    train_data, val_data = load_datasets(cfg, paths, ctx, say)
+    sampler = EpochSampler(len(train_data.samples), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+    workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(device, ctx.local_world_size)
+    loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                       persistent_workers=workers > 0, collate_fn=pad_collate(cfg.stride))
+    train_loader = DataLoader(SegmentationDataset(train_data, train_transform(cfg.augment, cfg.image_size, cfg.in_channels), cfg.seed),
+                              batch_size=cfg.batch_size, sampler=sampler, **loader_args)
+    val_loader = DataLoader(SegmentationDataset(val_data), batch_size=val_batch_size(cfg, val_data),
+                            sampler=ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size), **loader_args)
+    steps_per_epoch = sampler.batches_per_epoch
+
+    # --- model, optimizer, schedule ---------------------------------------------------------------------------
+    model = build_model(cfg)
+    freeze_unused(model, cfg.in_channels, cfg.stride)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = build_optimizer(cfg, model, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = build_loss(cfg.loss)
+    norm = artifact_config(cfg, train_data.codec.mode)["normalization"]
+
+    # --- resume -----------------------------------------------------------------------------------------------
+    start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
+    partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+    state = checkpoint.load_state(paths.checkpoint_dir)
+    if state is not None:
+        check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
+        say(f"resumed from {paths.checkpoint_dir / checkpoint.LAST}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
+    net = torch.compile(net) if cfg.compile else net
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    def snapshot(epoch: int, batch: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "history": history,
+                "best": best, "partial": partial, "hyperparameters": cfg.to_hyperparameters()}
+
+    say(f"training {cfg.arch}/{cfg.encoder} for {cfg.epochs} epochs x {steps_per_epoch} steps on "
+        f"{ctx.world_size} x {device.type}, batch {cfg.batch_size} per process, "
+        f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, {workers} loader workers")
+    stop = StopSignal()
+    epochs_without_gain = history[-1]["epoch"] - best["epoch"] if best else 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # --- train one epoch ----------------------------------------------------------------------------
+            sampler.set_epoch(epoch, start_batch)
+            model.train()
+            started = time.perf_counter()
+            loss_sum = torch.tensor(partial["loss_sum"], device=device)
+            batches = train_loader
+            if progress and ctx.is_main:
+                from tqdm import tqdm
+                batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, initial=start_batch,
+                               total=steps_per_epoch, dynamic_ncols=True)
+            for batch_index, (images, masks) in enumerate(batches, start=start_batch):
+                x = prepare_input(images.to(device, non_blocking=True), norm)
+                x = x if channels_last else x.contiguous()
+                y = masks.to(device, non_blocking=True).long()
+                with autocast():
+                    logits = net(x)
+                loss = loss_fn(logits.float(), y)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                loss_sum += loss.detach() * len(images)
+                partial["samples"] += len(images)
+                if cfg.log_every and step % cfg.log_every == 0:
+                    say(format_line({"step_loss": loss.item()}, step=step, epoch=epoch + 1), flush=True)
+                if stop.agreed(ctx, step):
+                    partial.update(loss_sum=float(loss_sum), seconds=partial["seconds"] + time.perf_counter() - started)
+                    if ctx.is_main:
+                        checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch, batch_index + 1))
+                    say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: checkpoint saved to "
+                        f"{paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to resume", flush=True)
+                    raise Interrupted(stop.name)
+
+            # --- validate, log, checkpoint ------------------------------------------------------------------------
+            train_seconds = partial["seconds"] + time.perf_counter() - started
+            totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(partial["samples"]), device=device)]), ctx)
+            metrics = {"train_loss": float(totals[0] / totals[1].clamp_min(1))}
+            metrics.update(evaluate(net, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last))
+            metrics.update(lr=scheduler.get_last_lr()[0], epoch_time=partial["seconds"] + time.perf_counter() - started,
+                           images_per_sec=float(totals[1]) / max(train_seconds, 1e-9))
+            history.append({"epoch": epoch + 1, "step": step, **metrics})
+            start_batch, partial = 0, {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+            improved = not best or metrics[SELECTION_METRIC] > best[SELECTION_METRIC]
+            if improved:
+                best = {"epoch": epoch + 1, SELECTION_METRIC: metrics[SELECTION_METRIC]}
+            epochs_without_gain = 0 if improved else epochs_without_gain + 1
+            if ctx.is_main:
+                if improved:
+                    checkpoint.save_best(paths.checkpoint_dir, model.state_dict())
+                checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch + 1, 0))
+            say(format_line(metrics, epoch=epoch + 1), flush=True)
+            if cfg.early_stopping_patience and epochs_without_gain >= cfg.early_stopping_patience:
+                say(f"early stopping: no better {SELECTION_METRIC} for {epochs_without_gain} epochs (best {best})")
+                break
+            if stop.agreed(ctx, step, force=True):
+                raise Interrupted(stop.name)
+    except Interrupted:
+        if ctx.is_main and history:
+            finish(cfg, paths, model, train_data, val_data, history, best, say)
+        distributed.barrier(ctx)
+        return TrainResult(history, best, interrupted=stop.name)
+    finally:
+        stop.restore()
+
+    if ctx.is_main:
+        finish(cfg, paths, model, train_data, val_data, history, best, say)
+    # Every rank waits for rank 0's artifacts: a container that exits first can end the job with an empty model.
+    distributed.barrier(ctx)
+    return TrainResult(history, best)
+
+
+# --- pieces of the loop ----------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def evaluate(net, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
+             channels_last: bool) -> dict[str, float]:
+    net.eval()
+    matrix = torch.zeros(cfg.classes, cfg.classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for images, masks in loader:
+        x = prepare_input(images.to(device, non_blocking=True), norm)
+        x = x if channels_last else x.contiguous()
+        y = masks.to(device, non_blocking=True).long()
+        with autocast():
+            logits = net(x)
+        loss_sum += loss_fn(logits.float(), y) * len(images)
+        count += len(images)
+        matrix += confusion(logits.argmax(1), y, cfg.classes)
+    all_reduce(matrix, ctx)
+    totals = all_reduce(torch.stack([loss_sum, count]), ctx)
+    net.train()
+    return {"val_loss": float(totals[0] / totals[1].clamp_min(1)), **summarize(matrix.cpu(), cfg.resolved_class_names)}
+
+
+def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say) -> None:
+    """Rank 0: the best weights, config and history to the model dir; a picture of predictions to the output dir."""
+    weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
+    config = artifact_config(cfg, train_data.codec.mode, best)
+    save_artifact(paths.model_dir, weights, config, history)
+    picture = paths.output_data_dir / "predictions.png"
+    try:
+        draw_predictions(model, weights, config, val_data, picture)
+    except Exception as exc:  # noqa: BLE001 - a picture is a convenience, never a reason to fail a trained job
+        say(f"could not draw {picture}: {exc}")
+        picture = None
+    # No "name=value" here: SageMaker's metric regexes would read this summary as one more data point.
+    say(f"best model: epoch {best.get('epoch')}, {SELECTION_METRIC} {best.get(SELECTION_METRIC, float('nan')):.4f}")
+    say(f"model: {paths.model_dir} (model.safetensors, config.json)")
+    say(f"metrics: {paths.model_dir / 'history.json'}")
+    if picture:
+        say(f"predictions: {picture}")
+
+
+def draw_predictions(model, weights, config: dict, data: CheckedDataset, path: Path, count: int = 4) -> None:
+    from .model import Segmenter
+
+    import copy
+
+    best_model = copy.deepcopy(model).cpu()
+    best_model.load_state_dict(weights)
+    segmenter = Segmenter(best_model, config, device="cpu")
+    dataset = SegmentationDataset(data)
+    rows = []
+    for index in range(min(count, len(dataset))):
+        image, mask = dataset.load(index)
+        rows.append((image, mask, segmenter.predict(image)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prediction_grid(rows, config["class_colors"]).save(path)
+
+
+def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> tuple[CheckedDataset, CheckedDataset]:
+    """Pair, check and (when they fit) cache train and validation; one mask convention for both."""
+    train = pair_channel(paths.train)
+    if paths.validation is not None:
+        val = pair_channel(paths.validation)
+        where = f"validation channel {paths.validation}"
+    else:
+        train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
+        where = f"{len(val)} held out of {paths.train} (val_fraction={cfg.val_fraction})"
+    checked = check_dataset(train + val, cfg, cache_share=ctx.local_world_size)
+    train_data = checked.subset(range(len(train)))
+    val_data = checked.subset(range(len(train), len(train) + len(val)))
+    share = train_data.class_pixels / max(1, train_data.class_pixels.sum())
+    balance = ", ".join(f"{n} {p:.1%}" for n, p in zip(cfg.resolved_class_names, share))
+    say(f"data: {len(train)} training images from {paths.train}; validation: {where}; masks: {checked.codec.mode}; "
+        f"{'cached in memory' if checked.cached is not None else 'read from disk'}; class pixels: {balance}")
+    return train_data, val_data
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device, say) -> Optional[torch.dtype]:
+    if device.type != "cuda" or cfg.amp == "off":
+        if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
+            say(f"amp={cfg.amp} applies to CUDA only; training in fp32 on {device.type}")
+        return None
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"hyperparameter 'amp' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16 or auto")
+        return torch.bfloat16
+    return torch.float16
+
+
+def auto_workers(device: torch.device, local_world: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) // max(1, local_world)
+    if device.type == "cuda":
+        return max(2, min(8, cpus - 1))
+    return min(2, cpus // 4)  # on CPU the model needs the cores; decoding is mostly cached anyway
+
+
+def val_batch_size(cfg: TrainConfig, data: CheckedDataset) -> int:
+    """Validation runs on whole images: scale the batch down by how much larger they are than a crop."""
+    largest = max(h * w for h, w in data.sizes)
+    return max(1, min(cfg.batch_size, int(cfg.batch_size * cfg.image_size**2 / largest)))
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on norms and biases: decaying them only fights the normalization.
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
+    """Multiplier of the peak learning rate at each optimizer step."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if cfg.scheduler == "onecycle":  # 30% cosine ramp from lr/25, then cosine to lr/1e4
+            peak = max(1, int(0.3 * total))
+            if step < peak:
+                return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * step / peak)) / 2
+            t = min(1.0, (step - peak) / max(1, total - peak))
+            return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * t)) / 2
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.scheduler == "cosine":
+            return (1 + math.cos(math.pi * t)) / 2
+        if cfg.scheduler == "poly":
+            return (1 - t) ** 0.9
+        return 1.0
+
+    return factor
+
+
+def check_resumable(cfg: TrainConfig, saved_hps: dict, where: Path, say) -> None:
+    saved = TrainConfig.from_hyperparameters(saved_hps)
+    clash = [k for k in MODEL_SHAPING if getattr(saved, k) != getattr(cfg, k)]
+    if clash:
+        raise ConfigError(
+            f"{where / checkpoint.LAST} was trained with a different model ("
+            + ", ".join(f"{k}: {getattr(saved, k)} there, {getattr(cfg, k)} now" for k in clash)
+            + "); use a fresh checkpoint location (checkpoint_s3_uri / --output) or the original hyperparameters"
+        )
+    changed = [k for k in TrainConfig.model_fields if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        say(f"resuming with changed hyperparameters: {', '.join(changed)}")
+
+
+class StopSignal:
+    """SIGTERM (SageMaker stop, spot reclaim) and SIGINT (Ctrl-C) ask the loop to stop at a step boundary.
+
+    With several processes, the ranks must stop at the same step: every few steps they agree by all-reduce.
+    """
+
+    CHECK_EVERY = 10  # steps between agreements across ranks: a sync point, so not every step
+
+    def __init__(self):
+        self.name: Optional[str] = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook's worker thread): no signal handling
+                pass
+
+    def _handle(self, signum, _frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, ctx: DistContext, step: int, force: bool = False) -> bool:
+        if not ctx.distributed:
+            return self.name is not None
+        if not force and step % self.CHECK_EVERY:
+            return False
+        flag = all_reduce(torch.tensor([1.0 if self.name else 0.0], device=ctx.device), ctx, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.name is None:
+            self.name = "SIGTERM"  # another rank got it
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,69 @@
+"""Hyperparameter tuning on a UNetEstimator, with the checks and defaults a plain HyperparameterTuner lacks.
+
+A plain `HyperparameterTuner(est, ...)` works with UNetEstimator, but (sagemaker 2.257, sagemaker/tuner.py) it sends
+only the `metric_definitions` given to the tuner itself, not the estimator's, and its fit() sends a bare S3 string
+as one channel named "training", which the container does not read. `UNetEstimator.tuner()` fills both in, checks
+the objective against the metric vocabulary, and checks every range end and category with TrainConfig.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from sagemaker.parameter import CategoricalParameter, ParameterRange
+from sagemaker.tuner import HyperparameterTuner
+
+from . import job_rules as rules
+from .config import TrainConfig
+from .job_rules import JobSettingsError
+from .metrics_log import SELECTION_METRIC
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .estimator import UNetEstimator
+
+
+class UNetTuner(HyperparameterTuner):
+    """A HyperparameterTuner whose fit() takes the same inputs as UNetEstimator.fit()."""
+
+    def fit(self, inputs: Any = None, job_name: Optional[str] = None, include_cls_metadata: Any = False,
+            estimator_kwargs: Any = None, wait: bool = True, **kwargs: Any) -> Any:
+        if inputs is not None and self.estimator is not None:
+            inputs = self.estimator.training_inputs(inputs)
+        return super().fit(inputs, job_name=job_name, include_cls_metadata=include_cls_metadata,
+                           estimator_kwargs=estimator_kwargs, wait=wait, **kwargs)
+
+
+def make_tuner(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, ParameterRange],
+               objective_metric_name: Optional[str], objective_type: str, **kwargs: Any) -> UNetTuner:
+    objective = objective_metric_name or SELECTION_METRIC
+    recorded = [d["Name"] for d in estimator.metric_definitions]
+    if objective not in recorded:
+        raise JobSettingsError(f"objective_metric_name={objective!r} is not a metric this job records; "
+                               f"choose one of {', '.join(recorded)}")
+    if objective_type not in ("Maximize", "Minimize"):
+        raise JobSettingsError(f"objective_type={objective_type!r}: use 'Maximize' or 'Minimize'")
+    check_ranges(estimator, hyperparameter_ranges)
+    kwargs.setdefault("metric_definitions", estimator.metric_definitions)
+    return UNetTuner(estimator, objective, dict(hyperparameter_ranges), objective_type=objective_type, **kwargs)
+
+
+def check_ranges(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, ParameterRange]) -> None:
+    """Every range end and category must make a valid TrainConfig for this instance type."""
+    problems = []
+    known = list(TrainConfig.model_fields)
+    for name, parameter_range in hyperparameter_ranges.items():
+        if name not in known:
+            problems.append(f"tuning range for unknown hyperparameter {name!r}; known: {', '.join(known)}")
+            continue
+        if isinstance(parameter_range, CategoricalParameter):
+            candidates = list(parameter_range.values)
+        else:
+            candidates = [parameter_range.min_value, parameter_range.max_value]
+        for value in candidates:
+            try:
+                config = estimator.config.replace(**{name: value})
+            except Exception as exc:  # ConfigError names the key and the rule
+                problems.append(f"tuning range {name}: {value!r} is not valid: {exc}")
+                continue
+            problems += [f"tuning range {name}: {p}" for p in rules.gpu_setting_problems(config, estimator._kind)]
+    rules.raise_if(problems)
