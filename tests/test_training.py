@@ -2,7 +2,6 @@
 and the SageMaker entry contract (string hyperparameters in, artifacts or a failure file out) holds."""
 
 import json
-import os
 import re
 import signal
 import socket
@@ -125,7 +124,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
 
     resumed = run_entry(env)  # same checkpoint dir, as after a spot restart
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
 
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "spot" / "model" / "model.safetensors"))

@@ -16,14 +16,15 @@ from .errors import ArtifactError, ConfigError, DataError, UnetsegError  # noqa:
 _LAZY = {
     "UNetEstimator": "unetseg.estimator",
     "load_model": "unetseg.model",
-    "Segmenter": "unetseg.model",
+    "Segmenter": "unetseg.segmenter",
     "make_demo_dataset": "unetseg.synthetic",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .estimator import UNetEstimator
-    from .model import Segmenter, load_model
-    from .synthetic import make_demo_dataset
+    from .estimator import UNetEstimator  # noqa: F401
+    from .model import load_model  # noqa: F401
+    from .segmenter import Segmenter  # noqa: F401
+    from .synthetic import make_demo_dataset  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

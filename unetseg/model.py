@@ -1,4 +1,4 @@
-"""Build segmentation-models-pytorch models; save and load the model artifact; predict masks.
+"""Build segmentation-models-pytorch models; save and load the model artifact (prediction: segmenter.py).
 
 The artifact (the model dir, tarred by SageMaker to model.tar.gz) is three files, none of them pickles:
 - model.safetensors: the weights;
@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from .segmenter import Segmenter
 
 from . import __version__
 from .config import TrainConfig
@@ -187,7 +188,7 @@ def _download_s3(uri: str, workdir: Path) -> Path:
     return target
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None) -> "Segmenter":
+def load_model(path: str | Path, device: str | torch.device | None = None) -> Segmenter:
     """Open a model folder, a model.tar.gz (local, file:// or s3://) written by unetseg training."""
     with tempfile.TemporaryDirectory(prefix="unetseg-model-") as tmp:
         folder = _locate(path, Path(tmp))
@@ -212,100 +213,3 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> "S
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: weights do not match the architecture in {CONFIG_FILE}: {str(exc)[:300]}") from None
     return Segmenter(model, config, history, device)
-
-
-# --- prediction -------------------------------------------------------------------------------------------------
-
-class Segmenter:
-    """A trained model with what it needs to turn numpy images into masks."""
-
-    def __init__(self, model: torch.nn.Module, config: dict, history: Optional[list] = None,
-                 device: str | torch.device | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        self.config = config
-        self.history = history or []
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.config["class_names"])
-
-    @property
-    def class_colors(self) -> list[list[int]]:
-        return [list(c) for c in self.config["class_colors"]]
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def stride(self) -> int:
-        return int(self.config["input"]["stride"])
-
-    def to_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """NHWC tensor (uint8, or float32 in [0, 1]) of same-sized images, checked against the model."""
-        arrays = [_as_hwc(img, self.in_channels) for img in images]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            raise ValueError(f"a batch needs images of one size, got {sorted(shapes)}")
-        if all(a.dtype == np.uint8 for a in arrays):
-            return torch.from_numpy(np.stack(arrays))
-        return torch.from_numpy(np.stack([_unit_float(a) for a in arrays]))
-
-    @torch.inference_mode()
-    def logits(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, C, H, W) for an NHWC batch, padded to the stride and cropped back."""
-        height, width = batch_nhwc.shape[1:3]
-        x = prepare_input(batch_nhwc.to(self.device), self.config["normalization"])
-        pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.model(x)[:, :, :height, :width].float()
-
-    def predict_proba(self, image: np.ndarray) -> np.ndarray:
-        """(C, H, W) float32 class probabilities."""
-        return torch.softmax(self.logits(self.to_batch([image])), 1)[0].cpu().numpy()
-
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """(H, W) uint8 class indices."""
-        return self.predict_batch([image])[0]
-
-    def predict_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return self.logits(self.to_batch(images)).argmax(1).to(torch.uint8).cpu().numpy()
-
-
-def prepare_input(batch_nhwc: torch.Tensor, norm: dict) -> torch.Tensor:
-    """NHWC uint8/float batch (already on its device) to a normalized NCHW float tensor.
-
-    The permute leaves NHWC memory order, i.e. channels_last, at no cost; callers that want NCHW memory call
-    .contiguous(). Doing this on the device keeps the DataLoader shipping compact uint8 images.
-    """
-    x = batch_nhwc.permute(0, 3, 1, 2)
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    if norm["mode"] == "per_image":
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-        return (x - mean) / std
-    mean = torch.tensor(norm["mean"], device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(norm["std"], device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-def _as_hwc(image: np.ndarray, channels: int) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[2] != channels:
-        raise ValueError(f"image of shape {image.shape}: this model takes {channels}-channel images (HxW"
-                         f"{'' if channels == 1 else f'x{channels}'})")
-    return image
-
-
-def _unit_float(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    if image.dtype.kind == "f":
-        return image.astype(np.float32)
-    raise ValueError(f"image dtype {image.dtype}: use uint8, uint16 or float in [0, 1]")

@@ -34,7 +34,8 @@ from .errors import ConfigError
 from .losses import build_loss
 from .metrics import confusion, summarize
 from .metrics_log import SELECTION_METRIC, format_line
-from .model import artifact_config, build_model, freeze_unused, prepare_input, save_artifact
+from .model import artifact_config, build_model, freeze_unused, save_artifact
+from .segmenter import prepare_input
 from .visualize import prediction_grid
 
 # Changing these between runs makes a checkpoint unusable; changing the others (epochs, lr, ...) is allowed.
@@ -252,7 +253,7 @@ def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: Ch
 
 
 def draw_predictions(model, weights, config: dict, data: CheckedDataset, path: Path, count: int = 4) -> None:
-    from .model import Segmenter
+    from .segmenter import Segmenter
 
     import copy
 

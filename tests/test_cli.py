@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+import pytest
+
+from unetseg.cli import main, parse_hyperparameters
+from unetseg.errors import UnetsegError
+
+
+def test_hyperparameter_forms():
+    assert parse_hyperparameters(["lr=0.01", "--epochs", "3", "--batch-size=2"]) == {"lr": "0.01", "epochs": "3", "batch_size": "2"}
+    with pytest.raises(UnetsegError, match="key=value"):
+        parse_hyperparameters(["lr"])
+
+
+def test_bad_hyperparameter_fails_before_torch_is_imported(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--optimizer", "adamx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: hyperparameter 'optimizer' = 'adamx': allowed values: adamw, adam, sgd")
+
+
+def test_bad_dataset_is_one_line_error_without_traceback(tmp_path):
+    (tmp_path / "images").mkdir()
+    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path), "encoder_weights=none"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "missing masks/" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_data_and_hyperparameter_listing(tmp_path, capsys):
+    assert main(["demo-data", str(tmp_path / "d"), "--kind", "multiclass", "--train", "3", "--validation", "2"]) == 0
+    assert len(list((tmp_path / "d" / "train" / "images").iterdir())) == 3
+    assert "unetseg train --data" in capsys.readouterr().out
+    assert main(["hyperparameters"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer" in out and "adamw|adam|sgd" in out

@@ -1,0 +1,44 @@
+import json
+
+from unetseg.entrypoint import pick_channels
+from unetseg.sagemaker_env import TrainingEnv
+
+import pytest
+from unetseg.errors import DataError
+
+
+def test_reads_the_toolkit_environment(tmp_path):
+    env = TrainingEnv.from_environ({
+        "SM_HPS": json.dumps({"epochs": 3, "channels_last": True}),
+        "SM_CHANNELS": json.dumps(["train", "validation"]),
+        "SM_CHANNEL_TRAIN": "/data/train", "SM_CHANNEL_VALIDATION": "/data/val",
+        "SM_MODEL_DIR": "/m", "SM_OUTPUT_DATA_DIR": "/o/data", "SM_OUTPUT_DIR": "/o",
+        "SM_HOSTS": json.dumps(["algo-1-abcde", "algo-2-abcde"]), "SM_CURRENT_HOST": "algo-2-abcde", "SM_NUM_GPUS": "4",
+        "UNETSEG_OPT_ML": str(tmp_path),
+    })
+    assert env.hyperparameters == {"epochs": 3, "channels_last": True}
+    assert {k: str(v) for k, v in env.channels.items()} == {"train": "/data/train", "validation": "/data/val"}
+    assert (str(env.model_dir), str(env.output_data_dir), str(env.failure_file)) == ("/m", "/o/data", "/o/failure")
+    assert env.host_rank == 1 and env.master_host == "algo-1-abcde" and env.num_gpus == 4
+    assert env.checkpoint_dir == tmp_path / "checkpoints"
+
+
+def test_falls_back_to_the_opt_ml_files(tmp_path):
+    config = tmp_path / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "hyperparameters.json").write_text(json.dumps({"lr": "0.01"}))
+    (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    (tmp_path / "input" / "data" / "train").mkdir(parents=True)
+    env = TrainingEnv.from_environ({"UNETSEG_OPT_ML": str(tmp_path), "SM_NUM_GPUS": "0"})
+    assert env.hyperparameters == {"lr": "0.01"}
+    assert env.channels == {"train": tmp_path / "input" / "data" / "train"}
+    assert env.model_dir == tmp_path / "model" and env.failure_file == tmp_path / "output" / "failure"
+    assert env.num_gpus is None  # "0" where nvidia-smi is missing: the engine asks torch instead
+
+
+def test_channel_names():
+    assert pick_channels({"train": "a", "validation": "b"}) == ("a", "b")
+    assert pick_channels({"training": "a", "val": "b"}) == ("a", "b")
+    assert pick_channels({"cells": "a"}) == ("a", None)
+    with pytest.raises(DataError, match=r"'train'.*\['x', 'y'\]"):
+        pick_channels({"x": "a", "y": "b"})

@@ -1,0 +1,161 @@
+"""Segmenter: a trained model that turns numpy images of any size into masks.
+
+Images are padded to the encoder's stride and cropped back. Images larger than `max_pixels` (or any image, when
+`tile` is given) are cut into overlapping tiles whose class probabilities are blended with weights that fall off
+towards each tile's edge, so that no seam shows where two tiles meet.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .visualize import overlay
+
+
+class Segmenter:
+    max_pixels = 2048 * 2048  # above this, predict() tiles by default: activations grow with the image
+    default_tile = 1024
+
+    def __init__(self, model: torch.nn.Module, config: dict, history: Optional[list] = None,
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.history = history or []
+        # bf16 autocast on GPUs that have it: inference tolerates it, and it halves memory and time.
+        self.amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["class_names"])
+
+    @property
+    def class_colors(self) -> list[list[int]]:
+        return [list(c) for c in self.config["class_colors"]]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def stride(self) -> int:
+        return int(self.config["input"]["stride"])
+
+    # --- the public API ----------------------------------------------------------------------------------------
+    def predict(self, image: np.ndarray, *, tile: Optional[int] = None, overlap: float = 0.25) -> np.ndarray:
+        """(H, W) uint8 class indices."""
+        return self.predict_proba(image, tile=tile, overlap=overlap).argmax(0).astype(np.uint8)
+
+    def predict_proba(self, image: np.ndarray, *, tile: Optional[int] = None, overlap: float = 0.25,
+                      batch_size: int = 4) -> np.ndarray:
+        """(C, H, W) float32 class probabilities."""
+        batch = self.to_batch([image])
+        height, width = batch.shape[1:3]
+        if tile is None and height * width <= self.max_pixels:
+            return self.probabilities(batch)[0].cpu().numpy()
+        return self._tiled(batch[0], tile or self.default_tile, overlap, batch_size).cpu().numpy()
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, H, W) uint8 masks for same-sized images, in one forward pass."""
+        return self.probabilities(self.to_batch(images)).argmax(1).to(torch.uint8).cpu().numpy()
+
+    def overlay(self, image: np.ndarray, mask: Optional[np.ndarray] = None, alpha: float = 0.45) -> np.ndarray:
+        """The image with its predicted (or the given) mask blended in the class colours, as HxWx3 uint8."""
+        return overlay(image, self.predict(image) if mask is None else mask, self.class_colors, alpha)
+
+    # --- the machinery ----------------------------------------------------------------------------------------------
+    def to_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """NHWC tensor (uint8, or float32 in [0, 1]) of same-sized images, checked against the model."""
+        arrays = [as_hwc(img, self.in_channels) for img in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch needs images of one size, got {sorted(shapes)}")
+        if all(a.dtype == np.uint8 for a in arrays):
+            return torch.from_numpy(np.stack(arrays))
+        return torch.from_numpy(np.stack([unit_float(a) for a in arrays]))
+
+    @torch.inference_mode()
+    def probabilities(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
+        """Softmax (N, C, H, W) for an NHWC batch, padded to the stride and cropped back."""
+        height, width = batch_nhwc.shape[1:3]
+        x = prepare_input(batch_nhwc.to(self.device), self.config["normalization"])
+        pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(x)
+        return torch.softmax(logits[:, :, :height, :width].float(), 1)
+
+    def _tiled(self, image_hwc: torch.Tensor, tile: int, overlap: float, batch_size: int) -> torch.Tensor:
+        height, width = image_hwc.shape[:2]
+        tile = max(self.stride, tile // self.stride * self.stride)
+        th, tw = min(tile, height), min(tile, width)
+        step = max(self.stride, int(tile * (1 - overlap)))
+        corners = [(y, x) for y in _starts(height, th, step) for x in _starts(width, tw, step)]
+        weight = _blend_window(th, tw, tile - step, self.device)
+        total = torch.zeros(len(self.class_names), height, width, device=self.device)
+        weights = torch.zeros(1, height, width, device=self.device)
+        for i in range(0, len(corners), batch_size):
+            chunk = corners[i:i + batch_size]
+            probs = self.probabilities(torch.stack([image_hwc[y:y + th, x:x + tw] for y, x in chunk]))
+            for (y, x), p in zip(chunk, probs):
+                total[:, y:y + th, x:x + tw] += p * weight
+                weights[:, y:y + th, x:x + tw] += weight
+        return total / weights
+
+
+def _starts(length: int, size: int, step: int) -> list[int]:
+    starts = list(range(0, max(length - size, 0) + 1, step))
+    if starts[-1] + size < length:
+        starts.append(length - size)  # the last tile ends at the border
+    return starts
+
+
+def _blend_window(height: int, width: int, ramp: int, device) -> torch.Tensor:
+    """Weights rising linearly over `ramp` pixels from each edge: overlapping tiles hand over smoothly."""
+    def edge(n: int) -> torch.Tensor:
+        i = torch.arange(n, dtype=torch.float32, device=device)
+        return ((torch.minimum(i + 1, n - i)) / max(1, ramp)).clamp(1e-3, 1.0)
+
+    return edge(height)[:, None] * edge(width)[None, :]
+
+
+def prepare_input(batch_nhwc: torch.Tensor, norm: dict) -> torch.Tensor:
+    """NHWC uint8/float batch (already on its device) to a normalized NCHW float tensor.
+
+    The permute leaves NHWC memory order, i.e. channels_last, at no cost; callers that want NCHW memory call
+    .contiguous(). Doing this on the device keeps the DataLoader shipping compact uint8 images.
+    """
+    x = batch_nhwc.permute(0, 3, 1, 2)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if norm["mode"] == "per_image":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        return (x - mean) / std
+    mean = torch.tensor(norm["mean"], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def as_hwc(image: np.ndarray, channels: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] != channels:
+        raise ValueError(f"image of shape {image.shape}: this model takes {channels}-channel images (HxW"
+                         f"{'' if channels == 1 else f'x{channels}'})")
+    return image
+
+
+def unit_float(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if image.dtype.kind == "f":
+        return image.astype(np.float32)
+    raise ValueError(f"image dtype {image.dtype}: use uint8, uint16 or float in [0, 1]")
