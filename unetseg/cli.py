@@ -69,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_demo_data)
 
+    p = sub.add_parser("predict", help="write a mask per image with a trained model")
+    p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
+    p.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
+    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks")
+    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images up to 2048x2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.set_defaults(run=_predict)
+
     p = sub.add_parser("hyperparameters", help="list every hyperparameter with its default")
     p.set_defaults(run=_hyperparameters)
     return parser
@@ -140,6 +151,18 @@ def _demo_data(args, _extra) -> int:
     print("train on it with:\n  unetseg train --data " + str(args.folder) + " " +
           " ".join(f"{k}={v if not isinstance(v, list) else ','.join(map(str, v))}" for k, v in hps.items()
                    if v is not None) + " encoder_weights=none")
+    return 0
+
+
+def _predict(args, _extra) -> int:
+    from .model import load_model
+    from .predict import find_images, predict_files
+
+    images = find_images(args.input)
+    model = load_model(args.model, device=args.device)
+    written = predict_files(model, images, args.output, probabilities=args.probabilities, overlays=args.overlay,
+                            tile=args.tile, batch_size=args.batch_size)
+    print(f"wrote {len(written)} mask(s) to {args.output} (classes: {', '.join(model.class_names)})")
     return 0
 
 

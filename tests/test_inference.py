@@ -1,0 +1,223 @@
+"""Prediction: the Python API (any size, tiles), `unetseg predict`, and the /invocations server."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unetseg import codecs
+from unetseg.cli import main as cli
+from unetseg.config import TrainConfig
+from unetseg.model import load_model
+from unetseg.serving import InferenceApp
+from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
+from unetseg.training import RunPaths, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo's multi-class model trained on 64 px images, and 192 px images to predict."""
+    root = tmp_path_factory.mktemp("inference")
+    data = make_demo_dataset(root / "data", kind="multiclass", train=48, validation=8, size=64)
+    cfg = TrainConfig(**{**demo_hyperparameters("multiclass"), "epochs": 8})
+    train(cfg, RunPaths(data / "train", data / "validation", root / "model", root / "ckpt", root / "out"), progress=False)
+    big = make_demo_dataset(root / "big", train=0, validation=3, size=192, seed=9)
+    return root / "model", sorted((big / "validation" / "images").iterdir())
+
+
+def test_tiles_agree_with_one_pass(trained):
+    model = load_model(trained[0], device="cpu")
+    for path in trained[1]:
+        image = np.array(Image.open(path))
+        whole = model.predict(image)
+        assert np.array_equal(model.predict(image, tile=192), whole)  # one tile covering the image: identical
+        # Tiles of twice the training size, 25% overlap: the blended seams may flip at most 1% of pixels
+        # (measured: 0.2-0.5%).
+        assert (model.predict(image, tile=128, overlap=0.25) == whole).mean() >= 0.99
+        proba = model.predict_proba(image, tile=64)
+        assert proba.shape == (3, 192, 192) and np.allclose(proba.sum(0), 1, atol=1e-4)
+
+
+def test_predict_command_writes_masks_probabilities_and_overlays(trained, tmp_path, capsys):
+    model_dir, images = trained
+    out = tmp_path / "pred"
+    assert cli(["predict", "--model", str(model_dir), "--input", str(images[0].parent), "--output", str(out),
+                "--probabilities", "--overlay", "--batch-size", "2"]) == 0
+    assert "wrote 3 mask(s)" in capsys.readouterr().out
+    model = load_model(model_dir, device="cpu")
+    for path in images:
+        mask_png = Image.open(out / f"{path.stem}.png")
+        assert mask_png.mode == "P"  # indices are classes, the palette shows them in colour
+        assert mask_png.getpalette()[:9] == [c for colour in model.class_colors for c in colour]
+        assert np.array_equal(np.array(mask_png), model.predict(np.array(Image.open(path))))
+        assert np.load(out / f"{path.stem}.npy").shape == (3, 192, 192)
+        assert Image.open(out / f"{path.stem}_overlay.png").size == (192, 192)
+    assert cli(["predict", "--model", str(model_dir), "--input", str(tmp_path / "none"), "--output", str(out)]) == 2
+
+
+# --- the server -------------------------------------------------------------------------------------------------
+
+def call(app, path="/invocations", body=b"", content_type=None, accept=None, method="POST", attrs=None):
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "CONTENT_LENGTH": str(len(body)),
+               "wsgi.input": io.BytesIO(body)}
+    if content_type:
+        environ["CONTENT_TYPE"] = content_type
+    if accept:
+        environ["HTTP_ACCEPT"] = accept
+    if attrs:
+        environ["HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"] = attrs
+    seen = {}
+    payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]), headers=dict(headers))))
+    return seen["status"], seen["headers"]["Content-Type"], payload
+
+
+@pytest.fixture(scope="module")
+def app(trained):
+    return InferenceApp(str(trained[0]), device="cpu", max_body_bytes=200_000)
+
+
+@pytest.fixture(scope="module")
+def image(trained):
+    return np.array(Image.open(trained[1][0]))
+
+
+def test_every_request_and_response_type(app, image):
+    expected = app.model.predict(image)
+    assert call(app, "/ping", method="GET")[0] == 200
+    for content_type in (codecs.PNG, codecs.NPY):
+        body = codecs.encode_image(image, content_type)
+        status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.PNG)
+        assert (status, kind) == (200, codecs.PNG) and np.array_equal(np.array(Image.open(io.BytesIO(payload))), expected)
+        status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.NPY)
+        assert (status, kind) == (200, codecs.NPY) and np.array_equal(np.load(io.BytesIO(payload)), expected)
+        status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.JSON)
+        answer = json.loads(payload)
+        assert np.array_equal(codecs.decode_json_mask(answer), expected)
+        assert answer["pixel_counts"] == {n: int((expected == i).sum()) for i, n in enumerate(app.model.class_names)}
+        assert len(payload) < expected.size  # run-length encoded, not a pixel list
+    status, kind, payload = call(app, body=codecs.encode_image(image, codecs.JPEG), content_type=codecs.JPEG)
+    assert status == 200 and kind == codecs.PNG  # image/png for no Accept header
+    status, kind, payload = call(app, body=codecs.encode_image(image, codecs.NPY), content_type=codecs.NPY,
+                                 accept=codecs.NPY, attrs="output=probabilities")
+    probs = np.load(io.BytesIO(payload))
+    assert probs.dtype == np.float16 and probs.shape == (3, *image.shape[:2])
+    assert np.array_equal(probs.argmax(0), expected) or (probs.argmax(0) == expected).mean() > 0.999
+
+
+@pytest.mark.parametrize("request_args, status, fragment", [
+    (dict(body=b"x", content_type="text/plain"), 415, "not supported"),
+    (dict(body=b"not a png", content_type=codecs.PNG), 400, "not a image/png image"),
+    (dict(body=b"\x89PNG\r\n\x1a\n\x00\x00", content_type=codecs.PNG), 400, "image/png"),
+    (dict(body=b"\x93NUMPY garbage", content_type=codecs.NPY), 400, ".npy"),
+    (dict(body=b"", content_type=codecs.PNG), 400, "empty body"),
+    (dict(body=b"x" * 200_001, content_type=codecs.PNG), 413, "over the limit"),
+    (dict(body=b"x", content_type=codecs.PNG, accept="text/html"), 406, "accept one of"),
+    (dict(body=b"x", content_type=codecs.PNG, attrs="colour=red"), 400, "custom attribute"),
+    (dict(path="/nothing"), 404, "no such path"),
+    (dict(method="GET"), 405, "POST"),
+])
+def test_client_errors_are_4xx_with_a_reason(app, request_args, status, fragment):
+    got, kind, payload = call(app, **request_args)
+    assert got == status and kind == codecs.JSON and fragment in json.loads(payload)["error"]
+
+
+def test_wrong_channel_count_and_oversized_image(app, image):
+    got, _, payload = call(app, body=codecs.encode_image(image[..., 0]), content_type=codecs.PNG)
+    assert got == 400 and "1 channel(s); this model takes 3" in json.loads(payload)["error"]
+    small = InferenceApp.__new__(InferenceApp)
+    small.__dict__.update(app.__dict__, max_pixels=100)
+    got, _, payload = call(small, body=codecs.encode_image(image), content_type=codecs.PNG)
+    assert got == 413 and "pixels" in json.loads(payload)["error"]
+
+
+def test_a_server_error_leaks_no_internals(app, image, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internal detail in /opt/ml/model")
+
+    monkeypatch.setattr(app.model, "predict_proba", explode)
+    status, _, payload = call(app, body=codecs.encode_image(image), content_type=codecs.PNG)
+    assert status == 500 and b"secret" not in payload and b"Traceback" not in payload
+
+
+def test_ping_fails_when_the_model_failed_to_load(tmp_path):
+    broken = InferenceApp(str(tmp_path / "missing"), device="cpu")
+    status, _, payload = call(broken, "/ping", method="GET")
+    assert status == 500 and "model not loaded" in json.loads(payload)["error"]
+    assert call(broken, body=b"x", content_type=codecs.PNG)[0] == 500
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def post(url: str, body: bytes, content_type: str, accept: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type, "Accept": accept})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_concurrent_requests_over_http(app, trained):
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/invocations"
+        images = [np.array(Image.open(p)) for p in trained[1]] * 4
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda im: post(url, codecs.encode_image(im), codecs.PNG, codecs.NPY), images))
+        for im, (status, payload) in zip(images, answers):
+            assert status == 200 and np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(im))
+    finally:
+        server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_runs_gunicorn_workers(trained, image):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(trained[0]), "--port", str(port),
+                             "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not become healthy")
+        status, payload = post(f"http://127.0.0.1:{port}/invocations", codecs.encode_image(image), codecs.PNG, codecs.JSON)
+        assert status == 200 and json.loads(payload)["shape"] == list(image.shape[:2])
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=60)[0]
+    assert log.count("model loaded from") == 2  # once per worker

@@ -1,0 +1,134 @@
+"""Wire formats of the inference endpoint, shared by the server and the notebook's predictor. No torch.
+
+Requests: image/png, image/jpeg (8- or 16-bit, grayscale or RGB) or application/x-npy (an HxW or HxWxC array).
+Responses, chosen by Accept:
+- image/png: the class-index mask as a palette PNG (pixel values are classes; viewers show the class colours);
+- application/x-npy: the uint8 mask, or float16 probabilities (C, H, W) when asked for;
+- application/json: per-class pixel counts and the mask run-length encoded in row-major order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
+REQUEST_TYPES = (PNG, JPEG, NPY)
+RESPONSE_TYPES = (PNG, NPY, JSON)
+
+
+class CodecError(ValueError):
+    """The request body cannot be read as the content type it claims."""
+
+
+def media_type(header: Optional[str]) -> str:
+    """`image/png; charset=x` -> `image/png`."""
+    return (header or "").split(";")[0].strip().lower()
+
+
+def decode_image(body: bytes, content_type: str) -> np.ndarray:
+    kind = media_type(content_type)
+    if kind == NPY:
+        try:
+            array = np.load(io.BytesIO(body), allow_pickle=False)  # never unpickle a request
+        except (ValueError, OSError, EOFError) as exc:
+            raise CodecError(f"body is not a readable .npy array ({exc})") from None
+        if array.ndim not in (2, 3) or array.dtype.kind not in "uif":
+            raise CodecError(f"array of shape {array.shape} and dtype {array.dtype}: send HxW or HxWxC numbers")
+        return array
+    if kind not in (PNG, JPEG):
+        raise CodecError(f"content type {content_type!r} is not supported; send one of {', '.join(REQUEST_TYPES)}")
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA"):
+                raise CodecError(f"the image has an alpha channel ({im.mode}); send grayscale or RGB")
+            if im.mode in ("P", "CMYK", "YCbCr", "1"):
+                im = im.convert("RGB" if im.mode != "1" else "L")
+            array = np.array(im)
+    except UnidentifiedImageError:
+        raise CodecError(f"body is not a {kind} image") from None
+    except (OSError, SyntaxError) as exc:
+        raise CodecError(f"body is not a readable {kind} image: {exc}") from None
+    if kind == PNG and array.dtype == np.uint8 and array.ndim == 3 and _png_16bit_colour(body):
+        array = _decode_png16(body)  # PIL reads 16-bit colour PNGs as 8-bit
+    if array.dtype == np.int32:
+        array = array.astype(np.uint16)
+    return array
+
+
+def encode_mask_png(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> bytes:
+    image = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(colors)] = np.asarray(colors, np.uint8)
+    image.putpalette(palette.ravel().tolist())
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def run_lengths(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """Row-major runs: `np.repeat(values, lengths).reshape(shape)` gives the mask back."""
+    flat = np.asarray(mask).ravel()
+    if flat.size == 0:
+        return [], []
+    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
+    lengths = np.diff(np.r_[starts, flat.size])
+    return flat[starts].tolist(), lengths.tolist()
+
+
+def encode_json(mask: np.ndarray, class_names: Sequence[str]) -> bytes:
+    counts = np.bincount(np.asarray(mask, np.uint8).ravel(), minlength=len(class_names))
+    values, lengths = run_lengths(mask)
+    return json.dumps({
+        "shape": list(mask.shape),
+        "class_names": list(class_names),
+        "pixel_counts": {name: int(counts[i]) for i, name in enumerate(class_names)},
+        "mask": {"encoding": "rle-row-major", "values": values, "lengths": lengths},
+    }).encode()
+
+
+def decode_json_mask(payload: dict) -> np.ndarray:
+    runs = payload["mask"]
+    return np.repeat(np.asarray(runs["values"], np.uint8), runs["lengths"]).reshape(payload["shape"])
+
+
+def encode_image(image: np.ndarray, content_type: str = PNG) -> bytes:
+    """A numpy image as a request body (the predictor's serializer)."""
+    kind = media_type(content_type)
+    if kind == NPY:
+        return encode_npy(np.asarray(image))
+    array = np.asarray(image)
+    array = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
+    out = io.BytesIO()
+    if kind == PNG and array.dtype == np.uint16 and array.ndim == 3:
+        import cv2
+
+        return cv2.imencode(".png", np.ascontiguousarray(array[..., ::-1]))[1].tobytes()
+    Image.fromarray(array).save(out, format="PNG" if kind == PNG else "JPEG", quality=95)
+    return out.getvalue()
+
+
+def _png_16bit_colour(body: bytes) -> bool:
+    return len(body) > 26 and body[:8] == b"\x89PNG\r\n\x1a\n" and body[24] == 16 and body[25] in (2, 6)
+
+
+def _decode_png16(body: bytes) -> np.ndarray:
+    import cv2
+
+    array = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise CodecError("body is not a readable 16-bit PNG")
+    if array.ndim == 3 and array.shape[2] == 4:
+        raise CodecError("the image has an alpha channel (RGBA); send grayscale or RGB")
+    return np.ascontiguousarray(array[..., ::-1])
