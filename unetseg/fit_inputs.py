@@ -73,7 +73,7 @@ class InputResolver:
         else:
             raise DataError(f"{root}: expected train/ (and validation/) or images/ + masks/ under it; "
                             f"found {_listing(folders, files)}")
-        for name, channel_uri in found.items():
+        for channel_uri in found.values():
             if channel_uri != root:
                 self._check_s3_channel(channel_uri)
         return Channels({name: self._training_input(u) for name, u in found.items()},

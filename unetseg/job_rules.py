@@ -37,7 +37,7 @@ SPOT_MAX_WAIT_FACTOR = 2
 
 INPUT_MODES = ("File", "FastFile")  # Pipe streams records: the container reads image files, so it cannot use it
 
-_INSTANCE_TYPE = re.compile(r"^ml\.(?P<family>[a-z][a-z0-9-]*)\.(?P<size>[a-z0-9]+)$")
+_INSTANCE_TYPE = re.compile(r"^ml\.(?P<family>[a-z][a-z0-9-]*)\.(?P<size>\d*xlarge|large|medium|small|micro|nano)$")
 # Every NVIDIA family SageMaker trains on is named p<gen>... or g<gen>... (gr6: g6 with more memory).
 _CUDA_FAMILY = re.compile(r"^(p|g|gr)\d")
 # CUDA GPUs older than Ampere: no bfloat16 (T4 on g4dn, V100 on p3/p3dn).

@@ -25,6 +25,9 @@ _NOT_INSTALLED = (
 )
 
 
+sdk_compose_detection = None  # the SDK's own check, once install_compose_detection() has replaced it
+
+
 def compose_plugin_major(output: str) -> int | None:
     """The major version in `docker compose version` output, or None when it names none."""
     match = _COMPOSE_VERSION.search(output or "")
@@ -58,6 +61,8 @@ def install_compose_detection() -> None:
     def _get_compose_cmd_prefix() -> list[str]:
         return compose_command()  # looked up at call time, so tests can observe it
 
+    global sdk_compose_detection
+    sdk_compose_detection = _SageMakerContainer._get_compose_cmd_prefix  # kept for comparison and tests
     _get_compose_cmd_prefix.__unetseg__ = True  # type: ignore[attr-defined]
     _get_compose_cmd_prefix.__doc__ = compose_command.__doc__
     _SageMakerContainer._get_compose_cmd_prefix = staticmethod(_get_compose_cmd_prefix)

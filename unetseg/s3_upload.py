@@ -80,12 +80,12 @@ def sync_folder(s3_client: Any, folder: Path, bucket: str, prefix: str, *,
                 bucket, prefix, len(to_upload), upload_bytes / 1e6, len(wanted) - len(to_upload), len(stale))
 
     if to_upload:
-        with _progress_bar(upload_bytes, f"upload to s3://{bucket}/{prefix}", progress) as bar:
-            with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-                futures = [pool.submit(s3_client.upload_file, str(path), bucket, key, Callback=bar.update)
-                           for key, path in to_upload]
-                for future in as_completed(futures):
-                    future.result()  # the first failed upload raises here
+        bar = _progress_bar(upload_bytes, f"upload to s3://{bucket}/{prefix}", progress)
+        with bar, ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            futures = [pool.submit(s3_client.upload_file, str(path), bucket, key, Callback=bar.update)
+                       for key, path in to_upload]
+            for future in as_completed(futures):
+                future.result()  # the first failed upload raises here
     for start in range(0, len(stale), 1000):  # DeleteObjects takes up to 1000 keys
         batch = stale[start:start + 1000]
         s3_client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})

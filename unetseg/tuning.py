@@ -15,6 +15,7 @@ from sagemaker.tuner import HyperparameterTuner
 
 from . import job_rules as rules
 from .config import TrainConfig
+from .errors import ConfigError
 from .job_rules import JobSettingsError
 from .metrics_log import SELECTION_METRIC
 
@@ -62,7 +63,7 @@ def check_ranges(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str,
         for value in candidates:
             try:
                 config = estimator.config.replace(**{name: value})
-            except Exception as exc:  # ConfigError names the key and the rule
+            except ConfigError as exc:  # names the key and the rule
                 problems.append(f"tuning range {name}: {value!r} is not valid: {exc}")
                 continue
             problems += [f"tuning range {name}: {p}" for p in rules.gpu_setting_problems(config, estimator._kind)]
