@@ -1,0 +1,479 @@
+"""unetseg.image: building and pushing the training image.
+
+The unit tests drive a fake `docker` on PATH that records every command line (and the stdin of `docker login`), and
+moto for STS and ECR. The `docker` tests use the real engine and a real registry (Debian's docker-registry) on
+127.0.0.1; they skip without an engine, unless UNETSEG_REQUIRE_DOCKER=1 (CI), where a skip would hide a broken setup.
+"""
+
+from __future__ import annotations
+
+import configparser
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from unetseg import image
+from unetseg.errors import UnetsegError
+from unetseg.image import ImageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_DOCKER = r"""#!{python}
+# A stand-in for the docker CLI: records each call, answers like docker, fails where FAKE_DOCKER_FAIL says.
+import json, os, sys
+args = sys.argv[1:]
+rec = {{"argv": args}}
+if args[:1] == ["login"]:
+    rec["stdin"] = sys.stdin.read()
+with open(os.environ["FAKE_DOCKER_LOG"], "a") as f:
+    f.write(json.dumps(rec) + "\n")
+fail = os.environ.get("FAKE_DOCKER_FAIL", "")
+cmd = args[0] if args else ""
+if cmd == "version":
+    if fail == "engine":
+        print("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?",
+              file=sys.stderr)
+        sys.exit(1)
+    print("20.10.24")
+elif cmd == "build":
+    print("Step 1/3 : FROM base")
+    if fail == "build":
+        print("ERROR: Could not find a version that satisfies the requirement torch==9.9")
+        print("The command '/bin/sh -c pip install' returned a non-zero code: 1")
+        sys.exit(1)
+    print("Successfully built 0123456789ab")
+elif cmd == "image" and fail == "noimage":
+    sys.exit(1)
+elif cmd == "login":
+    print("Login Succeeded")
+elif cmd == "push":
+    print("The push refers to repository [" + args[1].rsplit(":", 1)[0] + "]")
+    if fail == "push":
+        print("denied: User: arn:aws:iam::123456789012:user/x is not authorized to perform: ecr:InitiateLayerUpload")
+        sys.exit(1)
+    print(args[1].rsplit(":", 1)[1] + ": digest: sha256:abc size: 529")
+"""
+
+
+@pytest.fixture
+def fake_docker(tmp_path, monkeypatch):
+    """A fake docker first on PATH; returns a function giving the recorded calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "docker"
+    exe.write_text(FAKE_DOCKER.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "docker-calls.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DOCKER_LOG", str(log))
+    monkeypatch.delenv("FAKE_DOCKER_FAIL", raising=False)
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """Fake credentials and region, no credential files, no instance metadata lookups; moto answers STS and ECR."""
+    from moto import mock_aws
+
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with mock_aws():
+        yield
+
+
+MOTO_PASSWORD = "123456789012-auth-token"  # what moto's get_authorization_token hands out
+
+
+# --- names -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["unetseg", "team/unetseg", "a.b-c_d/e", "u1", "x" * 256])
+def test_valid_repository_names(name):
+    assert image.validate_repository(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "u", "UNetSeg", "-unetseg", "unetseg-", "team//unetseg", "/unetseg",
+                                  "unetseg/", "un etseg", "un:etseg", "a..b", "x" * 257])
+def test_invalid_repository_names(name):
+    with pytest.raises(ImageError, match="invalid ECR repository name"):
+        image.validate_repository(name)
+
+
+def test_invalid_repository_fails_before_any_call(fake_docker, aws):
+    with pytest.raises(ImageError, match="invalid ECR repository name") as info:
+        image.push_image("unetseg:latest", repository="My_Repo")
+    assert isinstance(info.value, UnetsegError) and "\n" not in str(info.value)
+    assert fake_docker() == []
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("unetseg:latest", ("unetseg", "latest")),
+    ("unetseg", ("unetseg", None)),
+    ("127.0.0.1:5000/a/b:v1", ("127.0.0.1:5000/a/b", "v1")),
+    ("127.0.0.1:5000/a/b", ("127.0.0.1:5000/a/b", None)),
+])
+def test_split_reference(ref, expected):
+    assert image.split_reference(ref) == expected
+
+
+def test_image_requirements_cover_the_train_extra():
+    """entry/requirements-image.in lists what the CI base bakes in; it must keep up with setup.cfg's `train` extra."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    norm = lambda req: re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+    train = {norm(r) for r in cfg["options.extras_require"]["train"].splitlines() if r.strip()}
+    listed = {norm(r) for r in (REPO / "entry" / "requirements-image.in").read_text().splitlines()
+              if r.strip() and not r.startswith("#")}
+    assert train <= listed, f"missing from entry/requirements-image.in: {sorted(train - listed)}"
+    assert {"sagemaker-training", "pip", "setuptools", "wheel"} <= listed
+    pins = {norm(line) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line}
+    assert listed <= pins, f"not pinned in constraints.txt: {sorted(listed - pins)}"
+
+
+def test_dockerfile_contract():
+    text = (REPO / "entry" / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=\S*cuda", text, re.M)
+    assert "COPY entry/train.py /opt/ml/code/train.py" in text
+    for env in ("SAGEMAKER_PROGRAM=train.py", "PYTHONUNBUFFERED=1", "NO_ALBUMENTATIONS_UPDATE=1"):
+        assert env in text
+    # only train.py goes to /opt/ml/code: no setup.py or requirements.txt for the toolkit to pip-install
+    assert re.findall(r"^COPY .*/opt/ml/code\S*", text, re.M) == ["COPY entry/train.py /opt/ml/code/train.py"]
+    assert "# syntax=" not in text  # that line makes BuildKit pull a frontend image from Docker Hub
+
+
+# --- build -----------------------------------------------------------------------------------------------------------
+def test_build_command(fake_docker):
+    out = io.StringIO()
+    tag = image.build_image("unetseg:t1", base_image="unetseg-ci-base:abc", build_args={"X": "1"},
+                            bake_encoders=["resnet34", "efficientnet-b0:imagenet"], network="none", out=out)
+    assert tag == "unetseg:t1"
+    build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build"][0]
+    assert build[:5] == ["build", "-f", str(REPO / "entry" / "Dockerfile"), "-t", "unetseg:t1"]
+    assert build[-1] == str(REPO)
+    pairs = {build[i + 1] for i, a in enumerate(build) if a == "--build-arg"}
+    assert pairs == {"X=1", "BASE_IMAGE=unetseg-ci-base:abc", "BAKE_ENCODERS=resnet34 efficientnet-b0:imagenet"}
+    assert build[build.index("--network") + 1] == "none"
+    assert "Successfully built" in out.getvalue()  # streamed
+
+
+def test_build_failure_carries_the_log_tail(fake_docker, monkeypatch):
+    monkeypatch.setenv("FAKE_DOCKER_FAIL", "build")
+    with pytest.raises(ImageError, match=r"docker build of unetseg:latest failed \(exit 1\):.*torch==9\.9") as info:
+        image.build_image(out=None)
+    assert "\n" not in str(info.value)
+    assert info.value.log_tail[-1].startswith("The command")
+
+
+def test_no_docker_engine(fake_docker, monkeypatch):
+    monkeypatch.setenv("FAKE_DOCKER_FAIL", "engine")
+    with pytest.raises(ImageError, match="no Docker engine.*Cannot connect to the Docker daemon"):
+        image.build_image(out=None)
+
+
+def test_no_docker_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ImageError, match="no Docker engine: the `docker` command is not installed"):
+        image.push_image("unetseg:latest")
+
+
+# --- push to ECR (moto) ----------------------------------------------------------------------------------------------
+def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, capsys):
+    import boto3
+
+    uri = image.push_image("unetseg:v1", repository="team/unetseg")
+    assert uri == "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/unetseg:v1"
+
+    repo = boto3.client("ecr").describe_repositories(repositoryNames=["team/unetseg"])["repositories"][0]
+    assert repo["imageScanningConfiguration"]["scanOnPush"] is True
+
+    calls = fake_docker()
+    login = [c for c in calls if c["argv"][0] == "login"]
+    assert len(login) == 1
+    assert login[0]["argv"] == ["login", "--username", "AWS", "--password-stdin", "123456789012.dkr.ecr.us-east-1.amazonaws.com"]
+    assert login[0]["stdin"] == MOTO_PASSWORD
+    # the password is on no command line, and nowhere in what the user sees
+    assert all(MOTO_PASSWORD not in " ".join(c["argv"]) for c in calls)
+    seen = capsys.readouterr()
+    assert MOTO_PASSWORD not in seen.out + seen.err
+    assert [c["argv"] for c in calls if c["argv"][0] in ("tag", "push")] == [
+        ["tag", "unetseg:v1", uri], ["push", uri]]
+
+
+def test_push_to_an_existing_repository(fake_docker, aws):
+    import boto3
+
+    boto3.client("ecr").create_repository(repositoryName="unetseg")
+    assert image.push_image("unetseg", region="us-east-1", out=None).endswith("/unetseg:latest")
+    assert image.push_image("unetseg:latest", tag="2024-06-01", out=None).endswith("/unetseg:2024-06-01")
+    assert len(boto3.client("ecr").describe_repositories()["repositories"]) == 1
+
+
+def test_push_denied(fake_docker, aws, monkeypatch):
+    monkeypatch.setenv("FAKE_DOCKER_FAIL", "push")
+    with pytest.raises(ImageError, match=r"push to .*/unetseg:latest denied: denied: .*ecr:InitiateLayerUpload") as info:
+        image.push_image("unetseg:latest", out=None)
+    assert "\n" not in str(info.value)
+
+
+def test_push_without_a_local_image(fake_docker, aws, monkeypatch):
+    monkeypatch.setenv("FAKE_DOCKER_FAIL", "noimage")
+    with pytest.raises(ImageError, match="no local image 'unetseg:latest': build it first"):
+        image.push_image("unetseg:latest", out=None)
+
+
+def test_no_aws_credentials(fake_docker, aws, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ImageError, match="^no AWS credentials"):
+        image.push_image("unetseg:latest", out=None)
+    assert not any(c["argv"][0] in ("login", "push") for c in fake_docker())
+
+
+def test_no_aws_region(fake_docker, aws, monkeypatch):
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(ImageError, match="no AWS region"):
+        image.push_image("unetseg:latest", out=None)
+
+
+def test_cli_push_prints_only_the_uri(fake_docker, aws, capsys):
+    assert image.main(["push", "--tag", "unetseg:v2", "--repository", "seg", "--region", "eu-west-1"]) == 0
+    out = capsys.readouterr().out
+    assert out == "123456789012.dkr.ecr.eu-west-1.amazonaws.com/seg:v2\n"
+
+
+def test_cli_build_then_push(fake_docker, aws, capsys):
+    assert image.main(["build", "--tag", "unetseg:v3", "--base-image", "b:1", "--bake-weights", "resnet34",
+                       "--build-arg", "A=b", "--push", "--repository", "seg"]) == 0
+    assert capsys.readouterr().out == "123456789012.dkr.ecr.us-east-1.amazonaws.com/seg:v3\n"
+    build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build"][0]
+    assert "BASE_IMAGE=b:1" in build and "BAKE_ENCODERS=resnet34" in build and "A=b" in build
+
+
+def test_cli_build_checks_the_repository_before_building(fake_docker, aws):
+    with pytest.raises(ImageError, match="invalid ECR repository name"):
+        image.main(["build", "--push", "--repository", "Bad Name"])
+    assert not any(c["argv"][0] == "build" for c in fake_docker())
+
+
+def test_image_module_stays_light():
+    code = "import sys, unetseg.image; assert 'torch' not in sys.modules and 'boto3' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --- the real engine and a real registry on 127.0.0.1 ---------------------------------------------------------------
+def _engine_or_skip() -> str:
+    exe = shutil.which("docker")
+    why = "no docker command on PATH" if not exe else None
+    if exe:
+        proc = subprocess.run([exe, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = f"no Docker engine answers ({(proc.stderr.strip().splitlines() or ['?'])[-1]})"
+    if why:
+        if os.environ.get("UNETSEG_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"UNETSEG_REQUIRE_DOCKER=1 but {why}; start one with ci/start-dockerd.sh")
+        pytest.skip(f"{why}: start one with ci/start-dockerd.sh (CI sets UNETSEG_REQUIRE_DOCKER=1)")
+    return exe
+
+
+def _bcrypt(password: str) -> str:
+    """The registry's htpasswd wants bcrypt: the stdlib's crypt (3.12 and older, on glibc/libxcrypt), else bcrypt."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+
+        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+        if hashed and hashed.startswith("$2"):
+            return hashed
+    except (ImportError, AttributeError):
+        pass
+    bcrypt = pytest.importorskip("bcrypt", reason="no bcrypt for the test registry's htpasswd")
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """Debian's docker-registry on a free loopback port, with htpasswd auth: (host:port, user, password)."""
+    _engine_or_skip()
+    exe = shutil.which("docker-registry")
+    if not exe:
+        if os.environ.get("UNETSEG_REQUIRE_DOCKER") == "1":
+            pytest.fail("UNETSEG_REQUIRE_DOCKER=1 but docker-registry is not installed (ci/start-dockerd.sh installs it)")
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    user, password = "ci", uuid.uuid4().hex
+    (tmp_path / "htpasswd").write_text(f"{user}:{_bcrypt(password)}\n")
+    port = _free_port()
+    (tmp_path / "config.yml").write_text(
+        "version: 0.1\n"
+        f"storage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}\n"
+        f"http: {{addr: '127.0.0.1:{port}'}}\n"
+        f"auth: {{htpasswd: {{realm: unetseg-test, path: {tmp_path / 'htpasswd'}}}}}\n"
+    )
+    log = open(tmp_path / "registry.log", "w")
+    proc = subprocess.Popen([exe, "serve", str(tmp_path / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"docker-registry did not start: {(tmp_path / 'registry.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}", user, password
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def tiny_image(tmp_path):
+    """A one-file image made with `docker import`: no base image, no registry, a second to build."""
+    docker = _engine_or_skip()
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    marker = uuid.uuid4().hex
+    (root / "etc" / "unetseg-marker").write_text(marker)
+    tarball = tmp_path / "rootfs.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(root, arcname=".")
+    tag = f"unetseg-test-tiny:{marker[:12]}"
+    subprocess.run([docker, "import", str(tarball), tag], check=True, capture_output=True)
+    yield tag, marker
+    subprocess.run([docker, "rmi", "-f", tag], capture_output=True)
+
+
+class _FakeEcrSession:
+    """Just enough of a boto3 Session: STS and ECR answer as AWS would, but the registry is the local one."""
+
+    def __init__(self, registry: str, user: str, password: str):
+        self.region_name = "us-east-1"
+        token = __import__("base64").b64encode(f"{user}:{password}".encode()).decode()
+        outer = self
+
+        class Exceptions:
+            RepositoryNotFoundException = type("RepositoryNotFoundException", (Exception,), {})
+            RepositoryAlreadyExistsException = type("RepositoryAlreadyExistsException", (Exception,), {})
+
+        class Client:
+            exceptions = Exceptions
+
+            def get_caller_identity(self):
+                return {"Account": "123456789012"}
+
+            def describe_repositories(self, **kw):
+                if kw["repositoryNames"][0] not in outer.created:
+                    raise Exceptions.RepositoryNotFoundException()
+
+            def create_repository(self, **kw):
+                outer.created[kw["repositoryName"]] = kw
+
+            def get_authorization_token(self, **kw):
+                return {"authorizationData": [{"authorizationToken": token, "proxyEndpoint": f"http://{registry}"}]}
+
+        self.created: dict = {}
+        self._client = Client()
+
+    def client(self, name, **kw):
+        return self._client
+
+
+@pytest.mark.docker
+def test_push_to_a_real_registry_and_pull_back(registry, tiny_image, tmp_path, monkeypatch):
+    docker = _engine_or_skip()
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # the login stays out of ~/.docker
+    address, user, password = registry
+    local_tag, marker = tiny_image
+    session = _FakeEcrSession(address, user, password)
+    out = io.StringIO()
+
+    uri = image.push_image(local_tag, repository="team/unetseg-test", tag="v1", session=session, out=out)
+    assert uri == f"{address}/team/unetseg-test:v1"
+    assert session.created["team/unetseg-test"]["imageScanningConfiguration"] == {"scanOnPush": True}
+    assert "digest: sha256:" in out.getvalue() and password not in out.getvalue()
+
+    # Forget it locally, pull it back from the registry, and read the file it carries.
+    subprocess.run([docker, "rmi", uri], check=True, capture_output=True)
+    subprocess.run([docker, "pull", uri], check=True, capture_output=True)
+    try:
+        cid = subprocess.run([docker, "create", uri, "none"], check=True, capture_output=True, text=True).stdout.strip()
+        content = subprocess.run([docker, "cp", f"{cid}:/etc/unetseg-marker", "-"], check=True, capture_output=True).stdout
+        subprocess.run([docker, "rm", cid], capture_output=True)
+        with tarfile.open(fileobj=io.BytesIO(content)) as tar:
+            assert tar.extractfile("unetseg-marker").read().decode() == marker
+    finally:
+        subprocess.run([docker, "rmi", "-f", uri], capture_output=True)
+
+
+@pytest.mark.docker
+def test_push_without_login_is_denied(registry, tiny_image, tmp_path, monkeypatch):
+    _engine_or_skip()
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # no stored login for this registry
+    address, _, _ = registry
+    with pytest.raises(ImageError, match=f"push to {re.escape(address)}/unetseg-test:v1 denied"):
+        image.push_to_registry(tiny_image[0], address, "unetseg-test", "v1", out=None)
+    subprocess.run(["docker", "rmi", f"{address}/unetseg-test:v1"], capture_output=True)
+
+
+@pytest.mark.docker
+def test_wrong_password_fails_login_without_echoing_it(registry, tiny_image, tmp_path, monkeypatch):
+    _engine_or_skip()
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    address, user, _ = registry
+    with pytest.raises(ImageError, match=f"docker login to {re.escape(address)} failed") as info:
+        image.push_to_registry(tiny_image[0], address, "unetseg-test", "v1", user, "wrong-secret-123", out=None)
+    assert "wrong-secret-123" not in str(info.value)
+
+
+@pytest.mark.docker
+def test_dockerfile_builds_offline_on_the_ci_base():
+    """The same entry/Dockerfile, on the CI base, with no network: everything it needs is in the base already."""
+    docker = _engine_or_skip()
+    base = os.environ.get("UNETSEG_CI_BASE", "unetseg-ci-base:latest")
+    if subprocess.run([docker, "image", "inspect", base], capture_output=True).returncode != 0:
+        msg = f"no CI base image {base}: build it with `bash ci/build-base-image.sh`"
+        if os.environ.get("UNETSEG_REQUIRE_DOCKER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    tag = "unetseg:test-offline"
+    image.build_image(tag, base_image=base, network="none", out=None)
+    probe = ("import json, os, unetseg.entrypoint; "
+             "print(json.dumps({'code': sorted(os.listdir('/opt/ml/code')), "
+             "'env': {k: os.environ.get(k) for k in ('SAGEMAKER_PROGRAM', 'PYTHONUNBUFFERED', "
+             "'NO_ALBUMENTATIONS_UPDATE', 'HF_HUB_OFFLINE')}}))")
+    proc = subprocess.run([docker, "run", "--rm", "--network", "none", tag, "python3", "-c", probe],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["code"] == ["train.py"]
+    assert seen["env"] == {"SAGEMAKER_PROGRAM": "train.py", "PYTHONUNBUFFERED": "1",
+                           "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": ""}  # nothing baked: hub not offline
+    assert subprocess.run([docker, "run", "--rm", "--network", "none", "--entrypoint", "sh", tag, "-c",
+                           "command -v train"], capture_output=True).returncode == 0
