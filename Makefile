@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[train,dev]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[train,serve,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
