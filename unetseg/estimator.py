@@ -7,7 +7,9 @@ A real `sagemaker.estimator.Estimator` (attach, logs, HyperparameterTuner and de
 - checks instance, runtime, spot, S3 and role settings before any AWS call (job_rules.JobSettingsError);
 - turns an S3 prefix or a local folder into the `train` / `validation` channels (fit_inputs), uploading local data;
 - runs the SDK's local mode with today's Docker Compose (local_mode);
-- opens the trained artifact with `load_model()`.
+- opens the trained artifact with `load_model()`;
+- serves it from the same image: `deploy()` returns a `UNetPredictor` (numpy in, numpy masks out) and
+  `transformer()` runs batch transform over a folder of images, on SageMaker or locally (instance_type='local').
 
 Importing this module imports the SageMaker SDK but never torch: `load_model()` imports the engine when called.
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from sagemaker.estimator import Estimator
+from sagemaker.vpc_utils import VPC_CONFIG_DEFAULT as _VPC_CONFIG_DEFAULT
 
 from . import job_rules as rules
 from .config import TrainConfig
@@ -129,6 +133,7 @@ class UNetEstimator(Estimator):
 
         # 3. The session (no request is sent by creating it), then what depends on it.
         session = _session_for(kind, sagemaker_session, region)
+        _keep_root_logging_quiet()
         if not kind.local:
             role = role or _role_from_sdk_config(session)
             rules.raise_if([rules.role_problem(role, local=False)])
@@ -327,6 +332,132 @@ class UNetEstimator(Estimator):
         s3.download_file(bucket, key, str(destination))
         return destination
 
+    # --- inference ------------------------------------------------------------------------------------------------
+    def create_model(self, role: Optional[str] = None, image_uri: Optional[str] = None, predictor_cls: Any = None,
+                     vpc_config_override: Any = _VPC_CONFIG_DEFAULT, *, env: Optional[Mapping[str, str]] = None,
+                     model_server_workers: Optional[int] = None, model_server_timeout: Optional[int] = None,
+                     sagemaker_session: Any = None, **kwargs: Any) -> Any:
+        """A `sagemaker.model.Model` of the latest job's artifact, served by the training image (`<image> serve`).
+
+        Its predictor is a `UNetPredictor` (numpy images in, numpy masks out). `model_server_workers` and
+        `model_server_timeout` (seconds per request) set the server's SAGEMAKER_MODEL_SERVER_* variables; `env` adds
+        others (UNETSEG_MAX_BODY_MB, UNETSEG_MAX_PIXELS). `sagemaker_session` overrides the estimator's (deploy()
+        passes a LocalSession for instance_type='local').
+        """
+        from .predictor import UNetPredictor
+
+        environment = dict(env or {})
+        for name, value in (("SAGEMAKER_MODEL_SERVER_WORKERS", model_server_workers),
+                            ("SAGEMAKER_MODEL_SERVER_TIMEOUT", model_server_timeout)):
+            if value is not None:
+                if not _is_positive_int(value):
+                    raise JobSettingsError(f"{name.lower().removeprefix('sagemaker_')}={value!r}: use a whole number "
+                                           "of 1 or more")
+                environment[name] = str(int(value))
+        rules.raise_if(rules.environment_problems(environment))
+        model = super().create_model(role=role, image_uri=image_uri, predictor_cls=predictor_cls or UNetPredictor,
+                                     vpc_config_override=vpc_config_override, env=environment or None, **kwargs)
+        if sagemaker_session is not None:
+            model.sagemaker_session = sagemaker_session
+        return model
+
+    def deploy(self, initial_instance_count: Optional[int] = None, instance_type: Optional[str] = None,
+               serializer: Any = None, deserializer: Any = None, **kwargs: Any) -> Any:
+        """Host the latest job's model on an endpoint and return its `UNetPredictor`:
+
+            predictor = est.deploy(instance_type="ml.g5.xlarge")     # or "local" / "local_gpu" (Docker here)
+            mask = predictor.predict(image)                          # (H, W) uint8
+            predictor.delete_endpoint()
+
+        `initial_instance_count` defaults to 1. Everything else is `Estimator.deploy`'s (endpoint_name, wait,
+        serverless_inference_config, ...) or `create_model`'s (env, model_server_workers, ...).
+        """
+        if kwargs.get("serverless_inference_config") is None:
+            kind = rules.parse_instance_type(instance_type)
+            initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
+            if not _is_positive_int(initial_instance_count):
+                raise JobSettingsError(f"initial_instance_count={initial_instance_count!r}: use 1 or more")
+            if kind.local:
+                if kwargs.get("sagemaker_session") is None:
+                    kwargs["sagemaker_session"] = self._local_inference_session()
+                # The local client starts the container and waits for /ping before CreateEndpoint returns; the SDK's
+                # wait would then sleep its 30 s poll interval before looking.
+                kwargs["wait"] = False
+            elif not kind.local:
+                self._check_hostable_remotely(instance_type)
+        return super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+
+    def transformer(self, instance_count: int = 1, instance_type: Optional[str] = None,
+                    strategy: Optional[str] = "SingleRecord", assemble_with: Optional[str] = None,
+                    output_path: Optional[str] = None, output_kms_key: Optional[str] = None,
+                    accept: Optional[str] = "image/png", env: Optional[Mapping[str, str]] = None,
+                    max_concurrent_transforms: Optional[int] = None, max_payload: Optional[int] = None,
+                    tags: Any = None, role: Optional[str] = None, volume_kms_key: Optional[str] = None,
+                    vpc_config_override: Any = _VPC_CONFIG_DEFAULT, enable_network_isolation: Optional[bool] = None,
+                    model_name: Optional[str] = None) -> Any:
+        """A batch transform over a folder of images: one request per image, one mask per image.
+
+            job = est.transformer(instance_type="ml.g5.xlarge", output_path="s3://bucket/masks/")
+            job.transform("s3://bucket/images/", content_type="image/png")   # image/jpeg for JPEGs
+            # s3://bucket/masks/<image name>.out: the class-index mask as a palette PNG
+
+        Defaults that fit images: `strategy='SingleRecord'` (an image is one record, never split or batched) and
+        `accept='image/png'` (application/x-npy or application/json for the other outputs); `transform()` defaults
+        `content_type` to image/png. `max_payload` and `max_concurrent_transforms` default to what the server
+        reports at /execution-parameters. With instance_type='local' the job runs in Docker here (data: a local
+        folder, file:// or s3://).
+        """
+        from sagemaker.utils import format_tags
+
+        kind = rules.parse_instance_type(instance_type)
+        session = self._local_inference_session() if kind.local else self.sagemaker_session
+        if not kind.local:
+            self._check_hostable_remotely(instance_type)
+        rules.raise_if([None if output_path is None or kind.local else rules.s3_uri_problem("output_path", output_path),
+                        *rules.environment_problems(env)])
+        tags = format_tags(tags) or self.tags
+        model_name = self._get_or_create_name(model_name)
+        if self.latest_training_job is None:
+            logger.warning("no training job yet: this transformer names model %s, which exists only once it is "
+                           "created (fit() first, or UNetEstimator.attach('<job name>'))", model_name)
+        else:
+            model = self.create_model(
+                role=role, vpc_config_override=vpc_config_override, model_kms_key=self.output_kms_key,
+                enable_network_isolation=(self.enable_network_isolation() if enable_network_isolation is None
+                                          else enable_network_isolation),
+                sagemaker_session=session)
+            model.name = model_name
+            model._create_sagemaker_model(instance_type, tags=tags)
+
+        from .predictor import UNetTransformer
+
+        return UNetTransformer(
+            model_name, instance_count, instance_type, strategy=strategy, assemble_with=assemble_with,
+            output_path=output_path, output_kms_key=output_kms_key, accept=accept,
+            max_concurrent_transforms=max_concurrent_transforms, max_payload=max_payload, env=dict(env) if env else None,
+            tags=tags, base_transform_job_name=self.base_job_name, sagemaker_session=session,
+            volume_kms_key=volume_kms_key)
+
+    def _local_inference_session(self) -> Any:
+        """The session a local endpoint or transform runs under: this estimator's, when it is a LocalSession."""
+        from sagemaker.local import LocalSession
+
+        from .local_mode import install_compose_detection
+
+        install_compose_detection()
+        if isinstance(self.sagemaker_session, LocalSession):
+            return self.sagemaker_session
+        return LocalSession(boto_session=self.sagemaker_session.boto_session)
+
+    def _check_hostable_remotely(self, instance_type: str) -> None:
+        if self._kind.local and self.latest_training_job is not None:
+            model_data = self.model_data
+            if isinstance(model_data, str) and model_data.startswith("file://"):
+                raise JobSettingsError(
+                    f"instance_type={instance_type!r}: this model was trained in local mode and is at {model_data}; "
+                    "deploy it locally (instance_type='local' or 'local_gpu'), or upload model.tar.gz to S3 and "
+                    "deploy a sagemaker.model.Model of it")
+
     # --- tuning -----------------------------------------------------------------------------------------------------
     def tuner(self, hyperparameter_ranges: Mapping[str, Any], objective_metric_name: Optional[str] = None,
               objective_type: str = "Maximize", **kwargs: Any) -> Any:
@@ -345,9 +476,10 @@ def _session_for(kind: rules.InstanceKind, session: Any, region: Optional[str]) 
     from sagemaker.local import LocalSession
 
     if kind.local:
-        from .local_mode import install_compose_detection
+        from .local_mode import install_compose_detection, install_failure_reporting
 
         install_compose_detection()
+        install_failure_reporting()  # a failed job's error carries its /opt/ml/output/failure
     if session is not None:
         if region and session.boto_region_name != region:
             raise JobSettingsError(f"region={region!r} differs from the session's region "
@@ -360,6 +492,23 @@ def _session_for(kind: rules.InstanceKind, session: Any, region: Optional[str]) 
     if kind.local:
         return LocalSession(boto_session=boto_session)
     return sagemaker.Session(boto_session=boto_session)
+
+
+def _keep_root_logging_quiet() -> None:
+    """sagemaker/experiments/_metrics.py calls `logging.basicConfig(level=INFO)` when first imported, which fit()
+    does: from then on every library's INFO records print in a notebook (botocore's endpoint lookups among them).
+    Import it now, and put the root logger back as it was."""
+    if "sagemaker.experiments._metrics" in sys.modules:
+        return
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        import sagemaker.experiments._metrics  # noqa: F401
+    except ImportError:  # pragma: no cover - another SDK version
+        return
+    if root.handlers != handlers:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _role_from_sdk_config(session: Any) -> Optional[str]:
@@ -381,6 +530,10 @@ def _ecr_image_uri(session: Any, repository: str, tag: str, account: Optional[st
         # The only call the constructor may make: STS, and only when the image must be named by account.
         account = session.boto_session.client("sts", region_name=region).get_caller_identity()["Account"]
     return ecr_image_uri(account, region, repository, tag)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _file_output_root(output_path: Optional[str], kind: rules.InstanceKind) -> Optional[str]:

@@ -1,0 +1,239 @@
+"""The client side of a unetseg endpoint: numpy images in, numpy masks out. No torch.
+
+`UNetEstimator.deploy(...)` returns a `UNetPredictor`; one can also be made for an existing endpoint:
+
+    predictor = UNetPredictor("my-endpoint")
+    mask = predictor.predict(image)                 # (H, W) uint8 class indices
+    probs = predictor.predict_proba(image)          # (C, H, W) float32 class probabilities
+    summary = predictor.predict_json(image)         # {"pixel_counts": {...}, "mask": (H, W) uint8, ...}
+
+The wire formats are unetseg.codecs', the same module the server (unetseg.serving) decodes and encodes with:
+requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG, probabilities
+as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as application/json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from sagemaker.deserializers import BaseDeserializer
+from sagemaker.predictor import Predictor
+from sagemaker.serializers import BaseSerializer
+from sagemaker.transformer import Transformer
+
+from . import codecs
+
+LOCAL_OUTPUT_DIR = "unetseg-output"  # as UNetEstimator's local mode: ./unetseg-output/<job name>/
+_EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
+
+
+class ImageSerializer(BaseSerializer):
+    """A numpy image (HxW or HxWxC; uint8, uint16, or float with application/x-npy), a PIL image, or the bytes of an
+    already-encoded file, as a request body of `content_type`.
+
+    PNG (the default) is lossless and keeps 16-bit images; JPEG is smaller but changes pixels; application/x-npy
+    sends the array as it is (float images included).
+    """
+
+    def __init__(self, content_type: str = codecs.PNG):
+        kind = codecs.media_type(content_type)
+        if kind not in codecs.REQUEST_TYPES:
+            raise ValueError(f"content_type={content_type!r}: use one of {', '.join(codecs.REQUEST_TYPES)}")
+        self.content_type = kind
+
+    @property
+    def CONTENT_TYPE(self) -> str:  # noqa: N802 - the SDK's name
+        return self.content_type
+
+    def serialize(self, data: Any) -> bytes:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return bytes(data)  # already encoded; it must be of CONTENT_TYPE
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data)
+            if _EXTENSION_TYPES.get(path.suffix.lower()) == self.content_type:
+                return path.read_bytes()  # already in the wire format
+            data = _read_image(path)
+        if hasattr(data, "mode") and hasattr(data, "convert"):  # a PIL image: palette indices are not pixels
+            data = data.convert("RGB") if data.mode in ("P", "CMYK", "YCbCr") else \
+                data.convert("L") if data.mode == "1" else data
+        array = np.asarray(data)
+        if array.dtype == object or array.ndim not in (2, 3):
+            raise TypeError(f"cannot send {type(data).__name__} of shape {array.shape}: pass an HxW or HxWxC image "
+                            "array, a PIL image, a file path, or encoded bytes")
+        if self.content_type != codecs.NPY and array.dtype.kind == "f":
+            raise ValueError(f"a {array.dtype} image cannot be sent as {self.content_type}: convert it to uint8 or "
+                             f"uint16, or use UNetPredictor(..., content_type='{codecs.NPY}')")
+        if self.content_type == codecs.JPEG and array.dtype != np.uint8:
+            raise ValueError(f"JPEG carries 8-bit images only; this one is {array.dtype}: send it as {codecs.PNG}")
+        return codecs.encode_image(array, self.content_type)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    return codecs.decode_image(path.read_bytes(), codecs.PNG)  # PIL (and OpenCV for 16-bit colour) sniff the format
+
+
+class MaskDeserializer(BaseDeserializer):
+    """A response body as numpy, decided by the response's content type (whatever was asked for):
+
+    - image/png: the (H, W) uint8 class-index mask (the PNG's palette indices, not its colours);
+    - application/x-npy: the array sent, i.e. the (H, W) uint8 mask or (C, H, W) probabilities (float32 here);
+    - application/json: a dict with `shape`, `class_names`, `pixel_counts` ({class name: pixels}) and `mask`, the
+      run-length encoding decoded to an (H, W) uint8 array.
+    """
+
+    def __init__(self, accept: str = codecs.PNG):
+        kind = codecs.media_type(accept)
+        if kind not in codecs.RESPONSE_TYPES:
+            raise ValueError(f"accept={accept!r}: use one of {', '.join(codecs.RESPONSE_TYPES)}")
+        self.accept = kind
+
+    @property
+    def ACCEPT(self) -> tuple[str, ...]:  # noqa: N802 - the SDK's name
+        return (self.accept,)
+
+    def deserialize(self, stream: Any, content_type: Optional[str]) -> Any:
+        try:
+            body = stream.read() if hasattr(stream, "read") else bytes(stream)
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()
+        return decode_response(body, content_type)
+
+
+def decode_response(body: bytes, content_type: Optional[str]) -> Any:
+    """An /invocations response body (see MaskDeserializer) as numpy."""
+    kind = codecs.media_type(content_type)
+    if kind == codecs.PNG:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(body)) as image:
+            if image.mode not in ("P", "L"):
+                raise ValueError(f"expected a class-index PNG (mode P or L), got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)  # mode P: the palette indices, i.e. the classes
+    if kind == codecs.NPY:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+        return array.astype(np.float32) if array.dtype == np.float16 else array
+    if kind == codecs.JSON:
+        payload = json.loads(body)
+        if "error" in payload and "mask" not in payload:
+            raise ValueError(f"the endpoint answered with an error: {payload['error']}")
+        return {**payload, "mask": codecs.decode_json_mask(payload)}
+    raise ValueError(f"unexpected response content type {content_type!r}; a unetseg endpoint answers "
+                     f"{', '.join(codecs.RESPONSE_TYPES)}")
+
+
+class UNetPredictor(Predictor):
+    """Send images to a unetseg endpoint (or a local-mode one) and get numpy masks back.
+
+    Args:
+        endpoint_name: the endpoint.
+        sagemaker_session: a sagemaker.Session (LocalSession for local mode); default: one from the AWS config.
+        serializer / deserializer: default `ImageSerializer(content_type)` and `MaskDeserializer()`.
+        content_type: how images travel: image/png (default, lossless), image/jpeg, or application/x-npy.
+    """
+
+    def __init__(self, endpoint_name: str, sagemaker_session: Any = None, serializer: Optional[BaseSerializer] = None,
+                 deserializer: Optional[BaseDeserializer] = None, *, content_type: str = codecs.PNG, **kwargs: Any):
+        _quiet_v2_notice(type(self).__name__)
+        super().__init__(endpoint_name, sagemaker_session=sagemaker_session,
+                         serializer=serializer or ImageSerializer(content_type),
+                         deserializer=deserializer or MaskDeserializer(), **kwargs)
+
+    def predict(self, data: Any, initial_args: Optional[dict] = None, target_model: Optional[str] = None,
+                target_variant: Optional[str] = None, inference_id: Optional[str] = None,
+                custom_attributes: Optional[str] = None, component_name: Optional[str] = None, *,
+                tile: Optional[int] = None) -> Any:
+        """The (H, W) uint8 mask of one image (numpy array, PIL image, file path or encoded bytes).
+
+        `tile`: have the server predict in overlapping tiles of this many pixels (large images).
+        """
+        return super().predict(data, initial_args=initial_args, target_model=target_model,
+                               target_variant=target_variant, inference_id=inference_id,
+                               custom_attributes=request_options(custom_attributes, tile=tile),
+                               component_name=component_name)
+
+    def predict_proba(self, data: Any, *, tile: Optional[int] = None, **kwargs: Any) -> np.ndarray:
+        """(C, H, W) float32 class probabilities (sent as float16 by the server)."""
+        return self._predict_as(codecs.NPY, data, kwargs, tile=tile, output="probabilities")
+
+    def predict_json(self, data: Any, *, tile: Optional[int] = None, **kwargs: Any) -> dict:
+        """Per-class pixel counts and the mask: {"shape", "class_names", "pixel_counts", "mask"}."""
+        return self._predict_as(codecs.JSON, data, kwargs, tile=tile)
+
+    def predict_many(self, images: Sequence[Any], **kwargs: Any) -> list[np.ndarray]:
+        """Masks for several images, one request each (an endpoint takes one image per request)."""
+        return [self.predict(image, **kwargs) for image in images]
+
+    def _predict_as(self, accept: str, data: Any, kwargs: dict, *, tile: Optional[int],
+                    output: Optional[str] = None) -> Any:
+        initial_args = {**(kwargs.pop("initial_args", None) or {}), "Accept": accept}
+        custom = request_options(kwargs.pop("custom_attributes", None), tile=tile, output=output)
+        return Predictor.predict(self, data, initial_args=initial_args, custom_attributes=custom, **kwargs)
+
+
+def request_options(custom_attributes: Optional[str] = None, *, tile: Optional[int] = None,
+                    output: Optional[str] = None) -> Optional[str]:
+    """The CustomAttributes header the server reads (`output=probabilities; tile=512`), added to the caller's own."""
+    parts = [custom_attributes.strip()] if custom_attributes and custom_attributes.strip() else []
+    if output is not None:
+        parts.append(f"output={output}")
+    if tile is not None:
+        if int(tile) < 32:
+            raise ValueError(f"tile={tile}: use 32 pixels or more")
+        parts.append(f"tile={int(tile)}")
+    return "; ".join(parts) or None
+
+
+def _quiet_v2_notice(class_name: str) -> None:
+    """As in estimator.py: the SDK's per-class v2 notice would name UNetPredictor as if it were deprecated."""
+    try:
+        from sagemaker import deprecations
+
+        deprecations._v2_deprecation_warned.add(class_name)
+    except (ImportError, AttributeError):  # pragma: no cover - another SDK version: keep its warning
+        pass
+
+
+class UNetTransformer(Transformer):
+    """A batch transform with defaults that fit a folder of images (made by `UNetEstimator.transformer`).
+
+    `transform(data)` sends each object under `data` as one request of `content_type` (default image/png; use
+    image/jpeg for JPEGs) and writes `<output_path>/<object name>.out` in the transformer's `accept` type. In local
+    mode `data` may be a local folder and the output defaults to ./unetseg-output/<job name>/.
+    """
+
+    def transform(self, data: Any, data_type: str = "S3Prefix", content_type: Optional[str] = codecs.PNG,
+                  compression_type: Optional[str] = None, split_type: Optional[str] = None,
+                  job_name: Optional[str] = None, **kwargs: Any) -> Any:
+        if content_type is not None and codecs.media_type(content_type) not in codecs.REQUEST_TYPES:
+            raise ValueError(f"content_type={content_type!r}: a unetseg model reads "
+                             f"{', '.join(codecs.REQUEST_TYPES)}")
+        if split_type not in (None, "None"):
+            raise ValueError(f"split_type={split_type!r}: an image is one record and cannot be split")
+        local_output = False
+        if self.sagemaker_session.local_mode:
+            # The local client runs the whole job before CreateTransformJob returns; waiting would only sleep.
+            kwargs["wait"] = False
+            if isinstance(data, (str, os.PathLike)) and "://" not in str(data):
+                data = Path(data).resolve().as_uri()  # the SDK's local mode reads file:// or s3:// only
+            if self.output_path is None or getattr(self, "_reset_output_path", False):
+                from sagemaker.utils import name_from_base
+
+                job_name = job_name or name_from_base(self.base_transform_job_name or self._retrieve_base_name())
+                self.output_path = (Path.cwd() / LOCAL_OUTPUT_DIR / job_name).as_uri() + "/"
+                self._reset_output_path = False  # the SDK would replace a path it did not choose with S3
+                local_output = True
+        try:
+            return super().transform(data, data_type=data_type, content_type=content_type,
+                                     compression_type=compression_type, split_type=split_type, job_name=job_name,
+                                     **kwargs)
+        finally:
+            if local_output:
+                self._reset_output_path = True  # a new folder for the next job, as the SDK does on S3
