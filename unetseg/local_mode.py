@@ -6,14 +6,22 @@ version v5.0.0"), and distribution builds that print no "v" ("Docker Compose ver
 standalone `docker-compose` or fail with "Docker Compose is not installed". It also lets a missing `docker` binary
 escape as FileNotFoundError. `install_compose_detection()` replaces that one static method with a version parse that
 accepts Compose 2 and later, and keeps the SDK's fallback to a standalone `docker-compose` (Debian's 1.29 included).
+
+When a local training job fails, the SDK raises only "Failed to run: [docker-compose ...]. Process exited with code:
+1", and then tars the containers' /opt/ml/output (where the entry point wrote the `failure` file) into output.tar.gz
+and deletes the folders. `install_failure_reporting()` reads each container's failure file before the SDK tars it,
+and raises `LocalTrainingError` carrying its first 1024 characters: what SageMaker shows as FailureReason.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
+
+from .errors import UnetsegError
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +34,16 @@ _NOT_INSTALLED = (
 
 
 sdk_compose_detection = None  # the SDK's own check, once install_compose_detection() has replaced it
+FAILURE_REASON_LIMIT = 1024  # characters of /opt/ml/output/failure that SageMaker shows as the job's FailureReason
+
+
+class LocalTrainingError(UnetsegError, RuntimeError):
+    """A local-mode training job failed; the message carries the container's failure file (RuntimeError, as the
+    SDK's own error, so existing handlers still catch it)."""
+
+    def __init__(self, message: str, failures: dict[str, str]):
+        super().__init__(message)
+        self.failures = failures  # host -> the whole failure file
 
 
 def compose_plugin_major(output: str) -> int | None:
@@ -66,3 +84,57 @@ def install_compose_detection() -> None:
     _get_compose_cmd_prefix.__unetseg__ = True  # type: ignore[attr-defined]
     _get_compose_cmd_prefix.__doc__ = compose_command.__doc__
     _SageMakerContainer._get_compose_cmd_prefix = staticmethod(_get_compose_cmd_prefix)
+
+
+def read_failures(container_root: str, hosts: list[str]) -> dict[str, str]:
+    """host -> the text of <container_root>/<host>/output/failure (the container's /opt/ml/output/failure)."""
+    found = {}
+    for host in hosts:
+        path = os.path.join(container_root, host, "output", "failure")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if text.strip():
+            found[host] = text
+    return found
+
+
+def failure_message(job_name: str, failures: dict[str, str], sdk_error: BaseException) -> str:
+    host, text = next(iter(failures.items()))  # hosts in order: algo-1 first
+    others = f" (and {len(failures) - 1} more host(s))" if len(failures) > 1 else ""
+    return (f"local training job {job_name} failed on {host}{others}: {text[:FAILURE_REASON_LIMIT].rstrip()}\n"
+            f"({sdk_error})")
+
+
+def install_failure_reporting() -> None:
+    """Make a failed local training job raise LocalTrainingError with its failure file (idempotent)."""
+    from sagemaker.local.image import _SageMakerContainer
+
+    if getattr(_SageMakerContainer.train, "__unetseg__", False):
+        return
+    sdk_train = _SageMakerContainer.train
+    sdk_retrieve_artifacts = _SageMakerContainer.retrieve_artifacts
+
+    def retrieve_artifacts(self, compose_data, output_data_config, job_name):
+        # Runs in the SDK's `finally` after the containers exit, before it tars and deletes their output folders.
+        self._unetseg_failures = read_failures(self.container_root, list(self.hosts))
+        return sdk_retrieve_artifacts(self, compose_data, output_data_config, job_name)
+
+    def train(self, input_data_config, output_data_config, hyperparameters, environment, job_name):
+        self._unetseg_failures = {}
+        try:
+            return sdk_train(self, input_data_config, output_data_config, hyperparameters, environment, job_name)
+        except RuntimeError as exc:
+            failures = getattr(self, "_unetseg_failures", {})
+            if not failures:
+                raise
+            raise LocalTrainingError(failure_message(job_name, failures, exc), failures) from exc
+
+    for new, old in ((train, sdk_train), (retrieve_artifacts, sdk_retrieve_artifacts)):
+        new.__unetseg__ = True  # type: ignore[attr-defined]
+        new.__doc__ = old.__doc__
+        new.__wrapped__ = old  # type: ignore[attr-defined]
+    _SageMakerContainer.train = train
+    _SageMakerContainer.retrieve_artifacts = retrieve_artifacts
