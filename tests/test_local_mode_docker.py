@@ -1,0 +1,290 @@
+"""The training image on a real Docker engine: SageMaker's own local mode (Docker Compose), and spot semantics.
+
+1. `UNetEstimator(instance_type="local").fit("file://...")`: one container trains; model.tar.gz holds the artifact,
+   `load_model()` predicts, and the metric lines SageMaker's regexes read are in the streamed log.
+2. `instance_count=2`: two containers train one model with DDP over gloo (hosts from SM_HOSTS); rank 0 writes it once.
+3. A mask that only the container can find broken: `fit` raises with the failure file's message naming the file.
+4. `docker run <image> train` with /opt/ml mounted, `docker stop` mid-epoch, run again: it resumes from
+   /opt/ml/checkpoints and ends with the same model, bit for bit, as an uninterrupted run. entry/init.py (PID 1) is
+   what gets SIGTERM through the training toolkit to the training process.
+
+The image is built here (`unetseg:ci`) from the CI base ($UNETSEG_CI_BASE, else the newest unetseg-ci-base:<hash>;
+ci/build-base-image.sh), offline; seconds when Docker's cache has it. Local-mode containers join `sagemaker-local`,
+pre-created `--internal`, so they reach nothing beyond this machine; containers, the network and the SDK's container
+roots are removed afterwards. Without an engine these tests skip with the reason; UNETSEG_REQUIRE_DOCKER=1 (CI)
+makes that a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from docker_support import (LOCAL_NETWORK, ci_base_image, containers_on, docker, engine_or_skip, internal_network,
+                            network_info, opt_ml_tree, remove_containers, remove_network, unavailable)
+from support import TINY
+from unetseg.metrics_log import EPOCH_METRICS, parse_line, regex_for
+from unetseg.synthetic import make_demo_dataset
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+IMAGE = "unetseg:ci"
+HPS = {**TINY, "epochs": 2, "seed": 3}  # resnet18, depth 3, decoder [32, 16, 8], no pretrained weights, 32 px, batch 4
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 cores here: one torch thread per container
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def training_image() -> str:
+    """unetseg:ci, built from entry/Dockerfile on the CI base with no network."""
+    engine_or_skip()
+    from unetseg.image import ImageError, build_image
+
+    base = ci_base_image()
+    started = time.monotonic()
+    try:
+        build_image(IMAGE, base_image=base, network="none", out=None)
+    except ImageError as exc:
+        pytest.fail(f"building {IMAGE} on {base} failed: {exc}\n" + "\n".join(exc.log_tail))
+    print(f"built {IMAGE} on {base} in {time.monotonic() - started:.0f}s")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def local_network(training_image):
+    """`sagemaker-local` as an internal network for the SDK's compose file; removed with its containers after."""
+    from unetseg.local_mode import compose_command
+
+    try:
+        compose_command()
+    except ImportError as exc:  # neither `docker compose` (v2+) nor docker-compose
+        unavailable(str(exc))
+    before = set(containers_on())
+    info = internal_network()
+    yield info
+    leftovers = [c for c in containers_on() if c not in before]
+    remove_containers(leftovers)
+    if not containers_on():
+        remove_network()
+
+
+@pytest.fixture
+def local_session(local_network, tmp_path_factory):
+    """A LocalSession whose container roots live in a folder of ours (removed after), under moto: nothing reaches
+    AWS even if something tried."""
+    from moto import mock_aws
+    from sagemaker.local import LocalSession
+
+    root = tmp_path_factory.mktemp("container-root")
+    with mock_aws():
+        session = LocalSession()
+        session.config = {"local": {"container_root": str(root)}}
+        yield session
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def estimator(image: str, session, tmp_path: Path, **kwargs):
+    from unetseg.estimator import UNetEstimator
+
+    return UNetEstimator(image_uri=image, instance_type="local", sagemaker_session=session,
+                         hyperparameters=kwargs.pop("hyperparameters", HPS), environment=ONE_THREAD,
+                         output_path=(tmp_path / "out").as_uri(), **kwargs)
+
+
+def job_name(kind: str) -> str:
+    return f"unetseg-ci-{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def fit(est, data: Path, capfd, name: str) -> tuple[str, float]:
+    """Run the job, and return what the SDK streamed from the containers and the seconds it took."""
+    started = time.monotonic()
+    try:
+        est.fit(data.as_uri(), job_name=name)
+    finally:
+        out, err = capfd.readouterr()
+        log = ANSI.sub("", out + err).replace("\r\n", "\n")  # Compose colours each container's prefix
+        print(log[-6000:])  # shown by pytest when the test fails
+    return log, time.monotonic() - started
+
+
+def artifact_names(est) -> list[str]:
+    assert est.model_data.startswith("file://"), est.model_data
+    with tarfile.open(est.model_data[len("file://"):]) as tar:
+        return sorted(tar.getnames())
+
+
+def history(est) -> list[dict]:
+    with tarfile.open(est.model_data[len("file://"):]) as tar:
+        return json.load(tar.extractfile("history.json"))
+
+
+def epoch_lines(log: str) -> list[dict]:
+    # Compose prefixes each line with the container: "abc-algo-1-x7k2p  | epoch=1 train_loss=...".
+    return [parse_line(line.split("|", 1)[-1]) for line in log.splitlines() if re.search(r"\|\s*epoch=\d", line)]
+
+
+# --- 1. SageMaker local mode, one container ---------------------------------------------------------------------
+
+def test_local_mode_trains_in_one_container(training_image, local_session, tmp_path, capfd):
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=8, validation=4, size=32)
+    est = estimator(training_image, local_session, tmp_path)
+    log, seconds = fit(est, data, capfd, job_name("one"))
+
+    assert est.latest_training_job.describe()["TrainingJobStatus"] == "Completed"
+    assert artifact_names(est) == ["config.json", "history.json", "model.safetensors"]
+    assert [h["epoch"] for h in history(est)] == [1, 2]
+    mask = est.load_model().predict(np.zeros((32, 32, 3), np.uint8))
+    assert mask.shape == (32, 32)
+
+    assert "on 1 x cpu" in log
+    # What SageMaker's metric regexes (the estimator's metric_definitions) read from this log: each epoch metric, twice.
+    sent = {d["Name"]: d["Regex"] for d in est.metric_definitions}
+    for name in EPOCH_METRICS:
+        assert sent[name] == regex_for(name)
+        assert len(re.findall(sent[name], log)) == 2, (name, log[-3000:])
+    assert [line["epoch"] for line in epoch_lines(log)] == [1, 2]
+    assert 0.0 <= epoch_lines(log)[-1]["val_miou"] <= 1.0
+    # The job's container joined our internal network (Compose found it by name), so it could reach nothing outside.
+    assert network_info()["Internal"]
+    names = re.search(r"Attaching to (.+)", log).group(1).replace(",", " ").split()
+    assert len(names) == 1 and names[0].endswith(tuple(re.findall(r"algo-1-[a-z0-9]{5}", log)))
+    joined = json.loads(docker("inspect", names[0]).stdout)[0]["NetworkSettings"]["Networks"]
+    assert list(joined) == [LOCAL_NETWORK], joined
+    print(f"one-container local job: {seconds:.0f}s")
+
+
+# --- 2. two containers, one model ---------------------------------------------------------------------------------
+
+def test_local_mode_two_containers_train_one_model_with_ddp(training_image, local_session, tmp_path, capfd):
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=16, validation=4, size=32)
+    est = estimator(training_image, local_session, tmp_path, instance_count=2)
+    log, seconds = fit(est, data, capfd, job_name("ddp"))
+
+    assert est.latest_training_job.describe()["TrainingJobStatus"] == "Completed"
+    hosts = set(re.findall(r"\b(algo-[12]-[a-z0-9]{5})\b", log))
+    assert {h[:6] for h in hosts} == {"algo-1", "algo-2"}, log[-3000:]  # both containers ran (random suffixes)
+    assert "on 2 x cpu" in log  # world size 2: one process per container
+    assert [line["epoch"] for line in epoch_lines(log)] == [1, 2]  # rank 0 alone prints
+    assert sum(bool(re.search(r"\|\s*model: ", line)) for line in log.splitlines()) == 1  # and saves, once
+    # 16 images over 2 ranks x batch 4: 2 steps per epoch, each seeing 8 images, so both ranks trained together.
+    assert [h["step"] for h in history(est)] == [2, 4]
+    assert artifact_names(est) == ["config.json", "history.json", "model.safetensors"]
+    assert est.load_model().predict(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32)
+    print(f"two-container local job: {seconds:.0f}s")
+
+
+# --- 3. a dataset that only the container finds broken --------------------------------------------------------------
+
+def test_local_mode_failure_carries_the_failure_file(training_image, local_session, tmp_path, capfd):
+    from unetseg.local_mode import LocalTrainingError
+
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=4, validation=2, size=32)
+    broken = sorted((data / "train" / "masks").iterdir())[1]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG: the pairing preflight passes, decoding fails
+    est = estimator(training_image, local_session, tmp_path)
+    with pytest.raises(RuntimeError) as info:  # the SDK's type, so existing handlers still catch it
+        fit(est, data, capfd, job_name("bad"))
+
+    error = info.value
+    assert isinstance(error, LocalTrainingError), repr(error)
+    message = str(error)
+    assert f"masks/{broken.name}" in message and "DataError: " in message, message
+    (host, failure), = error.failures.items()
+    assert host.startswith("algo-1-")
+    assert failure.startswith("DataError: ") and "Traceback" in failure
+    assert failure[:1024].rstrip() in message  # what SageMaker would show as FailureReason
+    assert "Failed to run" in message  # and the SDK's own line, for the compose command and exit code
+    print(f"the error fit() raised:\n{message}")
+
+
+# --- 4. spot: SIGTERM mid-epoch, then resume ----------------------------------------------------------------------
+
+SPOT_HPS = {**TINY, "epochs": 2, "seed": 5, "log_every": 1}
+SPOT_STEPS = 12  # per epoch: 48 training images, batch 4
+SPOT_STOP_AT = 3  # stop once step 3 is logged; the SIGTERM lands a few steps later, still inside epoch 1 of 2
+
+
+def run_train(image: str, tree: Path, name: str, stop_after_step: int | None = None,
+              timeout: float = 150) -> tuple[int, str]:
+    """`docker run <image> train` as SageMaker starts a job: hostname algo-1, the /opt/ml tree mounted, no network. With
+    `stop_after_step`, `docker stop -t 60` (SIGTERM, SIGKILL 60 s later) once that step's line is logged."""
+    # SageMaker mounts /opt/ml's parts, not /opt/ml itself, which would hide the image's /opt/ml/code/train.py.
+    mounts = [arg for sub in ("input", "model", "output", "checkpoints") for arg in ("-v", f"{tree / sub}:/opt/ml/{sub}")]
+    # With no network Docker writes no /etc/hosts line for the hostname, and the toolkit waits (15 min) until its host
+    # name resolves.
+    cmd = ["docker", "run", "--name", name, "--hostname", "algo-1", "--network", "none", "--add-host", "algo-1:127.0.0.1",
+           "-e", "OMP_NUM_THREADS=1", *mounts, image, "train"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, stopper = [], None
+    timer = threading.Timer(timeout, lambda: docker("kill", name, check=False))
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if stop_after_step is not None and stopper is None and line.startswith(f"step={stop_after_step} "):
+                stopper = threading.Thread(target=docker, args=("stop", "-t", "60", name), kwargs={"timeout": 120})
+                stopper.start()
+        proc.wait(30)
+        if stopper is not None:
+            stopper.join(120)
+    finally:
+        timer.cancel()
+        code = json.loads(docker("inspect", name).stdout)[0]["State"]["ExitCode"]
+        docker("rm", "-f", name, check=False)
+    return code, "".join(lines)
+
+
+def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=4 * SPOT_STEPS, validation=4, size=32)
+    channels = {"train": data / "train", "validation": data / "validation"}
+    spot = opt_ml_tree(tmp_path / "spot", SPOT_HPS, channels)
+    straight = tmp_path / "straight"
+    shutil.copytree(spot, straight)  # the same tree, before anything ran on it
+    tag = uuid.uuid4().hex[:8]
+
+    started = time.monotonic()
+    code, log = run_train(training_image, straight, f"unetseg-ci-straight-{tag}")
+    assert code == 0, log[-4000:]
+    straight_seconds = time.monotonic() - started
+
+    code, log = run_train(training_image, spot, f"unetseg-ci-spot-{tag}", stop_after_step=SPOT_STOP_AT)
+    stopped = re.search(r"stopping on SIGTERM at epoch (\d+), batch (\d+)", log)
+    assert stopped, log[-4000:]  # the SIGTERM reached the training process through init and the toolkit
+    epoch, batch = int(stopped.group(1)), int(stopped.group(2))
+    assert epoch == 1 and SPOT_STOP_AT <= batch < SPOT_STEPS, log[-4000:]  # at a step boundary inside an epoch
+    assert "epoch=2 " not in log
+    assert code == 128 + 15, (code, log[-4000:])  # stopped by SIGTERM, not killed (137) and not failed (1)
+    assert (spot / "checkpoints" / "last.pt").is_file()
+    assert not (spot / "output" / "failure").exists(), (spot / "output" / "failure").read_text()[:1024]
+
+    code, resumed = run_train(training_image, spot, f"unetseg-ci-resume-{tag}")
+    assert code == 0, resumed[-4000:]
+    assert f"resumed from /opt/ml/checkpoints/last.pt: epoch 1, batch {batch}" in resumed, resumed[-4000:]
+    assert [parse_line(line)["epoch"] for line in resumed.splitlines() if line.startswith("epoch=")] == [1, 2]
+
+    a = load_file(str(straight / "model" / "model.safetensors"))
+    b = load_file(str(spot / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    last_b = torch.load(spot / "checkpoints" / "last.pt", weights_only=True)
+    assert last_a["model"].keys() == last_b["model"].keys()
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
+    assert (last_a["epoch"], last_a["step"]) == (last_b["epoch"], last_b["step"]) == (2, 2 * SPOT_STEPS)
+    print(f"uninterrupted container run: {straight_seconds:.0f}s; SIGTERM after step {SPOT_STOP_AT} stopped it at "
+          f"epoch 1, batch {batch} of {SPOT_STEPS}")
