@@ -30,6 +30,14 @@ def media_type(header: Optional[str]) -> str:
     return (header or "").split(";")[0].strip().lower()
 
 
+def checked_type(value: str, allowed: Sequence[str], name: str) -> str:
+    """The media type of `value` if it is one of `allowed`, else a ValueError naming the argument."""
+    kind = media_type(value)
+    if kind not in allowed:
+        raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+    return kind
+
+
 def decode_image(body: bytes, content_type: str) -> np.ndarray:
     kind = media_type(content_type)
     if kind == NPY:

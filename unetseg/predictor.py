@@ -41,10 +41,7 @@ class ImageSerializer(BaseSerializer):
     """
 
     def __init__(self, content_type: str = codecs.PNG):
-        kind = codecs.media_type(content_type)
-        if kind not in codecs.REQUEST_TYPES:
-            raise ValueError(f"content_type={content_type!r}: use one of {', '.join(codecs.REQUEST_TYPES)}")
-        self.content_type = kind
+        self.content_type = codecs.checked_type(content_type, codecs.REQUEST_TYPES, "content_type")
 
     @property
     def CONTENT_TYPE(self) -> str:  # noqa: N802 - the SDK's name
@@ -89,10 +86,7 @@ class MaskDeserializer(BaseDeserializer):
     """
 
     def __init__(self, accept: str = codecs.PNG):
-        kind = codecs.media_type(accept)
-        if kind not in codecs.RESPONSE_TYPES:
-            raise ValueError(f"accept={accept!r}: use one of {', '.join(codecs.RESPONSE_TYPES)}")
-        self.accept = kind
+        self.accept = codecs.checked_type(accept, codecs.RESPONSE_TYPES, "accept")
 
     @property
     def ACCEPT(self) -> tuple[str, ...]:  # noqa: N802 - the SDK's name
