@@ -29,6 +29,10 @@ def main() -> int:
 
             command = torchrun_command(env, procs_per_host(env), module=__name__)
             if command:
+                if len(env.hosts) > 1 and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
+                    # Multi-host: NCCL and gloo pick an interface by guessing; SageMaker names the right one.
+                    for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+                        os.environ.setdefault(var, os.environ["SM_NETWORK_INTERFACE_NAME"])
                 return supervise(command, env.failure_file)
         return run(env)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
