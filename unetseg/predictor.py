@@ -231,3 +231,15 @@ class UNetTransformer(Transformer):
         finally:
             if local_output:
                 self._reset_output_path = True  # a new folder for the next job, as the SDK does on S3
+
+    def wait(self, logs: bool = True) -> None:
+        """Wait for the latest transform job. A local one has already run inside `transform()` (its container's
+        output was printed): the SDK's wait would sleep a poll interval first, and its log tailing would ask
+        CloudWatch (AWS credentials, network) for logs that do not exist."""
+        if self.sagemaker_session.local_mode:
+            self._ensure_last_transform_job()
+            name = self.latest_transform_job.name
+            if self.sagemaker_session.describe_transform_job(name)["TransformJobStatus"] == "Completed":
+                return
+            logs = False
+        super().wait(logs=logs)
