@@ -5,16 +5,24 @@
 - `ci_base_image()`: the registry-free CI base (ci/build-base-image.sh): $UNETSEG_CI_BASE, else the newest
   `unetseg-ci-base:<hash>` tag.
 - `opt_ml_tree()`: an /opt/ml folder as SageMaker lays it out for `docker run <image> train`.
+- `training_image()`: `unetseg:ci` built from entry/Dockerfile on the CI base, offline; once per test session.
 - `internal_network()` / `remove_network()`: the `sagemaker-local` network that the SDK's local mode joins, made
   `--internal` so that no container reaches beyond this machine.
+- `bridge_network()`: the same network as a plain bridge, for local endpoints and batch transform: Docker publishes
+  no ports from an internal network, and the SDK reaches the serving container on the host's port 8080. The engine's
+  DOCKER-USER rule (ci/start-dockerd.sh) still refuses traffic beyond this machine.
+- `require_free_port()` / `free_port()`: a host port that a container can publish.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -95,17 +103,29 @@ def internal_network(name: str = LOCAL_NETWORK) -> dict:
     """Create `name` as an internal bridge (containers reach each other, nothing else); an existing non-internal one
     with no containers on it is replaced. Compose then finds it by name and uses it: the SDK's compose file declares
     no `internal` key, which Compose v1 and v2 then leave unchecked."""
+    return _bridge(name, internal=True)
+
+
+def bridge_network(name: str = LOCAL_NETWORK) -> dict:
+    """Create `name` as a plain bridge, whose containers can publish ports on the host (an internal network publishes
+    none); an existing internal one with no containers on it is replaced."""
+    return _bridge(name, internal=False)
+
+
+def _bridge(name: str, internal: bool) -> dict:
+    kind = "internal" if internal else "not internal"
     info = network_info(name)
-    if info is not None and not info.get("Internal"):
-        if info.get("Containers"):
-            pytest.fail(f"network {name} exists, is not internal and has containers on it "
-                        f"({', '.join(c['Name'] for c in info['Containers'].values())}); stop them and retry")
+    if info is not None and bool(info.get("Internal")) != internal:
+        if info.get("Containers"):  # running ones; Docker removes a network that only stopped containers name
+            pytest.fail(f"network {name} exists, is {'not ' if internal else ''}internal and has containers on it "
+                        f"({', '.join(c['Name'] for c in info['Containers'].values())}); another Docker test may "
+                        f"be running: wait for it, or stop them, and retry")
         docker("network", "rm", name)
         info = None
     if info is None:
-        docker("network", "create", "--internal", "--driver", "bridge", name)
+        docker("network", "create", *(["--internal"] if internal else []), "--driver", "bridge", name)
         info = network_info(name)
-    assert info and info["Internal"], info
+    assert info and bool(info["Internal"]) == internal, (kind, info)
     return info
 
 
@@ -122,3 +142,49 @@ def remove_containers(ids: Sequence[str]) -> None:
 def remove_network(name: str = LOCAL_NETWORK) -> None:
     remove_containers(containers_on(name))
     docker("network", "rm", name, check=False)
+
+
+@functools.cache
+def training_image(tag: str = "unetseg:ci") -> str:
+    """`tag`, built from entry/Dockerfile on the CI base with no network (seconds when Docker's cache has it); built
+    once per test session whichever module asks first."""
+    engine_or_skip()
+    from unetseg.image import ImageError, build_image
+
+    base = ci_base_image()
+    started = time.monotonic()
+    try:
+        build_image(tag, base_image=base, network="none", out=None)
+    except ImageError as exc:
+        pytest.fail(f"building {tag} on {base} failed: {exc}\n" + "\n".join(exc.log_tail))
+    print(f"built {tag} on {base} in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+def port_in_use(port: int) -> str | None:
+    """Why a container could not publish `port` on the host, or None: something listens there, or a container
+    already publishes it."""
+    publishers = docker("ps", "--filter", f"publish={port}", "--format", "{{.Names}}", check=False).stdout.split()
+    if publishers:
+        return f"container(s) {', '.join(publishers)} publish it"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as docker-proxy binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            return f"a process on this machine listens on it ({exc.strerror})"
+    return None
+
+
+def require_free_port(port: int, what: str) -> None:
+    """Fail (not skip: the engine is there) naming what holds `port`, which `what` needs."""
+    why = port_in_use(port)
+    if why:
+        pytest.fail(f"{what} needs host port {port}, but {why}; free it (`ss -ltnp 'sport = :{port}'`, "
+                    f"`docker ps --filter publish={port}`) and retry")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

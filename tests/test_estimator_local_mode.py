@@ -2,7 +2,8 @@
 
 The double answers `docker compose version` (as Compose v2, v5, a distribution build, or not installed) and
 `docker images -q`, and on `compose ... up` records the compose file and the config JSONs the SDK wrote, then
-writes a model into /opt/ml/model as the container would. The real Docker run belongs to the container's tests.
+writes a model into /opt/ml/model as the container would (or, with $FAKE_DOCKER_FAILURE, writes that text to
+/opt/ml/output/failure and exits 1, as a failed job does). The real Docker run belongs to the container's tests.
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ FAKE_DOCKER = textwrap.dedent("""\
                 host_dir, container_dir = volume.split(":")[:2]
                 if container_dir == "/opt/ml/input":
                     shutil.copytree(os.path.join(host_dir, "config"), os.path.join(record, host, "config"))
-                if container_dir == "/opt/ml/model":
+                if container_dir == "/opt/ml/model" and not os.environ.get("FAKE_DOCKER_FAILURE"):
                     os.makedirs(host_dir, exist_ok=True)  # as Docker creates a missing bind-mount source
                     for name in ("model.safetensors", "config.json", "history.json"):
                         open(os.path.join(host_dir, name), "w").write("{{}}")
+                if container_dir == "/opt/ml/output" and os.environ.get("FAKE_DOCKER_FAILURE"):
+                    # as the entry point does when training fails, before the container exits 1
+                    open(os.path.join(host_dir, "failure"), "w").write(os.environ["FAKE_DOCKER_FAILURE"])
+        if os.environ.get("FAKE_DOCKER_FAILURE"):
+            print("algo-1 | Reporting training FAILURE")
+            sys.exit(1)
         print("algo-1 | epoch=1 train_loss=0.5 val_miou=0.25")
         sys.exit(0)
     print("fake docker: unexpected call", prog, args, file=sys.stderr)
@@ -226,6 +233,24 @@ def test_default_local_output_is_a_folder_per_job_under_the_current_directory(tm
     est.fit(str(data), wait=False, logs=False, job_name="job-b")
     assert (tmp_path / "unetseg-output" / "job-a" / "model.tar.gz").is_file()
     assert (tmp_path / "unetseg-output" / "job-b" / "model.tar.gz").is_file()
+
+
+def test_a_failed_job_raises_with_its_failure_file(tmp_path, docker, local_session, fake_engine, monkeypatch):
+    docker.plugin("Docker Compose version v2.29.7")
+    reason = "DataError: masks/s01.png: cannot decode the mask (truncated PNG)"
+    failure = f"{reason}\nTraceback (most recent call last):\n  File \"/opt/ml/code/train.py\", line 12\n"
+    monkeypatch.setenv("FAKE_DOCKER_FAILURE", failure)
+    with pytest.raises(RuntimeError) as info:  # the SDK's own type, so existing handlers still catch it
+        run_local(tmp_path, local_session, instance_type="local")
+
+    error = info.value
+    assert isinstance(error, local_mode.LocalTrainingError), repr(error)
+    (host, text), = error.failures.items()
+    assert host.startswith("algo-1-") and text == failure
+    message = str(error)
+    assert message.startswith(f"local training job local-job-1 failed on {host}: {reason}"), message
+    assert "Process exited with code: 1" in message  # and the SDK's own line, naming the compose command
+    assert local_session.requests == []
 
 
 def test_local_mode_without_a_session_makes_a_local_session(docker):
