@@ -27,10 +27,11 @@ import time
 import uuid
 from pathlib import Path
 
+import docker_support
 import numpy as np
 import pytest
 
-from docker_support import (LOCAL_NETWORK, ci_base_image, containers_on, docker, engine_or_skip, internal_network,
+from docker_support import (LOCAL_NETWORK, containers_on, docker, internal_network,
                             network_info, opt_ml_tree, remove_containers, remove_network, unavailable)
 from support import TINY
 from unetseg.metrics_log import EPOCH_METRICS, parse_line, regex_for
@@ -48,18 +49,8 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @pytest.fixture(scope="session")
 def training_image() -> str:
-    """unetseg:ci, built from entry/Dockerfile on the CI base with no network."""
-    engine_or_skip()
-    from unetseg.image import ImageError, build_image
-
-    base = ci_base_image()
-    started = time.monotonic()
-    try:
-        build_image(IMAGE, base_image=base, network="none", out=None)
-    except ImageError as exc:
-        pytest.fail(f"building {IMAGE} on {base} failed: {exc}\n" + "\n".join(exc.log_tail))
-    print(f"built {IMAGE} on {base} in {time.monotonic() - started:.0f}s")
-    return IMAGE
+    """unetseg:ci, built from entry/Dockerfile on the CI base with no network (once per session)."""
+    return docker_support.training_image(IMAGE)
 
 
 @pytest.fixture(scope="module")
