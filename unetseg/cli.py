@@ -6,6 +6,7 @@ Importing this module stays light; each command imports what it needs (torch onl
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
@@ -137,6 +138,7 @@ def _demo(args, _extra) -> int:
     data = make_demo_dataset(args.output / "data", kind=args.kind)
     print(f"synthetic {args.kind} dataset: {data} (train/, validation/)")
     cfg = TrainConfig(**demo_hyperparameters(args.kind), epochs=args.epochs)
+    shutil.rmtree(args.output / "run", ignore_errors=True)  # a fresh run each time: its checkpoint would resume
     return _run_training(cfg, data / "train", data / "validation", args.output / "run")
 
 
