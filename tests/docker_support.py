@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -127,6 +128,26 @@ def _bridge(name: str, internal: bool) -> dict:
         info = network_info(name)
     assert info and bool(info["Internal"]) == internal, (kind, info)
     return info
+
+
+@contextlib.contextmanager
+def sagemaker_local_network(internal: bool):
+    """`sagemaker-local` for the SDK's compose files (internal: no published ports, nothing reachable outside), after
+    checking that a Compose exists; the containers started meanwhile, and the network when empty, removed after."""
+    from unetseg.local_mode import compose_command
+
+    try:
+        compose_command()
+    except ImportError as exc:  # neither `docker compose` (v2+) nor docker-compose
+        unavailable(str(exc))
+    before = set(containers_on())
+    info = internal_network() if internal else bridge_network()
+    try:
+        yield info
+    finally:
+        remove_containers([c for c in containers_on() if c not in before])
+        if not containers_on():
+            remove_network()
 
 
 def containers_on(name: str = LOCAL_NETWORK) -> list[str]:

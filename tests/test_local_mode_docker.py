@@ -31,8 +31,7 @@ import docker_support
 import numpy as np
 import pytest
 
-from docker_support import (LOCAL_NETWORK, containers_on, docker, internal_network,
-                            network_info, opt_ml_tree, remove_containers, remove_network, unavailable)
+from docker_support import (LOCAL_NETWORK, docker, network_info, opt_ml_tree)
 from support import TINY
 from unetseg.metrics_log import EPOCH_METRICS, parse_line, regex_for
 from unetseg.synthetic import make_demo_dataset
@@ -56,19 +55,8 @@ def training_image() -> str:
 @pytest.fixture(scope="module")
 def local_network(training_image):
     """`sagemaker-local` as an internal network for the SDK's compose file; removed with its containers after."""
-    from unetseg.local_mode import compose_command
-
-    try:
-        compose_command()
-    except ImportError as exc:  # neither `docker compose` (v2+) nor docker-compose
-        unavailable(str(exc))
-    before = set(containers_on())
-    info = internal_network()
-    yield info
-    leftovers = [c for c in containers_on() if c not in before]
-    remove_containers(leftovers)
-    if not containers_on():
-        remove_network()
+    with docker_support.sagemaker_local_network(internal=True) as info:
+        yield info
 
 
 @pytest.fixture

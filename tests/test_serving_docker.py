@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REGION
-from docker_support import (LOCAL_NETWORK, bridge_network, containers_on, docker, free_port, port_in_use,
-                            remove_containers, remove_network, require_free_port, training_image, unavailable)
+from docker_support import (LOCAL_NETWORK, containers_on, docker, free_port, port_in_use,
+                            remove_containers, require_free_port, sagemaker_local_network,
+                            training_image)
 from PIL import Image
 from support import TINY
 
@@ -67,18 +68,8 @@ class Trained:
 def local_bridge():
     """`sagemaker-local` as a plain bridge (ports can be published); its new containers and itself removed after."""
     image = training_image()
-    from unetseg.local_mode import compose_command
-
-    try:
-        compose_command()
-    except ImportError as exc:  # neither `docker compose` (v2+) nor docker-compose
-        unavailable(str(exc))
-    before = set(containers_on())
-    info = bridge_network()
-    yield image, info
-    remove_containers([c for c in containers_on() if c not in before])
-    if not containers_on():
-        remove_network()
+    with sagemaker_local_network(internal=False) as info:
+        yield image, info
 
 
 @pytest.fixture(scope="module")
