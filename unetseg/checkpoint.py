@@ -8,7 +8,6 @@ Both are written to a temporary name and renamed, so a kill mid-write leaves the
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -16,22 +15,15 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import replace_atomically
+
 LAST, BEST = "last.pt", "best.safetensors"
-
-
-def _replace_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
     state = {**state, "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    _replace_atomically(directory / LAST, lambda tmp: torch.save(state, tmp))
+    replace_atomically(directory / LAST, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(directory: Path) -> Optional[dict[str, Any]]:
@@ -49,7 +41,7 @@ def load_state(directory: Path) -> Optional[dict[str, Any]]:
 
 def save_best(directory: Path, state_dict: dict[str, torch.Tensor]) -> None:
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _replace_atomically(directory / BEST, lambda tmp: save_file(weights, str(tmp)))
+    replace_atomically(directory / BEST, lambda tmp: save_file(weights, str(tmp)))
 
 
 def load_best(directory: Path) -> Optional[dict[str, torch.Tensor]]:

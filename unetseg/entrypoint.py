@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from .atomic import replace_atomically
 from .errors import DataError
 from .sagemaker_env import TrainingEnv
 
@@ -83,10 +84,7 @@ def write_failure(path: Path, exc: BaseException) -> None:
     text = summary + "\n\n" + "".join(traceback.format_exception(exc))
     print(summary, file=sys.stderr, flush=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: tmp.write_text(text))
     except OSError as err:
         print(f"could not write {path}: {err}", file=sys.stderr)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import tarfile
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .segmenter import Segmenter
 
 from . import __version__
+from .atomic import replace_atomically
 from .config import TrainConfig
 from .errors import ArtifactError, ConfigError
 
@@ -146,15 +146,9 @@ def save_artifact(model_dir: str | Path, state_dict: dict[str, torch.Tensor], co
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    _atomic(model_dir / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), metadata={"format": FORMAT}))
-    _atomic(model_dir / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
-    _atomic(model_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    replace_atomically(model_dir / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), metadata={"format": FORMAT}))
+    replace_atomically(model_dir / HISTORY_FILE, lambda tmp: tmp.write_text(json.dumps(history, indent=1)))
+    replace_atomically(model_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
 
 
 def _locate(path: str | Path, workdir: Path) -> Path:
