@@ -9,6 +9,7 @@ so far, and stop; the next run with the same checkpoint dir continues exactly wh
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -34,8 +35,8 @@ from .errors import ConfigError
 from .losses import build_loss
 from .metrics import confusion, summarize
 from .metrics_log import SELECTION_METRIC, format_line
-from .model import artifact_config, build_model, freeze_unused, save_artifact
-from .segmenter import prepare_input
+from .model import artifact_config, build_model, freeze_unused, normalization, save_artifact
+from .segmenter import Segmenter, prepare_input
 from .visualize import prediction_grid
 
 # Changing these between runs makes a checkpoint unusable; changing the others (epochs, lr, ...) is allowed.
@@ -101,7 +102,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = build_loss(cfg.loss)
-    norm = artifact_config(cfg, train_data.codec.mode)["normalization"]
+    norm = normalization(cfg)
 
     # --- resume -----------------------------------------------------------------------------------------------
     start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
@@ -253,17 +254,12 @@ def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: Ch
 
 
 def draw_predictions(model, weights, config: dict, data: CheckedDataset, path: Path, count: int = 4) -> None:
-    from .segmenter import Segmenter
-
-    import copy
-
     best_model = copy.deepcopy(model).cpu()
     best_model.load_state_dict(weights)
     segmenter = Segmenter(best_model, config, device="cpu")
-    dataset = SegmentationDataset(data)
     rows = []
-    for index in range(min(count, len(dataset))):
-        image, mask = dataset.load(index)
+    for index in range(min(count, len(data.samples))):
+        image, mask = data.load(index)
         rows.append((image, mask, segmenter.predict(image)))
     path.parent.mkdir(parents=True, exist_ok=True)
     prediction_grid(rows, config["class_colors"]).save(path)

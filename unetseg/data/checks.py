@@ -33,6 +33,13 @@ class CheckedDataset:
         return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
                               pick(self.sizes), pick(self.cached) if self.cached is not None else None)
 
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image HxWxC, class-index mask HxW) of one sample: from memory when cached, else decoded now."""
+        if self.cached is not None:
+            return self.cached[index]
+        sample = self.samples[index]
+        return read_image(sample.image), self.codec.decode(squeeze_gray(read_mask(sample.mask)), sample.mask)
+
     @property
     def class_pixels(self) -> np.ndarray:
         return self.sample_class_pixels.sum(0)

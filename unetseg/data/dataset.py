@@ -15,8 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .checks import CheckedDataset
-from .io import read_image, read_mask
-from .masks import IGNORE_INDEX, squeeze_gray
+from .masks import IGNORE_INDEX
 
 
 def sample_seed(*parts: int) -> int:
@@ -32,15 +31,9 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.checked.samples)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.checked.cached is not None:
-            return self.checked.cached[index]
-        sample = self.checked.samples[index]
-        return read_image(sample.image), self.checked.codec.decode(squeeze_gray(read_mask(sample.mask)), sample.mask)
-
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        image, mask = self.load(index)
+        image, mask = self.checked.load(index)
         if image.dtype == np.uint16:
             image = image.astype(np.float32) / 65535.0
         if self.transform is not None:
