@@ -63,6 +63,14 @@ else
     # A dockerd killed with its machine leaves a pid file, the socket and containerd's state under the exec root;
     # dockerd refuses to start over the first and containerd trips over the last.
     rm -f "$PIDFILE" "$SOCK"
+    # Its mounts survive it too (the nsfs of its default network namespace, container file systems) and make rm fail
+    # with "Device or resource busy": unmount them, deepest first, lazily when something still holds one.
+    exec_root=$(realpath -m "$RUN_DIR/exec")
+    awk -v root="$exec_root" '$2 == root || index($2, root "/") == 1 { print $2 }' /proc/self/mounts | sort -r |
+        while read -r mnt; do
+            mnt=$(printf '%b' "$mnt")   # /proc/mounts writes a space as \040
+            umount "$mnt" 2>/dev/null || umount -l "$mnt" || say "warning: could not unmount $mnt"
+        done
     rm -rf "$RUN_DIR/exec"
 
     driver=${UNETSEG_DOCKER_DRIVER:-}
