@@ -137,6 +137,29 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
     assert strip(last_a["history"]) == strip(last_b["history"])
 
 
+def test_tuning_trials_sharing_a_checkpoint_uri_do_not_resume_each_other(small_data, tmp_path):
+    # SageMaker gives every trial of a tuning job the same checkpoint location: trial 2 must not pick up trial 1's
+    # finished state (it would report trial 1's metrics for its own hyperparameters), but its spot restart must resume.
+    shared = tmp_path / "shared-checkpoints"
+    hps = {**HPS, "epochs": 1, "_tuning_objective_metric": "val_miou"}
+
+    def trial(name, lr, attempt=1):
+        env = entry_env(tmp_path / f"{name}-{attempt}", small_data, {**hps, "lr": lr},
+                        TRAINING_JOB_NAME=name, UNETSEG_CHECKPOINT_DIR=str(shared))
+        done = run_entry(env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    first = trial("hpo-001-aaaa", 0.01)
+    second = trial("hpo-002-bbbb", 0.002)
+    assert "resumed from" not in first and "resumed from" not in second, second
+    assert "step=4 " in second  # trained its own 4 steps
+    assert sorted(p.name for p in shared.iterdir()) == ["hpo-001-aaaa", "hpo-002-bbbb"]
+    assert (shared / "hpo-002-bbbb" / "last.pt").is_file()
+    restarted = trial("hpo-002-bbbb", 0.002, attempt=2)  # a spot restart keeps the job's name
+    assert f"resumed from {shared / 'hpo-002-bbbb' / 'last.pt'}" in restarted
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

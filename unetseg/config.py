@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .sagemaker_env import TUNING_MARKER
 
 # segmentation-models-pytorch architectures, by the class name that smp.create_model accepts.
 ARCHITECTURES = (
@@ -26,7 +27,7 @@ ARCHITECTURES = (
 
 # Keys that SageMaker itself adds to a job's hyperparameters: the HyperparameterTuner's objective and the SDK's
 # framework metadata. They are not ours to validate.
-_SAGEMAKER_KEYS_PREFIXES = ("sagemaker_", "_tuning_objective_metric")
+_SAGEMAKER_KEYS_PREFIXES = ("sagemaker_", TUNING_MARKER)
 
 _NONE_STRINGS = ("none", "null", "")
 

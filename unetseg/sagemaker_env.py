@@ -12,6 +12,11 @@ SageMaker (and the sagemaker-training toolkit) hands a job its inputs as environ
 
 /opt/ml/checkpoints is synced to the job's checkpoint_s3_uri. UNETSEG_OPT_ML moves the whole tree (tests, local
 runs); UNETSEG_CHECKPOINT_DIR moves only the checkpoints. This module must not import torch.
+
+A tuning job gives every trial the same checkpoint_s3_uri (sagemaker/tuner.py copies the estimator's into the one
+training job definition), so a trial would resume from whichever trial wrote last.pt before it. A trial (its
+hyperparameters carry `_tuning_objective_metric`) therefore keeps its state under checkpoints/<TRAINING_JOB_NAME>:
+a spot restart of that trial keeps its name and resumes; another trial starts fresh.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 DEFAULT_ROOT = Path("/opt/ml")
+TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class TrainingEnv:
     hosts: list[str] = field(default_factory=lambda: ["algo-1"])
     current_host: str = "algo-1"
     num_gpus: Optional[int] = None  # None: unknown here, the engine asks torch
+    job_name: Optional[str] = None
 
     @property
     def failure_file(self) -> Path:
@@ -60,16 +67,22 @@ class TrainingEnv:
         current = env.get("SM_CURRENT_HOST") or resource.get("current_host", hosts[0])
 
         gpus = env.get("SM_NUM_GPUS")
+        hyperparameters = _hyperparameters(env, config_dir)
+        job_name = env.get("TRAINING_JOB_NAME") or None
+        checkpoint_dir = Path(env.get("UNETSEG_CHECKPOINT_DIR", root / "checkpoints"))
+        if TUNING_MARKER in hyperparameters and job_name:
+            checkpoint_dir = checkpoint_dir / job_name
         return cls(
-            hyperparameters=_hyperparameters(env, config_dir),
+            hyperparameters=hyperparameters,
             channels=_channels(env, Path(env.get("SM_INPUT_DATA_DIR", root / "input" / "data"))),
             model_dir=Path(env.get("SM_MODEL_DIR", root / "model")),
             output_data_dir=Path(env.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
             output_dir=Path(env.get("SM_OUTPUT_DIR", root / "output")),
-            checkpoint_dir=Path(env.get("UNETSEG_CHECKPOINT_DIR", root / "checkpoints")),
+            checkpoint_dir=checkpoint_dir,
             hosts=list(hosts),
             current_host=current,
             num_gpus=int(gpus) if gpus not in (None, "") and int(gpus) > 0 else None,
+            job_name=job_name,
         )
 
 
