@@ -159,6 +159,51 @@ def test_dockerfile_contract():
     assert "# syntax=" not in text  # that line makes BuildKit pull a frontend image from Docker Hub
 
 
+def test_setup_cfg_lists_every_package():
+    """setup.cfg lists its packages by name (it must, to map unetseg.container to entry/): a new subpackage must be
+    added there or the wheel would lack it."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "unetseg").rglob("__init__.py")}
+    assert found | {"unetseg.container"} == listed
+    assert cfg["options"]["package_dir"].split() == ["unetseg.container", "=", "entry"]
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_lays_out_its_own_build_context(tmp_path):
+    """Without a source checkout, `unetseg image build` builds from the files the wheel carries: entry/ as
+    unetseg.container (constraints.txt included) and the installed package itself."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+    shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' scratch folder
+    (wheel,) = (tmp_path / "dist").glob("unetseg-*.whl")
+    site = tmp_path / "site"
+    import zipfile
+
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import sys, unetseg; from pathlib import Path; from unetseg import image; "
+             "assert Path(unetseg.__file__).is_relative_to(sys.argv[1]), unetseg.__file__; "
+             "assert image.find_context() is None; image.packaged_context(Path(sys.argv[2]))")
+    ctx = tmp_path / "context"
+    env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the editable install's finder
+    done = subprocess.run([sys.executable, "-c", probe, str(site), str(ctx)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    for name in ("Dockerfile", "train.py", "init.py", "serve", "requirements-image.in"):
+        assert (ctx / "entry" / name).read_bytes() == (REPO / "entry" / name).read_bytes(), name
+    assert (ctx / "constraints.txt").read_bytes() == (REPO / "constraints.txt").read_bytes()
+    source = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "unetseg").rglob("*.py"))
+    assert sorted(p.relative_to(ctx).as_posix() for p in (ctx / "unetseg").rglob("*.py")) == source
+    assert all((ctx / rel).read_bytes() == (REPO / rel).read_bytes() for rel in source)
+    cfg = configparser.ConfigParser()
+    cfg.read(ctx / "setup.cfg")
+    import unetseg
+
+    assert (cfg["metadata"]["name"], cfg["metadata"]["version"]) == ("unetseg", unetseg.__version__)
+
+
 # --- build -----------------------------------------------------------------------------------------------------------
 def test_build_command(fake_docker):
     out = io.StringIO()
@@ -454,8 +499,10 @@ def test_wrong_password_fails_login_without_echoing_it(registry, tiny_image, tmp
 
 
 @pytest.mark.docker
-def test_dockerfile_builds_offline_on_the_ci_base():
-    """The same entry/Dockerfile, on the CI base, with no network: everything it needs is in the base already."""
+@pytest.mark.parametrize("source", ["checkout", "installed package"])
+def test_dockerfile_builds_offline_on_the_ci_base(source, tmp_path):
+    """The same entry/Dockerfile, on the CI base, with no network: everything it needs is in the base already.
+    From the source checkout, and from the context an installed unetseg lays out for itself."""
     docker = _engine_or_skip()
     base = os.environ.get("UNETSEG_CI_BASE", "unetseg-ci-base:latest")
     if subprocess.run([docker, "image", "inspect", base], capture_output=True).returncode != 0:
@@ -464,7 +511,8 @@ def test_dockerfile_builds_offline_on_the_ci_base():
             pytest.fail(msg)
         pytest.skip(msg)
     tag = "unetseg:test-offline"
-    image.build_image(tag, base_image=base, network="none", out=None)
+    context = image.packaged_context(tmp_path / "context") if source == "installed package" else None
+    image.build_image(tag, base_image=base, network="none", context=context, out=None)
     probe = ("import json, os, unetseg.entrypoint; "
              "print(json.dumps({'code': sorted(os.listdir('/opt/ml/code')), "
              "'env': {k: os.environ.get(k) for k in ('SAGEMAKER_PROGRAM', 'PYTHONUNBUFFERED', "
@@ -477,4 +525,4 @@ def test_dockerfile_builds_offline_on_the_ci_base():
     assert seen["env"] == {"SAGEMAKER_PROGRAM": "train.py", "PYTHONUNBUFFERED": "1",
                            "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": ""}  # nothing baked: hub not offline
     assert subprocess.run([docker, "run", "--rm", "--network", "none", "--entrypoint", "sh", tag, "-c",
-                           "command -v train"], capture_output=True).returncode == 0
+                           "command -v train && command -v serve && command -v unetseg"], capture_output=True).returncode == 0

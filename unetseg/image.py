@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import importlib.resources
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Sequence
 
@@ -95,13 +97,58 @@ def _one_line(tail: Sequence[str], n: int = 3) -> str:
     return " | ".join(line.strip() for line in tail[-n:])[-600:] or "no output"
 
 
-def find_context() -> Path:
-    """The build context: the source checkout this package was imported from (entry/Dockerfile beside setup.cfg)."""
+def find_context() -> Optional[Path]:
+    """The source checkout this package was imported from (entry/Dockerfile beside setup.cfg), or None."""
     for parent in Path(__file__).resolve().parents:
         if (parent / "entry" / "Dockerfile").is_file() and (parent / "setup.cfg").is_file():
             return parent
-    raise ImageError("no build context: entry/Dockerfile ships with the unetseg source checkout; "
-                     "run from a clone of the repository (pip install -e .) or pass context=")
+    return None
+
+
+# The installed package carries entry/ as unetseg.container (setup.cfg), constraints.txt included.
+_CONTAINER_FILES = ("Dockerfile", "train.py", "init.py", "serve", "requirements-image.in")
+# What the Dockerfile's `pip install --no-deps --no-build-isolation` needs to install the copied package.
+_PACKAGED_SETUP = """\
+[metadata]
+name = unetseg
+version = {version}
+
+[options]
+packages = find:
+
+[options.packages.find]
+include = unetseg, unetseg.*
+
+[options.entry_points]
+console_scripts =
+    unetseg = unetseg.cli:main
+"""
+_PACKAGED_PYPROJECT = '[build-system]\nrequires = ["setuptools>=64", "wheel"]\nbuild-backend = "setuptools.build_meta"\n'
+
+
+def packaged_context(target: Path) -> Path:
+    """Lay out, in `target`, the build context of an installed unetseg (no source checkout): the layout
+    entry/Dockerfile expects, with this very package as the code that goes into the image."""
+    from . import __version__
+
+    package = Path(__file__).resolve().parent
+    try:
+        container = Path(str(importlib.resources.files("unetseg.container")))
+    except ModuleNotFoundError:  # imported from a bare source tree (PYTHONPATH) rather than installed
+        container = package / "container"
+    missing = [name for name in (*_CONTAINER_FILES, "constraints.txt") if not (container / name).is_file()]
+    if missing:
+        raise ImageError(f"no build context: {container} lacks {', '.join(missing)}; reinstall unetseg, or build "
+                         "from a clone of the repository (or pass context=)")
+    (target / "entry").mkdir(parents=True, exist_ok=True)
+    for name in _CONTAINER_FILES:
+        shutil.copy2(container / name, target / "entry" / name)
+    shutil.copy2(container / "constraints.txt", target / "constraints.txt")
+    shutil.copytree(package, target / "unetseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "container"),
+                    dirs_exist_ok=True)
+    (target / "setup.cfg").write_text(_PACKAGED_SETUP.format(version=__version__))
+    (target / "pyproject.toml").write_text(_PACKAGED_PYPROJECT)
+    return target
 
 
 def build_image(
@@ -122,6 +169,10 @@ def build_image(
     """
     if not tag or any(c.isspace() for c in tag):
         raise ImageError(f"invalid image tag {tag!r}")
+    if context is None and find_context() is None:  # an installed unetseg: lay out its own context
+        with tempfile.TemporaryDirectory(prefix="unetseg-image-") as tmp:
+            return build_image(tag, base_image, build_args, packaged_context(Path(tmp)), dockerfile, bake_encoders,
+                               network, out)
     ctx = Path(context) if context is not None else find_context()
     dockerfile = Path(dockerfile) if dockerfile is not None else ctx / "entry" / "Dockerfile"
     if not dockerfile.is_file():
@@ -244,14 +295,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unetseg image", description="Build the training image and push it to ECR.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="docker build -f entry/Dockerfile (from the source checkout)")
+    b = sub.add_parser("build", help="docker build -f entry/Dockerfile (the source checkout's, or the installed package's)")
     b.add_argument("--tag", default=DEFAULT_TAG, help=f"local image tag (default {DEFAULT_TAG})")
     b.add_argument("--base-image", help="FROM image (default: the Dockerfile's CUDA PyTorch image)")
     b.add_argument("--bake-weights", action="append", default=[], metavar="ENCODER",
                    help="bake this encoder's pretrained weights into the image (repeatable; ENCODER or ENCODER:WEIGHTS)")
     b.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="passed to docker build")
     b.add_argument("--network", help="docker build --network (e.g. none)")
-    b.add_argument("--context", type=Path, help="build context (default: the source checkout)")
+    b.add_argument("--context", type=Path, help="build context (default: the source checkout, else the installed package)")
     b.add_argument("--push", action="store_true", help="then push to ECR and print the image URI")
     _push_args(b, local_tag=False)
 
