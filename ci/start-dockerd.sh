@@ -42,6 +42,8 @@ if ((${#need[@]})); then
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # An install killed with a previous session leaves dpkg half-configured, and apt-get refuses until this runs.
+    dpkg --configure -a >&2
     apt-get update -q >&2
     apt-get install -y -q --no-install-recommends "${need[@]}" >&2
 fi
