@@ -25,6 +25,8 @@ CONFIGS = [
      "classes": 3, "class_names": ["bg", "cell", "123"], "channels_last": False, "compile": True, "lr": 1e-5},
     {"classes": 2, "class_colors": [[0, 0, 0], [255, 0, 0]], "mask_mode": "palette", "num_workers": 3,
      "encoder": "123", "encoder_weights": "/opt/ml/input/data/weights/encoder.safetensors"},
+    {"classes": 3, "class_weights": [0.5, 2, 10], "loss": "ce"},
+    {"class_weights": "auto"},
 ]
 
 
@@ -45,6 +47,9 @@ def test_sagemaker_string_forms_parse():
     assert cfg.channels_last is True and cfg.compile is False
     assert cfg.lr == 0.001 and cfg.epochs == 40 and cfg.encoder_weights is None
     assert cfg.class_names == ["bg", "cell"] and cfg.decoder_channels == [256, 128, 64, 32, 16]
+    assert TrainConfig.from_hyperparameters({"class_weights": "auto"}).class_weights == "auto"
+    assert TrainConfig.from_hyperparameters({"class_weights": "1, 4.5"}).class_weights == [1.0, 4.5]  # a command line
+    assert TrainConfig.from_hyperparameters({"class_weights": "None"}).class_weights is None
 
 
 def test_keys_sagemaker_adds_are_ignored():
@@ -68,6 +73,11 @@ def test_keys_sagemaker_adds_are_ignored():
     ({"mask_mode": "palette"}, ["mask_mode=palette needs class_colors"]),
     ({"class_colors": [[0, 0, 0], [0, 0, 300]]}, ["[0, 0, 300]", "0..255"]),
     ({"mask_mode": "binary", "classes": 3}, ["mask_mode=binary needs classes=2"]),
+    ({"class_weights": "equal"}, ["'class_weights' = 'equal'", "auto, none, a list of numbers, one per class"]),
+    ({"class_weights": "1,x"}, ["'class_weights' = '1,x'", "a list of numbers"]),
+    ({"class_weights": [1, 2, 3]}, ["class_weights has 3 weights but classes=2"]),
+    ({"class_weights": [0, 0]}, ["class_weights=[0.0, 0.0]", "at least one > 0"]),
+    ({"class_weights": "auto", "loss": "focal"}, ["use loss=ce or dice_ce, not loss=focal"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(fields, expected):
     with pytest.raises(ConfigError) as info:

@@ -56,6 +56,46 @@ def test_model_learns_and_its_artifact_reproduces_the_best_metric(tmp_path):
     assert (paths.output_data_dir / "predictions.png").stat().st_size > 1000
 
 
+def rare_class_dataset(root, size=64, seed=0):
+    """One small square (about 1% of the pixels) per image on a textured background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, count in (("train", 48), ("validation", 16)):
+        for i in range(count):
+            r = rng.uniform(2.0, 3.5)
+            cy, cx = rng.uniform(r + 1, size - r - 1, 2)
+            mask = ((np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)).astype(np.uint8)
+            base = rng.uniform(0.35, 0.65)
+            gray = np.where(mask > 0, base + 0.15, base + 0.1 * rng.standard_normal((size, size)))
+            image = (np.clip(np.repeat(gray[..., None], 3, axis=2), 0, 1) * 255).astype(np.uint8)
+            write_pair(root / split, f"{split}{i:03d}", image, mask * 255)
+    return root
+
+
+def test_auto_class_weights_find_a_rare_class_that_plain_cross_entropy_ignores(tmp_path):
+    data = rare_class_dataset(tmp_path / "data")
+    rare = {}
+    for setting in (None, "auto"):
+        cfg = TrainConfig(**{**TINY, "image_size": 64, "batch_size": 8, "epochs": 4, "loss": "ce", "seed": 0,
+                             "class_weights": setting})
+        run = tmp_path / str(setting)
+        paths = RunPaths(data / "train", data / "validation", run / "model", run / "ckpt", run / "out")
+        rare[setting] = train(cfg, paths, progress=False).history[-1]["val_iou_class_1"]
+    # 24 steps: plain CE still predicts background everywhere; weighted CE already finds the squares.
+    assert rare["auto"] >= 0.05 and rare["auto"] >= rare[None] + 0.05, rare
+
+
+def test_auto_class_weights_from_pixel_counts():
+    from unetseg.losses import AUTO_WEIGHT_RATIO, class_weights
+
+    assert class_weights(None, np.array([5, 5])) is None
+    assert class_weights([1, 3], np.array([5, 5])) == [1.0, 3.0]
+    w = class_weights("auto", np.array([9900, 100]))  # 1 % foreground: 1/sqrt(share) gives 10x, mean 1
+    assert w[1] / w[0] == pytest.approx(np.sqrt(99), rel=1e-3) and np.mean(w) == pytest.approx(1, rel=1e-3)
+    w = class_weights("auto", np.array([10**9, 1, 0]))  # capped ratio; an absent class gets 1
+    assert w[1] / w[0] == pytest.approx(AUTO_WEIGHT_RATIO, rel=1e-3) and w[2] == 1.0
+
+
 def entry_env(tmp_path, data, hps=HPS, **extra):
     env = sagemaker_tree(tmp_path, hps, {"train": data / "train", "validation": data / "validation"})
     env.update(PYTHONUNBUFFERED="1", **extra)

@@ -12,7 +12,7 @@ import difflib
 import json
 import types
 import typing
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -71,6 +71,11 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length (cosine, poly, constant)")
     grad_clip_norm: float = Field(0.0, ge=0, description="clip the gradient norm to this value; 0 = off")
     loss: Literal["dice", "ce", "dice_ce", "focal"] = Field("dice_ce", description="ce is binary CE when classes=2")
+    class_weights: Optional[Union[Literal["auto"], list[float]]] = Field(
+        None,
+        description="weights of the cross-entropy term (loss ce or dice_ce) for rare classes: one per class, or auto "
+        "(1/sqrt of each class's pixel share in the training data); none = equal",
+    )
     early_stopping_patience: int = Field(0, ge=0, description="stop after this many epochs without a better val_miou; 0 = off")
 
     # --- data --------------------------------------------------------------------------------------------------
@@ -134,6 +139,14 @@ class TrainConfig(BaseModel):
                     raise ValueError(f"class_colors entry {colour} is not [r, g, b] with values 0..255")
             if len({tuple(c) for c in self.class_colors}) != self.classes:
                 raise ValueError("class_colors has duplicate colours")
+        if isinstance(self.class_weights, list):
+            if len(self.class_weights) != self.classes:
+                raise ValueError(f"class_weights has {len(self.class_weights)} weights but classes={self.classes}")
+            if any(w < 0 for w in self.class_weights) or not any(w > 0 for w in self.class_weights):
+                raise ValueError(f"class_weights={self.class_weights}: weights must be >= 0, at least one > 0")
+        if self.class_weights is not None and self.loss not in ("ce", "dice_ce"):
+            raise ValueError(f"class_weights weigh the cross-entropy term: use loss=ce or dice_ce, not loss={self.loss} "
+                             "(dice already averages over classes, so rare classes count as much as common ones)")
         if self.mask_mode == "palette" and self.class_colors is None:
             raise ValueError("mask_mode=palette needs class_colors")
         if self.mask_mode == "binary" and self.classes != 2:
@@ -181,25 +194,28 @@ class TrainConfig(BaseModel):
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
-def _strip_optional(annotation: Any) -> tuple[Any, bool]:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return annotation, False
+def _members(annotation: Any) -> tuple[list[Any], bool]:
+    """The types a field accepts, and whether None is one of them."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [annotation], False
 
 
 def _literal_choices(annotation: Any) -> list[str]:
-    inner, _ = _strip_optional(annotation)
-    return [str(c) for c in typing.get_args(inner)] if typing.get_origin(inner) is Literal else []
+    members, _ = _members(annotation)
+    return [str(c) for m in members if typing.get_origin(m) is Literal for c in typing.get_args(m)]
 
 
 def _decode_value(annotation: Any, value: Any) -> Any:
-    inner, optional = _strip_optional(annotation)
+    members, optional = _members(annotation)
+    inner = members[0]
     if isinstance(value, str):
         if optional and value.strip().lower() in _NONE_STRINGS:
             return None
-        if typing.get_origin(inner) is list:
+        if value in _literal_choices(annotation):
+            return value  # e.g. class_weights="auto"
+        if any(typing.get_origin(m) is list for m in members):
             text = value.strip()
             if text.startswith("["):
                 try:
@@ -228,9 +244,15 @@ def _describe(exc: ValidationError, data: Mapping[str, Any]) -> str:
         if not key:  # a cross-field rule from _check_consistency
             problems.append(err["msg"].removeprefix("Value error, "))
             continue
-        where = key + "".join(f"[{p}]" for p in loc[1:])
-        choices = _literal_choices(TrainConfig.model_fields[key].annotation)
-        reason = f"allowed values: {', '.join(choices)}" if choices else err["msg"].removeprefix("Value error, ")
+        annotation = TrainConfig.model_fields[key].annotation
+        members, optional = _members(annotation)
+        choices = _literal_choices(annotation)
+        if choices and len(members) > 1:  # a word or a list (class_weights): pydantic's loc names union members
+            where = key
+            reason = "allowed values: " + ", ".join(choices + ["none"] * optional + ["a list of numbers, one per class"])
+        else:
+            where = key + "".join(f"[{p}]" for p in loc[1:])
+            reason = f"allowed values: {', '.join(choices)}" if choices else err["msg"].removeprefix("Value error, ")
         problems.append(f"hyperparameter '{where}' = {data.get(key)!r}: {reason}")
     # pydantic reports a value once per union member; keep each message once, in order
     unique = list(dict.fromkeys(problems))

@@ -32,7 +32,7 @@ from .data.scan import pair_channel, split_holdout
 from .data.transforms import train_transform
 from .distributed import DistContext, all_reduce
 from .errors import ConfigError
-from .losses import build_loss
+from .losses import build_loss, class_weights
 from .metrics import confusion, summarize
 from .metrics_log import SELECTION_METRIC, format_line
 from .model import artifact_config, build_model, freeze_unused, normalization, save_artifact
@@ -101,7 +101,10 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     optimizer = build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = build_loss(cfg.loss)
+    weights = class_weights(cfg.class_weights, train_data.class_pixels)
+    if weights is not None:
+        say("class weights (cross-entropy): " + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
+    loss_fn = build_loss(cfg.loss, weights).to(device)
     norm = normalization(cfg)
 
     # --- resume -----------------------------------------------------------------------------------------------
