@@ -27,6 +27,15 @@ def test_bad_dataset_is_one_line_error_without_traceback(tmp_path):
     assert "missing masks/" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_missing_init_model_fails_before_the_data_is_read(tmp_path):
+    (tmp_path / "images").mkdir()  # a broken dataset too: the init model's error must come first
+    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path), "encoder_weights=none",
+                           "--init-model", str(tmp_path / "old" / "model.tar.gz")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{tmp_path / 'old' / 'model.tar.gz'}: no such model folder or model.tar.gz" in done.stderr
+    assert "missing masks/" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_demo_data_and_hyperparameter_listing(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path / "d"), "--kind", "multiclass", "--train", "3", "--validation", "2"]) == 0
     assert len(list((tmp_path / "d" / "train" / "images").iterdir())) == 3

@@ -6,7 +6,8 @@ import pytest
 from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
 
-from unetseg.errors import DataError
+from unetseg.errors import ArtifactError, DataError
+from unetseg.job_rules import JobSettingsError
 from unetseg.estimator import UNetEstimator
 from unetseg.synthetic import make_demo_dataset
 
@@ -180,3 +181,53 @@ def test_upload_goes_under_the_output_path(aws, tmp_path):
     root = make_demo_dataset(tmp_path / "cells", train=1, validation=1, size=32)
     make(aws, output_path=f"s3://{BUCKET}/team/exp1").fit(root, wait=False, logs=False)
     assert all(k.startswith("team/exp1/datasets/cells/") for k in aws.s3_keys())
+
+
+# --- a model to fine-tune from -------------------------------------------------------------------------------------------
+
+def test_init_model_from_another_estimator_becomes_the_init_model_channel(aws):
+    put(aws, *channel("ds/train/"))
+    first = make(aws)
+    first.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False, job_name="first-job")
+    artifact = first.model_data  # moto completes the job at once; the artifact is what the job would write
+    assert artifact.endswith("/first-job/output/model.tar.gz")
+    put(aws, artifact[len(f"s3://{BUCKET}/"):])
+    aws.bodies.clear()
+    make(aws).fit(f"s3://{BUCKET}/ds/", init_model=first, wait=False, logs=False, job_name="second-job")
+    request = aws.sent("CreateTrainingJob")
+    assert request["TrainingJobName"] == "second-job"
+    by_name = {c["ChannelName"]: c for c in request["InputDataConfig"]}
+    assert set(by_name) == {"train", "init_model"}
+    source = by_name["init_model"]["DataSource"]["S3DataSource"]
+    assert source["S3Uri"] == artifact
+    assert source["S3DataDistributionType"] == "FullyReplicated" and by_name["init_model"]["InputMode"] == "File"
+
+
+def test_init_model_as_a_channel_in_a_dict(aws):
+    put(aws, *channel("ds/train/"), "m/model.tar.gz")
+    make(aws).fit({"train": f"s3://{BUCKET}/ds/train/", "init_model": f"s3://{BUCKET}/m/model.tar.gz"},
+                  wait=False, logs=False)
+    assert sent_channels(aws)["init_model"] == f"s3://{BUCKET}/m/model.tar.gz"
+
+
+@pytest.mark.parametrize("init_model, error, fragment", [
+    (f"s3://{BUCKET}/missing/model.tar.gz", DataError, "no such object in S3"),
+    ("s3://", JobSettingsError, "init_model"),
+    ("/home/me/model.tar.gz", JobSettingsError, "reads its starting model from S3"),
+    (3, DataError, "int is not an s3:// URI"),
+])
+def test_bad_init_model_fails_before_a_job_is_created(aws, init_model, error, fragment):
+    put(aws, *channel("ds/train/"))
+    with pytest.raises(error, match=fragment):
+        make(aws).fit(f"s3://{BUCKET}/ds/", init_model=init_model, wait=False, logs=False)
+    assert "CreateTrainingJob" not in aws.requests
+
+
+def test_init_model_from_an_unfitted_estimator_or_given_twice(aws):
+    put(aws, *channel("ds/train/"), "m/model.tar.gz")
+    with pytest.raises(ArtifactError, match="no training job yet: init_model needs a trained model"):
+        make(aws).fit(f"s3://{BUCKET}/ds/", init_model=make(aws), wait=False, logs=False)
+    with pytest.raises(DataError, match="init_model given twice"):
+        make(aws).fit({"train": f"s3://{BUCKET}/ds/train/", "init_model": f"s3://{BUCKET}/m/model.tar.gz"},
+                      init_model=f"s3://{BUCKET}/m/model.tar.gz", wait=False, logs=False)
+    assert "CreateTrainingJob" not in aws.requests

@@ -291,3 +291,18 @@ def test_no_compose_at_all_raises_the_sdk_error_type(docker, monkeypatch):
     monkeypatch.setenv("PATH", os.devnull)  # no docker binary either: not a FileNotFoundError
     with pytest.raises(ImportError):
         local_mode.compose_command()
+
+
+def test_local_mode_binds_an_init_model_file_as_its_channel(tmp_path, docker, local_session, fake_engine):
+    docker.plugin("Docker Compose version v2.29.7")
+    previous = tmp_path / "previous-run" / "model.tar.gz"
+    previous.parent.mkdir()
+    previous.write_bytes(b"a model.tar.gz")
+    data = make_demo_dataset(tmp_path / "data", train=2, validation=1, size=64)
+    est = UNetEstimator(image_uri=IMAGE, instance_type="local", sagemaker_session=local_session, hyperparameters=HPS,
+                        output_path=(tmp_path / "out").as_uri())
+    est.fit(str(data), init_model=str(previous), wait=False, logs=False, job_name="local-job-2")
+    (host, service), = docker.compose_file()["services"].items()
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+    assert volumes["/opt/ml/input/data/init_model"] == str(previous.parent)  # the container picks model.tar.gz in it
+    assert set(docker.config(host, "inputdataconfig.json")) == {"train", "validation", "init_model"}

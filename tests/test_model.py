@@ -115,3 +115,43 @@ def test_encoder_weights_from_a_local_file(tmp_path):
         build_model(CFG.replace(encoder_weights=str(tmp_path / "nope.pth")))
     with pytest.raises(ConfigError, match="'encoder' = 'resnet999'"):
         build_model(CFG.replace(encoder="resnet999"))
+
+
+def test_init_model_copies_every_matching_tensor_and_a_new_class_count_gets_a_fresh_head(artifact, tmp_path):
+    from unetseg.model import load_matching, read_init_model
+
+    trained, _, tar_path = artifact
+    # A folder holding model.tar.gz, as SageMaker delivers an input channel.
+    channel = tmp_path / "init_model"
+    channel.mkdir()
+    (channel / "model.tar.gz").write_bytes(tar_path.read_bytes())
+    (channel / "output.tar.gz").write_bytes(b"not this one")
+
+    torch.manual_seed(1)
+    same = build_model(CFG, pretrained=False)
+    copied, fresh = load_matching(same, read_init_model(channel, CFG))
+    assert fresh == [] and copied == len(same.state_dict())
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in same.state_dict().items())
+
+    five = CFG.replace(classes=5, class_names=None)
+    torch.manual_seed(1)
+    wider = build_model(five, pretrained=False)
+    head_before = {k: v.clone() for k, v in wider.state_dict().items() if k.startswith("segmentation_head")}
+    _, fresh = load_matching(wider, read_init_model(tar_path, five))
+    assert fresh == sorted(head_before) and fresh  # only the head, which keeps its own initialisation
+    assert all(torch.equal(wider.state_dict()[k], v) for k, v in head_before.items())
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in wider.state_dict().items() if k not in head_before)
+
+
+def test_init_model_with_another_architecture_names_the_differences(artifact):
+    from unetseg.errors import ConfigError
+    from unetseg.model import read_init_model
+
+    other = CFG.replace(encoder_depth=4, decoder_channels=[32, 16, 8, 8], in_channels=1)
+    with pytest.raises(ConfigError) as info:
+        read_init_model(artifact[2], other)
+    message = str(info.value)
+    assert str(artifact[2]) in message
+    assert "encoder_depth: 3 there, 4 here" in message and "in_channels: 3 there, 1 here" in message
+    with pytest.raises(ArtifactError, match="no such model folder"):
+        read_init_model(artifact[2].parent / "missing.tar.gz", CFG)

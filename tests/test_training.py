@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -198,6 +199,32 @@ def test_tuning_trials_sharing_a_checkpoint_uri_do_not_resume_each_other(small_d
     assert (shared / "hpo-002-bbbb" / "last.pt").is_file()
     restarted = trial("hpo-002-bbbb", 0.002, attempt=2)  # a spot restart keeps the job's name
     assert f"resumed from {shared / 'hpo-002-bbbb' / 'last.pt'}" in restarted
+
+
+def test_fine_tuning_from_a_trained_model_through_the_init_model_channel(small_data, tmp_path):
+    # Model A trains; job B gets A's model.tar.gz as the init_model channel (how UNetEstimator.fit(init_model=...)
+    # delivers it) and, at a learning rate of ~0, scores what A scored, far above a fresh start.
+    a_cfg = TrainConfig(**{**HPS, "epochs": 6})
+    a = train(a_cfg, RunPaths(small_data / "train", small_data / "validation", tmp_path / "a" / "model",
+                              tmp_path / "a" / "ckpt", tmp_path / "a" / "out"), progress=False)
+    channel = tmp_path / "init"
+    channel.mkdir()
+    with tarfile.open(channel / "model.tar.gz", "w:gz") as tar:
+        for path in (tmp_path / "a" / "model").iterdir():
+            tar.add(path, arcname=path.name)
+
+    frozen = {**HPS, "epochs": 1, "lr": 1e-9, "augment": "none"}
+    env = sagemaker_tree(tmp_path / "b", frozen, {"train": small_data / "train", "validation": small_data / "validation",
+                                                  "init_model": channel})
+    done = run_entry(env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"initialized from {channel}: " in done.stdout
+    tuned = json.loads((tmp_path / "b" / "model" / "history.json").read_text())[0]["val_miou"]
+    fresh = train(TrainConfig(**frozen), RunPaths(small_data / "train", small_data / "validation", tmp_path / "c" / "model",
+                                                  tmp_path / "c" / "ckpt", tmp_path / "c" / "out"), progress=False)
+    assert abs(tuned - a.best["val_miou"]) < 0.05, (tuned, a.best)  # BatchNorm statistics still move a little
+    assert tuned > fresh.history[0]["val_miou"] + 0.2, (tuned, fresh.history)
+    assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["init_model"] == str(channel)
 
 
 def free_port() -> int:

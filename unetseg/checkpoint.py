@@ -26,6 +26,10 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
     replace_atomically(directory / LAST, lambda tmp: torch.save(state, tmp))
 
 
+def exists(directory: Path) -> bool:
+    return (directory / LAST).is_file()
+
+
 def load_state(directory: Path) -> Optional[dict[str, Any]]:
     path = directory / LAST
     if not path.is_file():

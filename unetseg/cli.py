@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=Path, help="validation folder (default: validation/ beside train/, else a held-out fraction)")
     p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
                                                "the same folder resumes an interrupted run")
+    p.add_argument("--init-model", help="start from this trained unetseg model (folder, model.tar.gz or s3://...): "
+                                        "fine-tuning; a different class count gets a new head")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("demo", help="make a synthetic dataset and train a small model on it (no AWS, no Docker)")
@@ -118,13 +120,14 @@ def _train(args, extra: Sequence[str]) -> int:
     cfg = TrainConfig.from_hyperparameters(parse_hyperparameters(extra))  # fails before torch is even imported
     train_dir, val_dir = _split_layout(args.data, args.validation)
     output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
-    return _run_training(cfg, train_dir, val_dir, output)
+    return _run_training(cfg, train_dir, val_dir, output, init_model=args.init_model)
 
 
-def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], output: Path) -> int:
+def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], output: Path,
+                  init_model: Optional[str] = None) -> int:
     from .training import RunPaths, train
 
-    paths = RunPaths(train_dir, val_dir, output / "model", output / "checkpoints", output / "output")
+    paths = RunPaths(train_dir, val_dir, output / "model", output / "checkpoints", output / "output", init_model)
     result = train(cfg, paths)
     if result.interrupted:
         print(f"interrupted; resume with the same command and --output {output}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .atomic import replace_atomically
 from .errors import DataError
-from .sagemaker_env import TrainingEnv
+from .sagemaker_env import INIT_MODEL_CHANNEL, TrainingEnv
 
 TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
 FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
@@ -47,12 +47,14 @@ def run(env: TrainingEnv) -> int:
 
     cfg = TrainConfig.from_hyperparameters(env.hyperparameters)
     train_dir, val_dir = pick_channels(env.channels)
-    paths = RunPaths(train_dir, val_dir, env.model_dir, env.checkpoint_dir, env.output_data_dir)
+    paths = RunPaths(train_dir, val_dir, env.model_dir, env.checkpoint_dir, env.output_data_dir,
+                     init_model=env.channels.get(INIT_MODEL_CHANNEL))
     result = train(cfg, paths, progress=False)
     return 128 + signal.Signals[result.interrupted] if result.interrupted else 0
 
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
+    channels = {name: path for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
     train = next((channels[n] for n in TRAIN_CHANNELS if n in channels), None)
     if train is None and len(channels) == 1:
         train = next(iter(channels.values()))

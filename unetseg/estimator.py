@@ -212,18 +212,20 @@ class UNetEstimator(Estimator):
 
     # --- training --------------------------------------------------------------------------------------------------
     def fit(self, inputs: Any = None, wait: bool = True, logs: Any = "All", job_name: Optional[str] = None,
-            experiment_config: Optional[dict] = None) -> Any:
+            experiment_config: Optional[dict] = None, init_model: Any = None) -> Any:
         """Start a training job.
 
         `inputs`: an s3:// prefix holding train/ and validation/ (or val/), or one channel (images/ + masks/); a
         local folder of the same layout (checked, then uploaded to <output_path>/datasets/<folder name>/, or used
         in place in local mode); a TrainingInput; or a dict {'train': ..., 'validation': ...} of any of these.
+        `init_model`: fine-tune from a trained unetseg model: another estimator (fitted), its `model_data` (s3://),
+        or in local mode a local model.tar.gz. Same architecture; a different `classes` gets a new head.
         """
         rules.raise_if([rules.job_name_problem("job_name", job_name)])
-        channels = self.training_inputs(inputs)
+        channels = self.training_inputs(inputs, init_model=init_model)
         return super().fit(channels, wait=wait, logs=logs, job_name=job_name, experiment_config=experiment_config)
 
-    def training_inputs(self, inputs: Any) -> dict[str, Any]:
+    def training_inputs(self, inputs: Any, init_model: Any = None) -> dict[str, Any]:
         """The channels `fit(inputs)` would send (uploading local data), e.g. for `HyperparameterTuner.fit`."""
         resolver = InputResolver(
             local=self._kind.local,
@@ -232,7 +234,7 @@ class UNetEstimator(Estimator):
                 "s3", region_name=self.sagemaker_session.boto_region_name),
             datasets_uri=self._datasets_uri,
         )
-        channels = resolver.resolve(inputs)
+        channels = resolver.resolve(inputs, init_model=init_model)
         self._fit_volume_to(channels.file_mode_bytes)
         return channels.inputs
 
@@ -291,22 +293,28 @@ class UNetEstimator(Estimator):
         The artifact is downloaded to `local_dir` when given (and kept), else to a temporary folder removed once the
         model is loaded.
         """
-        job = self.latest_training_job
-        if job is None:
-            raise ArtifactError("no training job yet: call fit() first, or UNetEstimator.attach('<job name>')")
-        details = self.sagemaker_session.sagemaker_client.describe_training_job(TrainingJobName=job.name)
-        status = details.get("TrainingJobStatus")
-        if status != "Completed":
-            reason = f" ({details['FailureReason']})" if details.get("FailureReason") else ""
-            raise ArtifactError(f"training job {job.name} is {status}{reason}; load_model() needs a Completed job "
-                                "(est.latest_training_job.wait() waits for it)")
+        model_data = self.trained_model_data("load_model()")
         from .model import load_model as open_artifact  # the engine: imports torch
 
         if local_dir is not None:
             Path(local_dir).mkdir(parents=True, exist_ok=True)
-            return open_artifact(self._fetch_artifact(self.model_data, Path(local_dir)), device=device)
+            return open_artifact(self._fetch_artifact(model_data, Path(local_dir)), device=device)
         with tempfile.TemporaryDirectory(prefix="unetseg-model-") as tmp:
-            return open_artifact(self._fetch_artifact(self.model_data, Path(tmp)), device=device)
+            return open_artifact(self._fetch_artifact(model_data, Path(tmp)), device=device)
+
+    def trained_model_data(self, needed_by: str) -> Any:
+        """The latest job's model_data, once that job has Completed; else an ArtifactError saying why not."""
+        job = self.latest_training_job
+        if job is None:
+            raise ArtifactError(f"no training job yet: {needed_by} needs a trained model; call fit() first, or "
+                                "UNetEstimator.attach('<job name>')")
+        details = self.sagemaker_session.sagemaker_client.describe_training_job(TrainingJobName=job.name)
+        status = details.get("TrainingJobStatus")
+        if status != "Completed":
+            reason = f" ({details['FailureReason']})" if details.get("FailureReason") else ""
+            raise ArtifactError(f"training job {job.name} is {status}{reason}; {needed_by} needs a Completed job "
+                                "(est.latest_training_job.wait() waits for it)")
+        return self.model_data
 
     def _fetch_artifact(self, model_data: Any, target: Path) -> Path:
         """A local path to model.tar.gz (or to the uncompressed model folder)."""

@@ -4,6 +4,9 @@ Accepted: an S3 prefix (finds `train/` and `validation/` or `val/` under it, or 
 `masks/`), a local folder of the same layout (checked locally by `pair_channel`, then uploaded, or bound as file://
 in local mode), a single TrainingInput (the train channel), or a dict of channels whose values are any of these.
 Every problem is reported before a training job is created, naming the prefix or folder and what was found there.
+
+A third channel, `init_model`, carries a trained unetseg model to fine-tune from: an s3:// URI of a model.tar.gz
+(another job's `model_data`), a fitted UNetEstimator, or in local mode a local model.tar.gz or model folder.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from .data.scan import pair_channel
 from .errors import DataError
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
 from .s3_upload import list_children, prefix_size, sync_folder
+from .sagemaker_env import INIT_MODEL_CHANNEL
 
 TRAIN, VALIDATION = "train", "validation"
-CHANNELS = (TRAIN, VALIDATION)
+CHANNELS = (TRAIN, VALIDATION, INIT_MODEL_CHANNEL)
 _VALIDATION_FOLDERS = ("validation", "val")
 
 
@@ -38,7 +42,15 @@ class InputResolver:
     datasets_uri: Callable[[], str]  # s3://.../datasets/ where local folders are uploaded (resolved on first upload)
     progress: bool = True
 
-    def resolve(self, inputs: Any) -> Channels:
+    def resolve(self, inputs: Any, init_model: Any = None) -> Channels:
+        channels = self._resolve_data(inputs)
+        if init_model is not None:
+            if INIT_MODEL_CHANNEL in channels.inputs:
+                raise DataError(f"init_model given twice: as fit(init_model=...) and as the {INIT_MODEL_CHANNEL!r} channel")
+            channels.inputs[INIT_MODEL_CHANNEL] = self.model_input(init_model)
+        return channels
+
+    def _resolve_data(self, inputs: Any) -> Channels:
         from sagemaker.inputs import FileSystemInput, TrainingInput
 
         if inputs is None:
@@ -136,6 +148,41 @@ class InputResolver:
         channels = {ch: self._training_input(target + (sub + "/" if sub else "")) for ch, sub in layout.items()}
         return Channels(channels, report.total_bytes if self.input_mode == "File" else 0)
 
+    # --- a model to start from ----------------------------------------------------------------------------------------
+    def model_input(self, value: Any) -> Any:
+        """The init_model channel for a trained model: an S3 URI, a fitted estimator, or (local mode) a local path."""
+        from sagemaker.estimator import EstimatorBase
+        from sagemaker.inputs import TrainingInput
+
+        if hasattr(value, "trained_model_data"):  # a UNetEstimator: checks that its job completed
+            value = value.trained_model_data("init_model")
+        elif isinstance(value, EstimatorBase):
+            if value.latest_training_job is None:
+                raise DataError("init_model: that estimator has no training job yet; fit() it first")
+            value = value.model_data
+        if isinstance(value, Mapping):  # model_data of a job with disable_output_compression: an S3 prefix
+            value = value.get("S3DataSource", {}).get("S3Uri", value)
+        if isinstance(value, TrainingInput):
+            return value
+        if not isinstance(value, (str, os.PathLike)):
+            raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path or a fitted estimator")
+        text = os.fspath(value)
+        if text.startswith("s3://"):
+            check_s3_uri("init_model", text)
+            bucket, key = split_s3_uri(text)
+            found = self.s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0)
+            if not found:
+                raise DataError(f"init_model {text}: no such object in S3 (expected a model.tar.gz written by a "
+                                "unetseg job, e.g. another estimator's model_data)")
+            return TrainingInput(text, input_mode="File", distribution="FullyReplicated")
+        path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+        if not self.local:
+            raise JobSettingsError(f"init_model={text!r}: a SageMaker job reads its starting model from S3; pass an "
+                                   "s3:// URI (e.g. another estimator's model_data), or upload the model.tar.gz first")
+        if not path.exists():
+            raise DataError(f"init_model {text!r}: no such model folder or model.tar.gz")
+        return path.resolve().as_uri()  # a file binds its folder: the container picks model.tar.gz in it
+
     # --- a dict of channels ----------------------------------------------------------------------------------------------
     def _from_dict(self, inputs: Mapping[str, Any]) -> Channels:
         from sagemaker.inputs import FileSystemInput, TrainingInput
@@ -144,13 +191,15 @@ class InputResolver:
         if unknown:
             hint = " (use 'validation')" if "val" in unknown else ""
             raise DataError(f"unknown channel name(s) {unknown}{hint}: the unetseg container reads "
-                            f"{' and '.join(CHANNELS)}")
+                            f"{', '.join(CHANNELS)}")
         if TRAIN not in inputs:
             raise DataError(f"fit() inputs {sorted(inputs)} have no 'train' channel")
         channels: dict[str, Any] = {}
         total = 0
         for name, value in inputs.items():
-            if isinstance(value, TrainingInput):
+            if name == INIT_MODEL_CHANNEL:
+                channels[name] = self.model_input(value)
+            elif isinstance(value, TrainingInput):
                 mode = value.config.get("InputMode")
                 if mode is not None and mode not in INPUT_MODES:
                     raise JobSettingsError(f"channel {name!r} has input_mode={mode!r}; use 'File' or 'FastFile' "

@@ -130,7 +130,8 @@ def freeze_unused(model: torch.nn.Module, in_channels: int, stride: int) -> list
 
 # --- the artifact -----------------------------------------------------------------------------------------------
 
-def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = None) -> dict[str, Any]:
+def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = None,
+                    init_model: Optional[str] = None) -> dict[str, Any]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "unetseg_version": __version__,
         "arch": cfg.arch, "encoder": cfg.encoder, "encoder_depth": cfg.encoder_depth,
@@ -139,6 +140,7 @@ def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = Non
         "mask_mode": mask_mode, "normalization": normalization(cfg),
         "input": {"image_size": cfg.image_size, "stride": cfg.stride},
         "hyperparameters": cfg.to_hyperparameters(), "best": best or {},
+        "init_model": init_model,  # provenance: the model this one was fine-tuned from, if any
     }
 
 
@@ -152,13 +154,18 @@ def save_artifact(model_dir: str | Path, state_dict: dict[str, torch.Tensor], co
 
 
 def _locate(path: str | Path, workdir: Path) -> Path:
-    """The folder holding config.json: `path` itself, or the extracted model.tar.gz."""
+    """The folder holding config.json: `path` itself, or the extracted model.tar.gz (also one inside a folder, as
+    when SageMaker hands a model.tar.gz over as an input channel)."""
     text = str(path)
     if text.startswith("file://"):
         path = text[len("file://"):]
     elif text.startswith("s3://"):
         path = _download_s3(text, workdir)
     path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        archives = [path / "model.tar.gz"] if (path / "model.tar.gz").is_file() else sorted(path.glob("*.tar.gz"))
+        if len(archives) == 1:
+            path = archives[0]
     if path.is_file() and tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
             tar.extractall(workdir / "model", filter="data")
@@ -184,6 +191,43 @@ def _download_s3(uri: str, workdir: Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> Segmenter:
     """Open a model folder, a model.tar.gz (local, file:// or s3://) written by unetseg training."""
+    config, state, history = read_artifact(path)
+    cfg = TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
+    model = build_model(cfg, pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: weights do not match the architecture in {CONFIG_FILE}: {str(exc)[:300]}") from None
+    return Segmenter(model, config, history, device)
+
+
+# What must match between a trained model and a run that starts from it; the class count may differ (new head).
+ARCHITECTURE_FIELDS = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels")
+
+
+def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Fine-tuning: the weights of a trained unetseg model, after checking that `cfg` builds the same architecture
+    (the class count may differ: the segmentation head then starts fresh)."""
+    config, state, _ = read_artifact(path)
+    theirs = TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
+    clash = [k for k in ARCHITECTURE_FIELDS if getattr(theirs, k) != getattr(cfg, k)]
+    if clash:
+        raise ConfigError(f"init model {path} has a different architecture ("
+                          + ", ".join(f"{k}: {getattr(theirs, k)} there, {getattr(cfg, k)} here" for k in clash)
+                          + "); train with its values or start without it")
+    return state
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """Copy the tensors of `state` whose name and shape match; (tensors copied, names of those left as they were)."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return len(usable), sorted(k for k in own if k not in usable)
+
+
+def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], list]:
+    """The checked config, the weights and the history of a model folder or model.tar.gz (local, file://, s3://)."""
     with tempfile.TemporaryDirectory(prefix="unetseg-model-") as tmp:
         folder = _locate(path, Path(tmp))
         try:
@@ -200,10 +244,4 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Se
         state = load_file(str(folder / WEIGHTS_FILE))
         history_file = folder / HISTORY_FILE
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
-    cfg = TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
-    model = build_model(cfg, pretrained=False)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path}: weights do not match the architecture in {CONFIG_FILE}: {str(exc)[:300]}") from None
-    return Segmenter(model, config, history, device)
+    return config, state, history

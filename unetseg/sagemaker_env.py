@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
+INIT_MODEL_CHANNEL = "init_model"  # an input channel holding a trained unetseg model.tar.gz to fine-tune from
 
 
 @dataclass(frozen=True)

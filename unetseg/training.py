@@ -35,12 +35,13 @@ from .errors import ConfigError
 from .losses import build_loss, class_weights
 from .metrics import confusion, summarize
 from .metrics_log import SELECTION_METRIC, format_line
-from .model import artifact_config, build_model, freeze_unused, normalization, save_artifact
+from .model import (ARCHITECTURE_FIELDS, artifact_config, build_model, freeze_unused, load_matching,
+                    normalization, read_init_model, save_artifact)
 from .segmenter import Segmenter, prepare_input
 from .visualize import prediction_grid
 
 # Changing these between runs makes a checkpoint unusable; changing the others (epochs, lr, ...) is allowed.
-MODEL_SHAPING = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels", "classes")
+MODEL_SHAPING = (*ARCHITECTURE_FIELDS, "classes")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class RunPaths:
     model_dir: Path
     checkpoint_dir: Path
     output_data_dir: Path
+    init_model: Optional[Path | str] = None  # a trained unetseg model to start from (fine-tuning)
 
 
 @dataclass
@@ -81,6 +83,10 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = autocast_dtype(cfg, device, say)
     channels_last = cfg.channels_last and device.type == "cuda"
+    # A checkpoint (this run, resumed) wins over init_model; either makes pretrained encoder weights moot.
+    # The init model is read and checked before the data: a wrong path should not wait for a long data check.
+    resuming = checkpoint.exists(paths.checkpoint_dir)
+    init_state = read_init_model(paths.init_model, cfg) if paths.init_model is not None and not resuming else None
 
     # --- data -----------------------------------------------------------------------------------------------
     train_data, val_data = load_datasets(cfg, paths, ctx, say)
@@ -95,7 +101,11 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     steps_per_epoch = sampler.batches_per_epoch
 
     # --- model, optimizer, schedule ---------------------------------------------------------------------------
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=not resuming and init_state is None)
+    if init_state is not None:
+        copied, fresh = load_matching(model, init_state)
+        say(f"initialized from {paths.init_model}: {copied} tensors"
+            + (f"; {len(fresh)} start fresh ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
     freeze_unused(model, cfg.in_channels, cfg.stride)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model, device)
@@ -240,7 +250,7 @@ def evaluate(net, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: Di
 def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say) -> None:
     """Rank 0: the best weights, config and history to the model dir; a picture of predictions to the output dir."""
     weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
-    config = artifact_config(cfg, train_data.codec.mode, best)
+    config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None)
     save_artifact(paths.model_dir, weights, config, history)
     picture = paths.output_data_dir / "predictions.png"
     try:
