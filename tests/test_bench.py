@@ -24,3 +24,8 @@ def test_gpu_benchmark_smoke():
 def test_data_pipeline_benchmark_smoke():
     out = run("data_pipeline.py", "--epochs", "1", "--workers", "0", "--crop", "64")
     assert "naive PIL" in out and "unetseg (cached)" in out
+
+
+def test_tta_benchmark_smoke():
+    out = run("tta.py", "--epochs", "1", "--images", "4", "--size", "64")
+    assert "tta=none" in out and "tta=flip" in out and "tta=d4" in out and "images/s" in out

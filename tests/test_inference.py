@@ -52,6 +52,23 @@ def test_tiles_agree_with_one_pass(trained):
         assert proba.shape == (3, 192, 192) and np.allclose(proba.sum(0), 1, atol=1e-4)
 
 
+def test_tta_is_the_mean_over_the_views_mapped_back(trained):
+    model = load_model(trained[0], device="cpu")
+    image = np.array(Image.open(trained[1][0]))[:150, :171]  # not square, not a multiple of the stride
+    views = [(lambda a: a, lambda p: p), (lambda a: a[:, ::-1], lambda p: p[:, :, ::-1]),
+             (lambda a: a[::-1], lambda p: p[:, ::-1]), (lambda a: a[::-1, ::-1], lambda p: p[:, ::-1, ::-1])]
+    flips = [back(model.predict_proba(np.ascontiguousarray(view(image)))) for view, back in views]
+    assert np.abs(model.predict_proba(image, tta="flip") - np.mean(flips, axis=0)).max() < 1e-5
+    swapped = np.ascontiguousarray(image.transpose(1, 0, 2))
+    transposed = [back(model.predict_proba(np.ascontiguousarray(view(swapped)))).transpose(0, 2, 1) for view, back in views]
+    assert np.abs(model.predict_proba(image, tta="d4") - np.mean(flips + transposed, axis=0)).max() < 1e-5
+    # Tiled: one covering tile gives the untiled result, as without TTA.
+    assert np.array_equal(model.predict(image, tile=192, tta="d4"), model.predict(image, tta="d4"))
+    assert np.array_equal(model.predict_batch([image, image], tta="flip")[1], model.predict(image, tta="flip"))
+    with pytest.raises(ValueError, match="tta='rot'"):
+        model.predict(image, tta="rot")
+
+
 def test_predict_command_writes_masks_probabilities_and_overlays(trained, tmp_path, capsys):
     model_dir, images = trained
     out = tmp_path / "pred"
@@ -67,6 +84,10 @@ def test_predict_command_writes_masks_probabilities_and_overlays(trained, tmp_pa
         assert np.load(out / f"{path.stem}.npy").shape == (3, 192, 192)
         assert Image.open(out / f"{path.stem}_overlay.png").size == (192, 192)
     assert cli(["predict", "--model", str(model_dir), "--input", str(tmp_path / "none"), "--output", str(out)]) == 2
+    assert cli(["predict", "--model", str(model_dir), "--input", str(images[0]), "--output", str(tmp_path / "tta"),
+                "--tta", "flip"]) == 0
+    assert np.array_equal(np.array(Image.open(tmp_path / "tta" / f"{images[0].stem}.png")),
+                          model.predict(np.array(Image.open(images[0])), tta="flip"))
 
 
 # --- the server -------------------------------------------------------------------------------------------------
@@ -116,6 +137,10 @@ def test_every_request_and_response_type(app, image):
     probs = np.load(io.BytesIO(payload))
     assert probs.dtype == np.float16 and probs.shape == (3, *image.shape[:2])
     assert np.array_equal(probs.argmax(0), expected) or (probs.argmax(0) == expected).mean() > 0.999
+    status, kind, payload = call(app, body=codecs.encode_image(image, codecs.NPY), content_type=codecs.NPY,
+                                 accept=codecs.NPY, attrs="output=probabilities; tta=d4")
+    assert status == 200
+    assert np.abs(np.load(io.BytesIO(payload)) - app.model.predict_proba(image, tta="d4")).max() < 1e-3  # float16
 
 
 @pytest.mark.parametrize("request_args, status, fragment", [
@@ -127,6 +152,7 @@ def test_every_request_and_response_type(app, image):
     (dict(body=b"x" * 200_001, content_type=codecs.PNG), 413, "over the limit"),
     (dict(body=b"x", content_type=codecs.PNG, accept="text/html"), 406, "accept one of"),
     (dict(body=b"x", content_type=codecs.PNG, attrs="colour=red"), 400, "custom attribute"),
+    (dict(body=b"x", content_type=codecs.PNG, attrs="tta=rot90"), 400, "tta=none|flip|d4"),
     (dict(path="/nothing"), 404, "no such path"),
     (dict(method="GET"), 405, "POST"),
 ])

@@ -187,6 +187,7 @@ def test_serializer_accepts_files_pil_images_and_encoded_bytes(app, segmenter, t
     (lambda: decode_response(b"{}", "text/plain"), "unexpected response content type"),
     (lambda: decode_response(b'{"error": "boom"}', codecs.JSON), "answered with an error: boom"),
     (lambda: request_options(tile=16), "32 pixels or more"),
+    (lambda: request_options(tta="rot90"), "use one of none, flip, d4"),
 ])
 def test_client_side_mistakes_are_named(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -197,6 +198,7 @@ def test_request_options_join_the_callers_own():
     assert request_options() is None
     assert request_options("trace=abc") == "trace=abc"
     assert request_options("trace=abc", tile=256, output="probabilities") == "trace=abc; output=probabilities; tile=256"
+    assert request_options(tta="d4") == "tta=d4" and request_options(tta="none") is None
 
 
 # --- the SDK's Predictor.predict, with InvokeEndpoint answered by the real server ---------------------------------------
@@ -252,6 +254,10 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
     assert set(summary["pixel_counts"]) == set(CLASS_NAMES)
     assert (sent[-1]["accept"], sent[-1]["x-amzn-sagemaker-custom-attributes"]) == (codecs.JSON, "tile=32")
 
+    mask = predictor.predict(image, tta="flip")
+    assert np.array_equal(mask, segmenter.predict(image, tta="flip"))
+    assert sent[-1]["x-amzn-sagemaker-custom-attributes"] == "tta=flip"
+
     assert predictor.predict(image).shape == image.shape[:2]  # the mode of one call does not stick
     assert sent[-1]["accept"] == codecs.PNG
 
@@ -261,7 +267,7 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
     assert sent[-1]["content-type"] == codecs.NPY
     assert [np.array_equal(m, segmenter.predict(i)) for m, i in
             zip(predictor.predict_many([image, rgb(11)]), [image, rgb(11)])] == [True, True]
-    assert len(sent) == 7
+    assert len(sent) == 8
 
 
 # --- deploy() and transformer() requests under moto ----------------------------------------------------------------------

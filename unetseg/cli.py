@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .codecs import TTA_MODES
 from .config import TrainConfig
 from .errors import UnetsegError
 
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images up to 2048x2048)")
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation: average over 4 flips (flip) or also their transposes (d4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     p.set_defaults(run=_predict)
@@ -166,7 +169,7 @@ def _predict(args, _extra) -> int:
     images = find_images(args.input)
     model = load_model(args.model, device=args.device)
     written = predict_files(model, images, args.output, probabilities=args.probabilities, overlays=args.overlay,
-                            tile=args.tile, batch_size=args.batch_size)
+                            tile=args.tile, batch_size=args.batch_size, tta=args.tta)
     print(f"wrote {len(written)} mask(s) to {args.output} (classes: {', '.join(model.class_names)})")
     return 0
 

@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
 REQUEST_TYPES = (PNG, JPEG, NPY)
 RESPONSE_TYPES = (PNG, NPY, JSON)
+# Test-time augmentation: none; flip = the 4 horizontal/vertical flips; d4 = those and their transposes (8 views,
+# for images without a preferred orientation, e.g. microscopy). Probabilities are averaged over the views.
+TTA_MODES = ("none", "flip", "d4")
 
 
 class CodecError(ValueError):

@@ -19,7 +19,7 @@ from .codecs import encode_mask_png
 from .data.io import read_image
 from .data.scan import IMAGE_EXTENSIONS
 from .errors import DataError
-from .segmenter import Segmenter
+from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
 
@@ -37,8 +37,9 @@ def find_images(source: Path) -> list[Path]:
 
 def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, probabilities: bool = False,
                   overlays: bool = False, tile: Optional[int] = None, batch_size: int = 8,
-                  progress: Optional[bool] = None) -> list[Path]:
-    """Write one mask per image into `output`; returns the mask paths."""
+                  progress: Optional[bool] = None, tta: str = "none") -> list[Path]:
+    """Write one mask per image into `output`; returns the mask paths. `tta`: see Segmenter.predict."""
+    tta_views(tta)  # a bad mode fails before any image is read
     output.mkdir(parents=True, exist_ok=True)
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
@@ -51,7 +52,7 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
         bar = tqdm(total=len(images), unit="image")
     written = []
     for chunk in _decoded_chunks(images, batch_size):
-        for path, image, probs in _predict_chunk(model, chunk, tile):
+        for path, image, probs in _predict_chunk(model, chunk, tile, tta):
             mask = probs.argmax(0).astype(np.uint8)
             target = output / f"{path.stem}.png"
             target.write_bytes(encode_mask_png(mask, model.class_colors))
@@ -80,7 +81,7 @@ def _decoded_chunks(images: Sequence[Path], size: int) -> Iterator[list[tuple[Pa
             yield chunk
 
 
-def _predict_chunk(model: Segmenter, chunk, tile: Optional[int]):
+def _predict_chunk(model: Segmenter, chunk, tile: Optional[int], tta: str):
     """Same-sized small images in one forward pass; others one by one (tiled when large)."""
     by_shape: dict[tuple, list[int]] = {}
     for i, (_, image) in enumerate(chunk):
@@ -88,10 +89,10 @@ def _predict_chunk(model: Segmenter, chunk, tile: Optional[int]):
     results: dict[int, np.ndarray] = {}
     for shape, members in by_shape.items():
         if tile is None and len(members) > 1 and shape[0] * shape[1] <= model.max_pixels:
-            probs = model.probabilities(model.to_batch([chunk[i][1] for i in members])).cpu().numpy()
+            probs = model.probabilities(model.to_batch([chunk[i][1] for i in members]), tta).cpu().numpy()
             results.update(zip(members, probs))
         else:
             for i in members:
-                results[i] = model.predict_proba(chunk[i][1], tile=tile)
+                results[i] = model.predict_proba(chunk[i][1], tile=tile, tta=tta)
     for i, (path, image) in enumerate(chunk):
         yield path, image, results[i]

@@ -143,38 +143,42 @@ class UNetPredictor(Predictor):
     def predict(self, data: Any, initial_args: Optional[dict] = None, target_model: Optional[str] = None,
                 target_variant: Optional[str] = None, inference_id: Optional[str] = None,
                 custom_attributes: Optional[str] = None, component_name: Optional[str] = None, *,
-                tile: Optional[int] = None) -> Any:
+                tile: Optional[int] = None, tta: Optional[str] = None) -> Any:
         """The (H, W) uint8 mask of one image (numpy array, PIL image, file path or encoded bytes).
 
         `tile`: have the server predict in overlapping tiles of this many pixels (large images).
+        `tta`: "flip" or "d4", test-time augmentation on the server (4 or 8 forward passes averaged).
         """
         return super().predict(data, initial_args=initial_args, target_model=target_model,
                                target_variant=target_variant, inference_id=inference_id,
-                               custom_attributes=request_options(custom_attributes, tile=tile),
+                               custom_attributes=request_options(custom_attributes, tile=tile, tta=tta),
                                component_name=component_name)
 
-    def predict_proba(self, data: Any, *, tile: Optional[int] = None, **kwargs: Any) -> np.ndarray:
+    def predict_proba(self, data: Any, *, tile: Optional[int] = None, tta: Optional[str] = None,
+                      **kwargs: Any) -> np.ndarray:
         """(C, H, W) float32 class probabilities (sent as float16 by the server)."""
-        return self._predict_as(codecs.NPY, data, kwargs, tile=tile, output="probabilities")
+        return self._predict_as(codecs.NPY, data, kwargs, tile=tile, tta=tta, output="probabilities")
 
-    def predict_json(self, data: Any, *, tile: Optional[int] = None, **kwargs: Any) -> dict:
+    def predict_json(self, data: Any, *, tile: Optional[int] = None, tta: Optional[str] = None,
+                     **kwargs: Any) -> dict:
         """Per-class pixel counts and the mask: {"shape", "class_names", "pixel_counts", "mask"}."""
-        return self._predict_as(codecs.JSON, data, kwargs, tile=tile)
+        return self._predict_as(codecs.JSON, data, kwargs, tile=tile, tta=tta)
 
     def predict_many(self, images: Sequence[Any], **kwargs: Any) -> list[np.ndarray]:
         """Masks for several images, one request each (an endpoint takes one image per request)."""
         return [self.predict(image, **kwargs) for image in images]
 
-    def _predict_as(self, accept: str, data: Any, kwargs: dict, *, tile: Optional[int],
+    def _predict_as(self, accept: str, data: Any, kwargs: dict, *, tile: Optional[int], tta: Optional[str],
                     output: Optional[str] = None) -> Any:
         initial_args = {**(kwargs.pop("initial_args", None) or {}), "Accept": accept}
-        custom = request_options(kwargs.pop("custom_attributes", None), tile=tile, output=output)
+        custom = request_options(kwargs.pop("custom_attributes", None), tile=tile, tta=tta, output=output)
         return Predictor.predict(self, data, initial_args=initial_args, custom_attributes=custom, **kwargs)
 
 
 def request_options(custom_attributes: Optional[str] = None, *, tile: Optional[int] = None,
-                    output: Optional[str] = None) -> Optional[str]:
-    """The CustomAttributes header the server reads (`output=probabilities; tile=512`), added to the caller's own."""
+                    tta: Optional[str] = None, output: Optional[str] = None) -> Optional[str]:
+    """The CustomAttributes header the server reads (`output=probabilities; tile=512; tta=flip`), added to the
+    caller's own."""
     parts = [custom_attributes.strip()] if custom_attributes and custom_attributes.strip() else []
     if output is not None:
         parts.append(f"output={output}")
@@ -182,6 +186,10 @@ def request_options(custom_attributes: Optional[str] = None, *, tile: Optional[i
         if int(tile) < 32:
             raise ValueError(f"tile={tile}: use 32 pixels or more")
         parts.append(f"tile={int(tile)}")
+    if tta is not None and tta != "none":
+        if tta not in codecs.TTA_MODES:
+            raise ValueError(f"tta={tta!r}: use one of {', '.join(codecs.TTA_MODES)}")
+        parts.append(f"tta={tta}")
     return "; ".join(parts) or None
 
 

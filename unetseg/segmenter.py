@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .codecs import TTA_MODES
 from .visualize import overlay
 
 
@@ -46,22 +47,23 @@ class Segmenter:
         return int(self.config["input"]["stride"])
 
     # --- the public API ----------------------------------------------------------------------------------------
-    def predict(self, image: np.ndarray, *, tile: Optional[int] = None, overlap: float = 0.25) -> np.ndarray:
-        """(H, W) uint8 class indices."""
-        return self.predict_proba(image, tile=tile, overlap=overlap).argmax(0).astype(np.uint8)
+    def predict(self, image: np.ndarray, *, tile: Optional[int] = None, overlap: float = 0.25,
+                tta: str = "none") -> np.ndarray:
+        """(H, W) uint8 class indices. `tta`: "flip" or "d4" averages over flipped (and transposed) views."""
+        return self.predict_proba(image, tile=tile, overlap=overlap, tta=tta).argmax(0).astype(np.uint8)
 
     def predict_proba(self, image: np.ndarray, *, tile: Optional[int] = None, overlap: float = 0.25,
-                      batch_size: int = 4) -> np.ndarray:
+                      batch_size: int = 4, tta: str = "none") -> np.ndarray:
         """(C, H, W) float32 class probabilities."""
         batch = self.to_batch([image])
         height, width = batch.shape[1:3]
         if tile is None and height * width <= self.max_pixels:
-            return self.probabilities(batch)[0].cpu().numpy()
-        return self._tiled(batch[0], tile or self.default_tile, overlap, batch_size).cpu().numpy()
+            return self.probabilities(batch, tta)[0].cpu().numpy()
+        return self._tiled(batch[0], tile or self.default_tile, overlap, batch_size, tta).cpu().numpy()
 
-    def predict_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, H, W) uint8 masks for same-sized images, in one forward pass."""
-        return self.probabilities(self.to_batch(images)).argmax(1).to(torch.uint8).cpu().numpy()
+    def predict_batch(self, images: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+        """(N, H, W) uint8 masks for same-sized images, in one forward pass (per orientation, with `tta`)."""
+        return self.probabilities(self.to_batch(images), tta).argmax(1).to(torch.uint8).cpu().numpy()
 
     def overlay(self, image: np.ndarray, mask: Optional[np.ndarray] = None, alpha: float = 0.45) -> np.ndarray:
         """The image with its predicted (or the given) mask blended in the class colours, as HxWx3 uint8."""
@@ -79,10 +81,26 @@ class Segmenter:
         return torch.from_numpy(np.stack([unit_float(a) for a in arrays]))
 
     @torch.inference_mode()
-    def probabilities(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
-        """Softmax (N, C, H, W) for an NHWC batch, padded to the stride and cropped back."""
-        height, width = batch_nhwc.shape[1:3]
+    def probabilities(self, batch_nhwc: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """Softmax (N, C, H, W) for an NHWC batch, padded to the stride and cropped back; with `tta`, the mean over
+        the views, each mapped back to the original orientation."""
+        views = tta_views(tta)
         x = prepare_input(batch_nhwc.to(self.device), self.config["normalization"])
+        n, total = len(x), None
+        for transpose in sorted({t for t, _ in views}):  # views of one shape share a forward pass
+            flips = [f for t, f in views if t == transpose]
+            base = x.transpose(2, 3) if transpose else x
+            probs = self._forward(torch.cat([base.flip(f) if f else base for f in flips]))
+            for i, f in enumerate(flips):  # each view back to the original orientation
+                view = probs[i * n:(i + 1) * n]
+                view = view.flip(f) if f else view
+                view = view.transpose(2, 3) if transpose else view
+                total = view if total is None else total + view
+        return total / len(views)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax of the model on a normalized NCHW batch, padded (bottom, right) to the stride and cropped back."""
+        height, width = x.shape[2:]
         pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
@@ -90,7 +108,8 @@ class Segmenter:
             logits = self.model(x)
         return torch.softmax(logits[:, :, :height, :width].float(), 1)
 
-    def _tiled(self, image_hwc: torch.Tensor, tile: int, overlap: float, batch_size: int) -> torch.Tensor:
+    def _tiled(self, image_hwc: torch.Tensor, tile: int, overlap: float, batch_size: int,
+               tta: str = "none") -> torch.Tensor:
         height, width = image_hwc.shape[:2]
         tile = max(self.stride, tile // self.stride * self.stride)
         th, tw = min(tile, height), min(tile, width)
@@ -101,11 +120,22 @@ class Segmenter:
         weights = torch.zeros(1, height, width, device=self.device)
         for i in range(0, len(corners), batch_size):
             chunk = corners[i:i + batch_size]
-            probs = self.probabilities(torch.stack([image_hwc[y:y + th, x:x + tw] for y, x in chunk]))
+            probs = self.probabilities(torch.stack([image_hwc[y:y + th, x:x + tw] for y, x in chunk]), tta)
             for (y, x), p in zip(chunk, probs):
                 total[:, y:y + th, x:x + tw] += p * weight
                 weights[:, y:y + th, x:x + tw] += weight
         return total / weights
+
+
+_FLIPS = ((), (3,), (2,), (2, 3))  # none, horizontal, vertical, both (NCHW dims)
+
+
+def tta_views(mode: str) -> list[tuple[bool, tuple[int, ...]]]:
+    """(transpose, flip dims) of each view that test-time augmentation `mode` averages over."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta={mode!r}: use one of {', '.join(TTA_MODES)}")
+    flips = _FLIPS if mode != "none" else _FLIPS[:1]
+    return [(transpose, f) for transpose in ((False, True) if mode == "d4" else (False,)) for f in flips]
 
 
 def _starts(length: int, size: int, step: int) -> list[int]:

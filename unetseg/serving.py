@@ -9,7 +9,8 @@ traceback goes to the endpoint's log).
 
 Options by environment: SAGEMAKER_MODEL_SERVER_WORKERS, SAGEMAKER_MODEL_SERVER_TIMEOUT (seconds),
 UNETSEG_MAX_BODY_MB (default 100), UNETSEG_MAX_PIXELS (default 64 million), UNETSEG_MODEL_DIR.
-Request options in the X-Amzn-SageMaker-Custom-Attributes header: `output=probabilities`, `tile=<pixels>`.
+Request options in the X-Amzn-SageMaker-Custom-Attributes header: `output=probabilities`, `tile=<pixels>`,
+`tta=flip|d4` (test-time augmentation: 4 or 8 forward passes averaged).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class InferenceApp:
             raise HttpError(400, f"image has {channels} channel(s); this model takes {self.model.in_channels}")
         tile = options.get("tile")
         with self.lock:
-            probs = self.model.predict_proba(image, tile=int(tile) if tile else None)
+            probs = self.model.predict_proba(image, tile=int(tile) if tile else None, tta=options.get("tta", "none"))
         if options.get("output") == "probabilities":
             if accept != codecs.NPY:
                 raise HttpError(406, "output=probabilities is sent as application/x-npy; set Accept to it")
@@ -151,8 +152,11 @@ def custom_attributes(header: str) -> dict[str, str]:
             pairs[key] = value
         elif key == "tile" and value.isdigit() and int(value) >= 32:
             pairs[key] = value
+        elif key == "tta" and value in codecs.TTA_MODES:
+            pairs[key] = value
         else:
-            raise HttpError(400, f"custom attribute {item.strip()!r} not understood; use output=mask|probabilities and tile=<pixels, 32 or more>")
+            raise HttpError(400, f"custom attribute {item.strip()!r} not understood; use output=mask|probabilities, "
+                                 f"tile=<pixels, 32 or more> and tta={'|'.join(codecs.TTA_MODES)}")
     return pairs
 
 
