@@ -186,6 +186,20 @@ def test_ping_fails_when_the_model_failed_to_load(tmp_path):
     assert call(broken, body=b"x", content_type=codecs.PNG)[0] == 500
 
 
+def test_endpoint_default_tta_from_the_environment(trained, image, monkeypatch):
+    # Batch transform sends no custom attributes: UNETSEG_TTA (the model's env) sets the default for every request.
+    monkeypatch.setenv("UNETSEG_TTA", "flip")
+    app = InferenceApp(str(trained[0]), device="cpu")
+    body = codecs.encode_image(image, codecs.PNG)
+    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY)
+    assert status == 200 and np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(image, tta="flip"))
+    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="tta=none")
+    assert np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(image))  # a request's own choice wins
+    monkeypatch.setenv("UNETSEG_TTA", "rotate")
+    status, _, payload = call(InferenceApp(str(trained[0]), device="cpu"), "/ping", method="GET")
+    assert status == 500 and "UNETSEG_TTA='rotate'" in json.loads(payload)["error"]
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 

@@ -351,14 +351,14 @@ def test_transformer_runs_a_folder_of_images(aws):
 def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
     est = trained_estimator(aws)
     transformer = est.transformer(2, "ml.c5.2xlarge", accept=codecs.JSON, output_path=f"s3://{BUCKET}/out/",
-                                  max_payload=20, env={"UNETSEG_MAX_BODY_MB": "20"})
+                                  max_payload=20, env={"UNETSEG_MAX_BODY_MB": "20", "UNETSEG_TTA": "flip"})
     transformer.transform(f"s3://{BUCKET}/images/", wait=False, logs=False)
     transformer.transform(f"s3://{BUCKET}/photos/", content_type="image/jpeg", wait=False, logs=False)
     first, second = aws.bodies["CreateTransformJob"]
     assert first["TransformInput"]["ContentType"] == "image/png"
     assert second["TransformInput"]["ContentType"] == "image/jpeg"
     assert first["TransformOutput"]["Accept"] == codecs.JSON
-    assert (first["MaxPayloadInMB"], first["Environment"]) == (20, {"UNETSEG_MAX_BODY_MB": "20"})
+    assert (first["MaxPayloadInMB"], first["Environment"]) == (20, {"UNETSEG_MAX_BODY_MB": "20", "UNETSEG_TTA": "flip"})
     assert first["TransformResources"] == {"InstanceCount": 2, "InstanceType": "ml.c5.2xlarge"}
 
 
@@ -370,6 +370,8 @@ def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
     (lambda est: est.deploy(instance_type="ml.c5.xlarge", model_server_workers=0), JobSettingsError,
      "model_server_workers=0"),
     (lambda est: est.deploy(instance_type="ml.c5.xlarge", env={"1BAD": "x"}), JobSettingsError, "1BAD"),
+    (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/",
+                                 env={"UNETSEG_TTA": "rot90"}), JobSettingsError, "UNETSEG_TTA='rot90'"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path="/tmp/x"), JobSettingsError,
      "output_path"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(

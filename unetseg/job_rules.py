@@ -281,6 +281,11 @@ def environment_problems(environment: Any) -> list[str]:
     not_str = [key for key, value in environment.items() if not isinstance(value, str)]
     if not_str:
         problems.append(f"environment values must be strings; not for {not_str}")
+    from .codecs import TTA_MODES
+
+    tta = environment.get("UNETSEG_TTA")
+    if isinstance(tta, str) and tta.strip().lower() not in TTA_MODES:
+        problems.append(f"UNETSEG_TTA={tta!r}: the server's default test-time augmentation is one of {', '.join(TTA_MODES)}")
     return problems
 
 

@@ -8,7 +8,8 @@ Errors the client caused get a 4xx with a one-line reason; anything else a 500 t
 traceback goes to the endpoint's log).
 
 Options by environment: SAGEMAKER_MODEL_SERVER_WORKERS, SAGEMAKER_MODEL_SERVER_TIMEOUT (seconds),
-UNETSEG_MAX_BODY_MB (default 100), UNETSEG_MAX_PIXELS (default 64 million), UNETSEG_MODEL_DIR.
+UNETSEG_MAX_BODY_MB (default 100), UNETSEG_MAX_PIXELS (default 64 million), UNETSEG_MODEL_DIR, UNETSEG_TTA (the
+test-time augmentation of requests that name none; batch transform cannot send custom attributes).
 Request options in the X-Amzn-SageMaker-Custom-Attributes header: `output=probabilities`, `tile=<pixels>`,
 `tta=flip|d4` (test-time augmentation: 4 or 8 forward passes averaged).
 """
@@ -49,7 +50,10 @@ class InferenceApp:
         self.max_pixels = max_pixels or int(float(os.environ.get("UNETSEG_MAX_PIXELS", str(64e6))))
         self.lock = threading.Lock()
         self.model, self.load_error = None, None
+        self.tta = os.environ.get("UNETSEG_TTA", "none").strip().lower() or "none"
         try:
+            if self.tta not in codecs.TTA_MODES:  # a misconfigured endpoint must not turn healthy
+                raise ValueError(f"UNETSEG_TTA={self.tta!r}: use one of {', '.join(codecs.TTA_MODES)}")
             from .model import load_model
 
             self.model = load_model(model_dir, device=device)
@@ -112,7 +116,7 @@ class InferenceApp:
             raise HttpError(400, f"image has {channels} channel(s); this model takes {self.model.in_channels}")
         tile = options.get("tile")
         with self.lock:
-            probs = self.model.predict_proba(image, tile=int(tile) if tile else None, tta=options.get("tta", "none"))
+            probs = self.model.predict_proba(image, tile=int(tile) if tile else None, tta=options.get("tta", self.tta))
         if options.get("output") == "probabilities":
             if accept != codecs.NPY:
                 raise HttpError(406, "output=probabilities is sent as application/x-npy; set Accept to it")
