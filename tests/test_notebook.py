@@ -129,6 +129,9 @@ def test_quickstart_runs_top_to_bottom_against_moto(moto_server, tmp_path, _sdk_
     assert report["mode"] == "simulated"
     assert isinstance(report["final_val_miou"], float) and report["final_val_miou"] > 0.6, report
     assert report["classes"] == ["background", "object"]
+    tta_lines = [line for line in text.splitlines() if " with tta=" in line]
+    assert [line.split(" with ")[1].split(":")[0] for line in tta_lines] == ["tta='none'", "tta='flip'"], text[-2000:]
+    print(*tta_lines, sep="\n")
     # Every plotting cell drew: the data, the curves, the predictions.
     plot_cells = [cell for cell in nb.cells if cell.cell_type == "code" and "plt.show()" in cell.source]
     assert len(plot_cells) == 3
