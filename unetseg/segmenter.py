@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .codecs import TTA_MODES
+from .data.io import unit_float
 from .visualize import overlay
 
 
@@ -179,13 +180,3 @@ def as_hwc(image: np.ndarray, channels: int) -> np.ndarray:
         raise ValueError(f"image of shape {image.shape}: this model takes {channels}-channel images (HxW"
                          f"{'' if channels == 1 else f'x{channels}'})")
     return image
-
-
-def unit_float(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    if image.dtype.kind == "f":
-        return image.astype(np.float32)
-    raise ValueError(f"image dtype {image.dtype}: use uint8, uint16 or float in [0, 1]")

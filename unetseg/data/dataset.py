@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .checks import CheckedDataset
+from .io import unit_float
 from .masks import IGNORE_INDEX
 
 
@@ -34,8 +35,8 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image, mask = self.checked.load(index)
-        if image.dtype == np.uint16:
-            image = image.astype(np.float32) / 65535.0
+        if image.dtype == np.uint16:  # uint8 stays compact until prepare_input scales it on the device
+            image = unit_float(image)
         if self.transform is not None:
             self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
             out = self.transform(image=image, mask=mask)

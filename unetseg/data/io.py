@@ -152,3 +152,14 @@ def _as_hwc(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 65535:
         return np.ascontiguousarray(array.astype(np.uint16))
     raise DataError(f"{path}: pixel type {array.dtype} is not supported; use 8- or 16-bit unsigned integers")
+
+
+def unit_float(image: np.ndarray) -> np.ndarray:
+    """Pixels scaled to [0, 1] by their bit depth (uint8 by 255, uint16 by 65535); floats are taken as already so."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if image.dtype.kind == "f":
+        return image.astype(np.float32)
+    raise ValueError(f"image dtype {image.dtype}: use uint8, uint16 or float in [0, 1]")
