@@ -220,3 +220,79 @@ def test_many_files_with_one_problem_are_summarised(tmp_path):
     make_channel(tmp_path, count=12, channels=1, size=8)
     message = data_error(tmp_path)
     assert "12 files: image has 1 channel(s)" in message and "and 9 more" in message
+
+
+# --- several training processes: each reads its shard --------------------------------------------------------------------
+
+def check_as_ranks(samples, cfg, world):
+    """check_dataset run by `world` threads standing in for ranks, with an all-gather made of a barrier."""
+    import threading
+
+    barrier, slots, results = threading.Barrier(world), {}, {}
+
+    def gather_for(rank):
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            everyone = [slots[r] for r in range(world)]
+            barrier.wait()  # everyone has read before the next round overwrites
+            return everyone
+        return gather
+
+    def run(rank):
+        try:
+            results[rank] = check_dataset(samples, cfg, rank=rank, owners=[i % world for i in range(len(samples))],
+                                          gather=gather_for(rank), threads=1)
+        except DataError as exc:
+            results[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return [results[r] for r in range(world)]
+
+
+def test_each_rank_reads_and_keeps_only_its_shard_but_knows_the_whole_dataset(tmp_path, monkeypatch):
+    import unetseg.data.checks as checks
+
+    samples = pair_channel(make_channel(tmp_path, count=7, classes=3))
+    alone = check_dataset(samples, CFG.replace(classes=3))
+    reads = []
+    real_read = checks.read_image
+    monkeypatch.setattr(checks, "read_image", lambda path: reads.append(path.name) or real_read(path))
+    ranks = check_as_ranks(samples, CFG.replace(classes=3), world=3)
+    assert sorted(reads) == sorted(s.image.name for s in samples)  # every file decoded once, by one rank
+    for rank, checked in enumerate(ranks):
+        assert np.array_equal(checked.sample_class_pixels, alone.sample_class_pixels)
+        assert checked.sizes == alone.sizes and checked.codec == alone.codec
+        kept = [i for i, item in enumerate(checked.cached) if item is not None]
+        assert kept == [i for i in range(7) if i % 3 == rank]
+        for i in range(7):  # its own shard from memory, another's decoded on demand: the same pixels
+            assert all(np.array_equal(a, b) for a, b in zip(checked.load(i), alone.load(i)))
+
+
+def test_a_bad_file_in_one_shard_stops_every_rank_with_the_same_error(tmp_path):
+    root = make_channel(tmp_path, count=6)
+    (root / "masks" / "s03.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    errors = check_as_ranks(pair_channel(root), CFG, world=2)
+    assert all(isinstance(e, DataError) for e in errors), errors
+    assert str(errors[0]) == str(errors[1]) and "s03.png" in str(errors[0])
+
+
+def test_epoch_sampler_gives_each_rank_its_shard_and_every_rank_as_many_steps():
+    from unetseg.data.dataset import EpochSampler
+
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(3):
+            sampler = EpochSampler(10, batch_size=2, seed=5, rank=rank, world=3)
+            sampler.set_epoch(epoch)
+            per_rank.append([i for _, i in sampler])
+        assert [len(p) for p in per_rank] == [4, 4, 4]  # ceil(10 / 3) = 4 per rank: two batches of 2
+        assert all(i % 3 == rank for rank, p in enumerate(per_rank) for i in p)
+        assert set().union(*per_rank) == set(range(10))  # shards of 4, 3, 3: the short ones repeat one sample
+    one = EpochSampler(10, batch_size=2, seed=5)
+    one.set_epoch(1)
+    assert [i for _, i in one] == list(np.random.default_rng([5, 1]).permutation(10))  # one process: unchanged order

@@ -239,6 +239,7 @@ def test_two_process_ddp_on_cpu_trains_and_writes_artifacts_once(small_data, tmp
     done = run_entry(env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "on 2 x cpu" in done.stdout
+    assert "cached in memory, each of 2 processes its own shard" in done.stdout
     assert [parse_line(l)["epoch"] for l in done.stdout.splitlines() if l.startswith("epoch=")] == [1, 2]  # rank 0 only
     assert sum(line.startswith("model: ") for line in done.stdout.splitlines()) == 1  # only rank 0 saves
     history = json.loads((tmp_path / "model" / "history.json").read_text())

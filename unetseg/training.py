@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,7 @@ from .data.checks import CheckedDataset, check_dataset
 from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
 from .data.scan import pair_channel, split_holdout
 from .data.transforms import train_transform
-from .distributed import DistContext, all_reduce
+from .distributed import DistContext, all_gather_objects, all_reduce
 from .errors import ConfigError
 from .losses import build_loss, class_weights
 from .metrics import confusion, summarize
@@ -287,13 +288,18 @@ def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> t
     else:
         train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
         where = f"{len(val)} held out of {paths.train} (val_fraction={cfg.val_fraction})"
-    checked = check_dataset(train + val, cfg, cache_share=ctx.local_world_size)
+    # Each process reads (and keeps) the shard its samplers will give it: index % world within train and within val.
+    owners = [i % ctx.world_size for i in range(len(train))] + [j % ctx.world_size for j in range(len(val))]
+    checked = check_dataset(train + val, cfg, cache_share=ctx.local_world_size, rank=ctx.rank, owners=owners,
+                            gather=partial(all_gather_objects, ctx=ctx))
     train_data = checked.subset(range(len(train)))
     val_data = checked.subset(range(len(train), len(train) + len(val)))
     share = train_data.class_pixels / max(1, train_data.class_pixels.sum())
     balance = ", ".join(f"{n} {p:.1%}" for n, p in zip(cfg.resolved_class_names, share))
+    kept = "read from disk" if checked.cached is None else (
+        "cached in memory" + (f", each of {ctx.world_size} processes its own shard" if ctx.distributed else ""))
     say(f"data: {len(train)} training images from {paths.train}; validation: {where}; masks: {checked.codec.mode}; "
-        f"{'cached in memory' if checked.cached is not None else 'read from disk'}; class pixels: {balance}")
+        f"{kept}; class pixels: {balance}")
     return train_data, val_data
 
 

@@ -2,6 +2,10 @@
 
 The same pass measures what training needs to know (mask convention, bit depth, class balance) and, when the
 decoded dataset fits in memory, keeps the pixels so that no epoch decodes a file again.
+
+With several training processes, each reads only its own shard of the files (`owners`), keeps only those pixels,
+and the facts (not the pixels) are exchanged through `gather`: every process then knows the whole dataset, raises
+the same error, and the reading and the memory are divided among the processes instead of multiplied.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -26,7 +30,8 @@ class CheckedDataset:
     codec: MaskCodec
     sample_class_pixels: np.ndarray  # (samples, classes) pixel counts, ignore excluded
     sizes: list[tuple[int, int]]  # (height, width) per sample
-    cached: Optional[list[tuple[np.ndarray, np.ndarray]]] = field(default=None, repr=False)  # (image, class mask)
+    # (image, class mask) per sample this process keeps in memory, None for the others (another process's shard)
+    cached: Optional[list[Optional[tuple[np.ndarray, np.ndarray]]]] = field(default=None, repr=False)
 
     def subset(self, indices: Sequence[int]) -> "CheckedDataset":
         pick = lambda items: [items[i] for i in indices]  # noqa: E731
@@ -35,7 +40,7 @@ class CheckedDataset:
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image HxWxC, class-index mask HxW) of one sample: from memory when cached, else decoded now."""
-        if self.cached is not None:
+        if self.cached is not None and self.cached[index] is not None:
             return self.cached[index]
         sample = self.samples[index]
         return read_image(sample.image), self.codec.decode(squeeze_gray(read_mask(sample.mask)), sample.mask)
@@ -53,6 +58,10 @@ class _FileFacts:
     image: Optional[np.ndarray]
     mask: Optional[np.ndarray]
 
+    def without_pixels(self) -> "_FileFacts":
+        """What other processes need to know: small enough to send."""
+        return _FileFacts(self.channels, self.dtype, self.values, None, None)
+
 
 def memory_budget_bytes(share: int = 1) -> int:
     """A quarter of physical memory, split among `share` processes on this host."""
@@ -64,24 +73,42 @@ def memory_budget_bytes(share: int = 1) -> int:
 
 
 def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optional[MaskCodec] = None,
-                  cache_share: int = 1, threads: Optional[int] = None) -> CheckedDataset:
+                  cache_share: int = 1, threads: Optional[int] = None, rank: int = 0,
+                  owners: Optional[Sequence[int]] = None,
+                  gather: Optional[Callable[[Any], list[Any]]] = None) -> CheckedDataset:
     """Validate every sample; raise one DataError listing the bad files. `codec` fixes the mask convention
-    (the validation channel reuses the training channel's)."""
+    (the validation channel reuses the training channel's).
+
+    Several processes: `owners[i]` is the rank that reads sample i, and `gather(x)` returns every rank's `x` in rank
+    order (an all-gather). `cache_share`: the processes on this host, which share its memory."""
     if not samples:
         raise DataError("the dataset has no samples")
     threads = threads or min(8, os.cpu_count() or 1)
+    mine = [i for i in range(len(samples)) if owners is None or owners[i] == rank]
+    everyone = gather or (lambda x: [x])
+
+    def merged(local: dict[int, Any]) -> dict[int, Any]:
+        return {i: v for part in everyone(local) for i, v in part.items()}
 
     # Headers first: cheap, and they size the cache before any pixel is decoded.
     with ThreadPoolExecutor(threads) as pool:
-        sizes = list(pool.map(_header_sizes, samples))
-    readable = [i for i, size in enumerate(sizes) if not isinstance(size, str)]
-    decoded_bytes = sum(h * w * (cfg.in_channels * 2 + 1) for h, w in (sizes[i] for i in readable))  # 16-bit bound
-    keep = cfg.cache_images == "on" or (cfg.cache_images == "auto" and decoded_bytes < memory_budget_bytes(cache_share))
+        sizes = merged(dict(zip(mine, pool.map(lambda i: _header_sizes(samples[i]), mine))))
+    readable = [i for i in range(len(samples)) if not isinstance(sizes[i], str)]
+    per_rank = {}  # decoded bytes each rank would keep (16-bit bound); all ranks decide alike, on the largest share
+    for i in readable:
+        h, w = sizes[i]
+        owner = owners[i] if owners is not None else rank
+        per_rank[owner] = per_rank.get(owner, 0) + h * w * (cfg.in_channels * 2 + 1)
+    largest = max(per_rank.values(), default=0)
+    keep = cfg.cache_images == "on" or (cfg.cache_images == "auto" and largest < memory_budget_bytes(cache_share))
 
     # Then every pixel, also of files after a bad one: the error lists every problem at once.
+    readable_set = set(readable)
+    to_read = [i for i in mine if i in readable_set]
     with ThreadPoolExecutor(threads) as pool:
-        facts = list(pool.map(lambda i: _read(samples[i], cfg, keep), readable))
-    facts = dict(zip(readable, facts))
+        read = dict(zip(to_read, pool.map(lambda i: _read(samples[i], cfg, keep), to_read)))
+    pixels = {i: (f.image, f.mask) for i, f in read.items() if not isinstance(f, str)}
+    facts = merged({i: f if isinstance(f, str) else f.without_pixels() for i, f in read.items()})
     problems = [sizes[i] if isinstance(sizes[i], str) else facts[i] for i in range(len(samples))
                 if isinstance(sizes[i], str) or isinstance(facts[i], str)]
     good = {i: f for i, f in facts.items() if not isinstance(f, str)}
@@ -103,10 +130,13 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
             problems.append(str(exc))
     _raise_if(problems, samples)
 
-    facts = [good[i] for i in range(len(samples))]
-    class_pixels = np.stack([codec.class_counts(f.values) for f in facts])
-    cached = [(f.image, codec.decode(f.mask, s.mask)) for s, f in zip(samples, facts)] if keep else None
-    return CheckedDataset(list(samples), codec, class_pixels, list(sizes), cached)
+    class_pixels = np.stack([codec.class_counts(good[i].values) for i in range(len(samples))])
+    cached = None
+    if keep:
+        cached = [None] * len(samples)
+        for i, (image, raw) in pixels.items():
+            cached[i] = (image, codec.decode(raw, samples[i].mask))
+    return CheckedDataset(list(samples), codec, class_pixels, [sizes[i] for i in range(len(samples))], cached)
 
 
 def _header_sizes(sample: Sample) -> tuple[int, int] | str:

@@ -45,7 +45,9 @@ class SegmentationDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index): a per-epoch permutation seeded by (seed, epoch), split across ranks.
+    """Yields (epoch, index): this rank's shard of the samples (index % world == rank, the files it read and keeps
+    in memory), in a per-epoch order seeded by (seed, epoch). Shards differ in size by at most one; the smaller
+    ones repeat a sample so that every rank runs the same number of steps.
 
     `set_epoch(epoch, start_batch)` resumes inside an epoch by skipping the batches already trained on.
     """
@@ -67,9 +69,9 @@ class EpochSampler(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle else np.arange(self.size)
-        padded = np.resize(order, self.per_rank * self.world)  # every rank gets the same number of samples
-        mine = padded[self.rank :: self.world][: self.batches_per_epoch * self.batch_size]
+        shard = np.arange(self.rank, self.size, self.world)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(shard) if self.shuffle else shard
+        mine = np.resize(order, self.per_rank)[: self.batches_per_epoch * self.batch_size]
         for index in mine[self.start_batch * self.batch_size :]:
             yield self.epoch, int(index)
 
@@ -78,7 +80,8 @@ class EpochSampler(Sampler):
 
 
 class ShardSampler(Sampler):
-    """Validation: each rank sees a disjoint share, no padding, so summed confusion matrices are exact."""
+    """Validation: each rank sees its own shard (index % world == rank, as it read them), no padding, so summed
+    confusion matrices are exact."""
 
     def __init__(self, size: int, rank: int = 0, world: int = 1):
         self.indices = list(range(rank, size, world))
