@@ -136,10 +136,21 @@ def running(container: str) -> bool:
 
 # --- 1. a local endpoint -------------------------------------------------------------------------------------------
 
-def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd):
+def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd, monkeypatch):
     from sagemaker.local import LocalSession
 
+    from unetseg import local_mode
     from unetseg.predictor import UNetPredictor
+
+    stopped = {}  # each container's state as delete_endpoint finds it, before it removes the container
+    real_remove = local_mode.remove_containers
+
+    def inspect_then_remove(names):
+        for name in names:
+            stopped[name] = json.loads(docker("inspect", name).stdout)[0]["State"]
+        real_remove(names)
+
+    monkeypatch.setattr(local_mode, "remove_containers", inspect_then_remove)
 
     require_free_port(SERVING_PORT, "a local endpoint (the SDK publishes its container on the host)")
     est, model = trained.estimator, trained.model
@@ -152,6 +163,7 @@ def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd)
         new = [c for c in containers_on() if c not in before]
         assert len(new) == 1, new
         container = json.loads(docker("inspect", new[0]).stdout)[0]
+        container_name = container["Name"].lstrip("/")
         assert container["State"]["Running"] and container["Config"]["Image"] == trained.image
         assert container["Args"] == ["serve"]  # after the image's ENTRYPOINT (entry/init.py)
         assert container["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"] == str(SERVING_PORT)
@@ -179,18 +191,15 @@ def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd)
     out, err = capfd.readouterr()
     print((out + err)[-4000:])  # the container's log, shown by pytest when the test fails
 
-    # The endpoint's container stopped with it, and the port is free again for the next one.
-    assert not running(new[0]), docker("ps", "-a").stdout
+    # The endpoint's container stopped cleanly with it (SIGTERM, not killed: 137), was then removed (the SDK would
+    # leave it behind), and the port is free again for the next one.
+    state = stopped.get(container_name, {})
+    assert list(stopped) == [container_name] and not state["Running"] and state["ExitCode"] in (0, 143), stopped
+    assert docker("inspect", container_name, check=False).returncode != 0, docker("ps", "-a").stdout
     assert port_in_use(SERVING_PORT) is None, port_in_use(SERVING_PORT)
-    inspected = docker("inspect", new[0], check=False)
-    state = json.loads(inspected.stdout)[0]["State"] if inspected.returncode == 0 else None
-    # Compose `up` stops its containers when the SDK terminates it, and leaves them (stopped) behind; this module's
-    # fixture removes them. Stopped cleanly by SIGTERM, not killed (137).
-    assert state is None or state["ExitCode"] in (0, 143), state
     masks = "identical to" if min(agreed) == 1 else f"{min(agreed):.2%} equal to"
-    after = "removed" if state is None else f"{state['Status']}, exit code {state['ExitCode']}"
     print(f"local endpoint: up in {up_seconds:.0f}s, {predict_seconds * 1000:.0f} ms per predict; masks {masks} "
-          f"load_model().predict; after delete_endpoint the container is {after}")
+          f"load_model().predict; stopped with exit code {state['ExitCode']}, then removed")
 
 
 # --- 2. a local batch transform ------------------------------------------------------------------------------------

@@ -138,3 +138,31 @@ def install_failure_reporting() -> None:
         new.__wrapped__ = old  # type: ignore[attr-defined]
     _SageMakerContainer.train = train
     _SageMakerContainer.retrieve_artifacts = retrieve_artifacts
+
+
+# --- local endpoints -----------------------------------------------------------------------------------------------
+# delete_endpoint() on a local endpoint terminates `docker compose up`, which stops the container but leaves it
+# behind (the SDK never runs `compose down`), one more stopped container per deploy. UNetPredictor.delete_endpoint
+# notes the endpoint's container names (from the compose file the SDK wrote) before the SDK deletes that file, and
+# removes the containers once they have stopped.
+
+def local_endpoint_containers(endpoint_name: str) -> list[str]:
+    """The container names of a local endpoint, or [] when it is not one (or the SDK's internals moved)."""
+    try:
+        import yaml
+        from sagemaker.local.local_session import LocalSagemakerClient
+
+        endpoint = LocalSagemakerClient._endpoints.get(endpoint_name)
+        root = getattr(getattr(endpoint, "container", None), "container_root", None)
+        with open(os.path.join(root, "docker-compose.yaml")) as handle:
+            services = (yaml.safe_load(handle) or {}).get("services", {})
+        return [s["container_name"] for s in services.values() if s.get("container_name")]
+    except Exception:  # noqa: BLE001 - tidying up must never break delete_endpoint
+        return []
+
+
+def remove_containers(names: list[str]) -> None:
+    if names and shutil.which("docker"):
+        done = subprocess.run(["docker", "rm", "-f", *names], capture_output=True, text=True)
+        if done.returncode != 0:
+            logger.warning("could not remove the local endpoint's containers %s: %s", names, done.stderr.strip())

@@ -164,6 +164,14 @@ class UNetPredictor(Predictor):
         """Per-class pixel counts and the mask: {"shape", "class_names", "pixel_counts", "mask"}."""
         return self._predict_as(codecs.JSON, data, kwargs, tile=tile, tta=tta)
 
+    def delete_endpoint(self, delete_endpoint_config: bool = True) -> None:
+        """Delete the endpoint (and its config); a local endpoint's stopped container goes too."""
+        from .local_mode import local_endpoint_containers, remove_containers
+
+        containers = local_endpoint_containers(self.endpoint_name)
+        super().delete_endpoint(delete_endpoint_config)
+        remove_containers(containers)
+
     def predict_many(self, images: Sequence[Any], **kwargs: Any) -> list[np.ndarray]:
         """Masks for several images, one request each (an endpoint takes one image per request)."""
         return [self.predict(image, **kwargs) for image in images]
