@@ -136,21 +136,27 @@ def running(container: str) -> bool:
 
 # --- 1. a local endpoint -------------------------------------------------------------------------------------------
 
-def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd, monkeypatch):
-    from sagemaker.local import LocalSession
-
+@pytest.fixture
+def removed(monkeypatch):
+    """name -> state of each container that unetseg removes after the SDK stopped it, as it was just before."""
     from unetseg import local_mode
-    from unetseg.predictor import UNetPredictor
 
-    stopped = {}  # each container's state as delete_endpoint finds it, before it removes the container
+    states = {}
     real_remove = local_mode.remove_containers
 
     def inspect_then_remove(names):
         for name in names:
-            stopped[name] = json.loads(docker("inspect", name).stdout)[0]["State"]
+            states[name] = json.loads(docker("inspect", name).stdout)[0]["State"]
         real_remove(names)
 
     monkeypatch.setattr(local_mode, "remove_containers", inspect_then_remove)
+    return states
+
+
+def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd, removed):
+    from sagemaker.local import LocalSession
+
+    from unetseg.predictor import UNetPredictor
 
     require_free_port(SERVING_PORT, "a local endpoint (the SDK publishes its container on the host)")
     est, model = trained.estimator, trained.model
@@ -193,8 +199,8 @@ def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd,
 
     # The endpoint's container stopped cleanly with it (SIGTERM, not killed: 137), was then removed (the SDK would
     # leave it behind), and the port is free again for the next one.
-    state = stopped.get(container_name, {})
-    assert list(stopped) == [container_name] and not state["Running"] and state["ExitCode"] in (0, 143), stopped
+    state = removed.get(container_name, {})
+    assert list(removed) == [container_name] and not state["Running"] and state["ExitCode"] in (0, 143), removed
     assert docker("inspect", container_name, check=False).returncode != 0, docker("ps", "-a").stdout
     assert port_in_use(SERVING_PORT) is None, port_in_use(SERVING_PORT)
     masks = "identical to" if min(agreed) == 1 else f"{min(agreed):.2%} equal to"
@@ -204,7 +210,7 @@ def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd,
 
 # --- 2. a local batch transform ------------------------------------------------------------------------------------
 
-def test_local_batch_transform_over_a_folder(trained, images, tmp_path, monkeypatch, capfd):
+def test_local_batch_transform_over_a_folder(trained, images, tmp_path, monkeypatch, capfd, removed):
     require_free_port(SERVING_PORT, "a local batch transform (the SDK publishes its container on the host)")
     monkeypatch.chdir(tmp_path)  # the default output: ./unetseg-output/<job name>/
     folder = tmp_path / "images"
@@ -236,9 +242,9 @@ def test_local_batch_transform_over_a_folder(trained, images, tmp_path, monkeypa
     for name, image in images.items():
         mask = decode_response((output / f"{name}.out").read_bytes(), codecs.PNG)
         assert agreement(mask, trained.model.predict(image)) >= AGREEMENT, name
-    new = [c for c in containers_on() if c not in before]
-    assert len(new) == 1, new  # one serving container did the job ...
-    assert not running(new[0])  # ... and stopped at its end
+    # One serving container did the job, stopped cleanly at its end, and was removed (the SDK leaves it behind).
+    assert len(removed) == 1 and all(not s["Running"] and s["ExitCode"] in (0, 143) for s in removed.values()), removed
+    assert [c for c in containers_on() if c not in before] == []
     assert port_in_use(SERVING_PORT) is None
     print(f"local batch transform of {len(images)} images: {seconds:.0f}s")
 

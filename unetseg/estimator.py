@@ -450,9 +450,10 @@ class UNetEstimator(Estimator):
         """The session a local endpoint or transform runs under: this estimator's, when it is a LocalSession."""
         from sagemaker.local import LocalSession
 
-        from .local_mode import install_compose_detection
+        from .local_mode import install_compose_detection, install_serving_cleanup
 
         install_compose_detection()
+        install_serving_cleanup()  # the SDK would leave each stopped endpoint or transform container behind
         if isinstance(self.sagemaker_session, LocalSession):
             return self.sagemaker_session
         return LocalSession(boto_session=self.sagemaker_session.boto_session)

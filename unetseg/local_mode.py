@@ -11,6 +11,9 @@ When a local training job fails, the SDK raises only "Failed to run: [docker-com
 1", and then tars the containers' /opt/ml/output (where the entry point wrote the `failure` file) into output.tar.gz
 and deletes the folders. `install_failure_reporting()` reads each container's failure file before the SDK tars it,
 and raises `LocalTrainingError` carrying its first 1024 characters: what SageMaker shows as FailureReason.
+
+A local endpoint or batch transform leaves its container behind, stopped, when it ends: `install_serving_cleanup()`
+removes it.
 """
 
 from __future__ import annotations
@@ -140,24 +143,21 @@ def install_failure_reporting() -> None:
     _SageMakerContainer.retrieve_artifacts = retrieve_artifacts
 
 
-# --- local endpoints -----------------------------------------------------------------------------------------------
-# delete_endpoint() on a local endpoint terminates `docker compose up`, which stops the container but leaves it
-# behind (the SDK never runs `compose down`), one more stopped container per deploy. UNetPredictor.delete_endpoint
-# notes the endpoint's container names (from the compose file the SDK wrote) before the SDK deletes that file, and
-# removes the containers once they have stopped.
+# --- local endpoints and batch transforms ----------------------------------------------------------------------
+# Stopping a local endpoint or finishing a local batch transform terminates `docker compose up`, which stops the
+# container but leaves it behind (the SDK never runs `compose down`): one more stopped container each time.
+# install_serving_cleanup() wraps the SDK's stop_serving: it notes the container names from the compose file the SDK
+# wrote (which stop_serving deletes), lets the SDK stop them, then removes them.
 
-def local_endpoint_containers(endpoint_name: str) -> list[str]:
-    """The container names of a local endpoint, or [] when it is not one (or the SDK's internals moved)."""
+def compose_container_names(container_root: str) -> list[str]:
+    """The container names in <container_root>/docker-compose.yaml, or [] when there is none to read."""
     try:
         import yaml
-        from sagemaker.local.local_session import LocalSagemakerClient
 
-        endpoint = LocalSagemakerClient._endpoints.get(endpoint_name)
-        root = getattr(getattr(endpoint, "container", None), "container_root", None)
-        with open(os.path.join(root, "docker-compose.yaml")) as handle:
+        with open(os.path.join(container_root, "docker-compose.yaml")) as handle:
             services = (yaml.safe_load(handle) or {}).get("services", {})
         return [s["container_name"] for s in services.values() if s.get("container_name")]
-    except Exception:  # noqa: BLE001 - tidying up must never break delete_endpoint
+    except Exception:  # noqa: BLE001 - tidying up must never break stopping
         return []
 
 
@@ -165,4 +165,23 @@ def remove_containers(names: list[str]) -> None:
     if names and shutil.which("docker"):
         done = subprocess.run(["docker", "rm", "-f", *names], capture_output=True, text=True)
         if done.returncode != 0:
-            logger.warning("could not remove the local endpoint's containers %s: %s", names, done.stderr.strip())
+            logger.warning("could not remove the local containers %s: %s", names, done.stderr.strip())
+
+
+def install_serving_cleanup() -> None:
+    """Make local endpoints and batch transforms remove their stopped containers (idempotent)."""
+    from sagemaker.local.image import _SageMakerContainer
+
+    if getattr(_SageMakerContainer.stop_serving, "__unetseg__", False):
+        return
+    sdk_stop_serving = _SageMakerContainer.stop_serving
+
+    def stop_serving(self):
+        names = compose_container_names(getattr(self, "container_root", None) or "")
+        sdk_stop_serving(self)
+        remove_containers(names)  # looked up at call time, so tests can observe it
+
+    stop_serving.__unetseg__ = True  # type: ignore[attr-defined]
+    stop_serving.__doc__ = sdk_stop_serving.__doc__
+    stop_serving.__wrapped__ = sdk_stop_serving  # type: ignore[attr-defined]
+    _SageMakerContainer.stop_serving = stop_serving

@@ -166,11 +166,10 @@ class UNetPredictor(Predictor):
 
     def delete_endpoint(self, delete_endpoint_config: bool = True) -> None:
         """Delete the endpoint (and its config); a local endpoint's stopped container goes too."""
-        from .local_mode import local_endpoint_containers, remove_containers
+        from .local_mode import install_serving_cleanup
 
-        containers = local_endpoint_containers(self.endpoint_name)
+        install_serving_cleanup()
         super().delete_endpoint(delete_endpoint_config)
-        remove_containers(containers)
 
     def predict_many(self, images: Sequence[Any], **kwargs: Any) -> list[np.ndarray]:
         """Masks for several images, one request each (an endpoint takes one image per request)."""
