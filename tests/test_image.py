@@ -211,7 +211,7 @@ def test_build_command(fake_docker):
                             bake_encoders=["resnet34", "efficientnet-b0:imagenet"], network="none", out=out)
     assert tag == "unetseg:t1"
     build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build"][0]
-    assert build[:5] == ["build", "-f", str(REPO / "entry" / "Dockerfile"), "-t", "unetseg:t1"]
+    assert build[:6] == ["build", "--force-rm", "-f", str(REPO / "entry" / "Dockerfile"), "-t", "unetseg:t1"]
     assert build[-1] == str(REPO)
     pairs = {build[i + 1] for i, a in enumerate(build) if a == "--build-arg"}
     assert pairs == {"X=1", "BASE_IMAGE=unetseg-ci-base:abc", "BAKE_ENCODERS=resnet34 efficientnet-b0:imagenet"}
@@ -526,3 +526,19 @@ def test_dockerfile_builds_offline_on_the_ci_base(source, tmp_path):
                            "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": ""}  # nothing baked: hub not offline
     assert subprocess.run([docker, "run", "--rm", "--network", "none", "--entrypoint", "sh", tag, "-c",
                            "command -v train && command -v serve && command -v unetseg"], capture_output=True).returncode == 0
+
+
+@pytest.mark.docker
+def test_a_failed_build_names_the_step_and_leaves_no_container(tmp_path):
+    docker = _engine_or_skip()
+    base = os.environ.get("UNETSEG_CI_BASE", "unetseg-ci-base:latest")
+    if subprocess.run([docker, "image", "inspect", base], capture_output=True).returncode != 0:
+        pytest.skip(f"no CI base image {base}")
+    (tmp_path / "Dockerfile").write_text(f"FROM {base}\nRUN echo broken-step && exit 3\n")
+    listing = lambda: set(subprocess.run([docker, "ps", "-aq"], capture_output=True, text=True).stdout.split())  # noqa: E731
+    before = listing()
+    with pytest.raises(ImageError, match="docker build of unetseg:test-broken failed") as info:
+        image.build_image("unetseg:test-broken", context=tmp_path, dockerfile=tmp_path / "Dockerfile",
+                          network="none", out=None)
+    assert any("broken-step" in line for line in info.value.log_tail)
+    assert listing() == before  # --force-rm: the failed step's container is gone

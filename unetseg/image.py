@@ -182,7 +182,8 @@ def build_image(
         args["BASE_IMAGE"] = base_image
     if bake_encoders:
         args["BAKE_ENCODERS"] = " ".join(bake_encoders)
-    cmd = [docker_command(), "build", "-f", str(dockerfile), "-t", tag]
+    # --force-rm: the classic builder keeps a failed step's container otherwise, one more per failed build.
+    cmd = [docker_command(), "build", "--force-rm", "-f", str(dockerfile), "-t", tag]
     for key, value in args.items():
         cmd += ["--build-arg", f"{key}={value}"]
     if network:
