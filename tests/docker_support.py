@@ -11,7 +11,7 @@
 - `bridge_network()`: the same network as a plain bridge, for local endpoints and batch transform: Docker publishes
   no ports from an internal network, and the SDK reaches the serving container on the host's port 8080. The engine's
   DOCKER-USER rule (ci/start-dockerd.sh) still refuses traffic beyond this machine.
-- `require_free_port()` / `free_port()`: a host port that a container can publish.
+- `require_free_port()`: fails naming what holds a host port that a container must publish.
 """
 
 from __future__ import annotations
@@ -205,7 +205,3 @@ def require_free_port(port: int, what: str) -> None:
                     f"`docker ps --filter publish={port}`) and retry")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from support import free_port
 from unetseg import image
 from unetseg.errors import UnetsegError
 from unetseg.image import ImageError
@@ -356,12 +357,6 @@ def _bcrypt(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def registry(tmp_path):
     """Debian's docker-registry on a free loopback port, with htpasswd auth: (host:port, user, password)."""
@@ -373,7 +368,7 @@ def registry(tmp_path):
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     user, password = "ci", uuid.uuid4().hex
     (tmp_path / "htpasswd").write_text(f"{user}:{_bcrypt(password)}\n")
-    port = _free_port()
+    port = free_port()
     (tmp_path / "config.yml").write_text(
         "version: 0.1\n"
         f"storage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}\n"

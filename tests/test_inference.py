@@ -2,7 +2,6 @@
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import numpy as np
 import pytest
 from PIL import Image
+from support import free_port
 
 from unetseg import codecs
 from unetseg.cli import main as cli
@@ -231,12 +231,6 @@ def test_concurrent_requests_over_http(app, trained):
             assert status == 200 and np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(im))
     finally:
         server.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_command_runs_gunicorn_workers(trained, image):

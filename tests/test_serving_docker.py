@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REGION
-from docker_support import (LOCAL_NETWORK, containers_on, docker, free_port, port_in_use,
+from docker_support import (LOCAL_NETWORK, containers_on, docker, port_in_use,
                             remove_containers, require_free_port, sagemaker_local_network,
                             training_image)
 from PIL import Image
-from support import TINY
+from support import TINY, free_port
 
 from unetseg import codecs
 from unetseg.predictor import decode_response

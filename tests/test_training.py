@@ -4,7 +4,6 @@ and the SageMaker entry contract (string hyperparameters in, artifacts or a fail
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import REPO, TINY, run_entry, sagemaker_tree, write_pair
+from support import REPO, TINY, free_port, run_entry, sagemaker_tree, write_pair
 from unetseg.config import TrainConfig
 from unetseg.metrics import confusion, summarize
 from unetseg.metrics_log import EPOCH_METRICS, SELECTION_METRIC, metric_definitions, parse_line
@@ -225,12 +224,6 @@ def test_fine_tuning_from_a_trained_model_through_the_init_model_channel(small_d
     assert abs(tuned - a.best["val_miou"]) < 0.05, (tuned, a.best)  # BatchNorm statistics still move a little
     assert tuned > fresh.history[0]["val_miou"] + 0.2, (tuned, fresh.history)
     assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["init_model"] == str(channel)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_on_cpu_trains_and_writes_artifacts_once(small_data, tmp_path):
