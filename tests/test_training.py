@@ -239,3 +239,16 @@ def test_two_process_ddp_on_cpu_trains_and_writes_artifacts_once(small_data, tmp
     # 16 images over 2 ranks x batch 4: 2 steps per epoch, each step seeing 8 images.
     assert [h["step"] for h in history] == [2, 4]
     assert load_model(tmp_path / "model", device="cpu").predict(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32)
+
+
+def test_resuming_refuses_another_model_and_names_changed_hyperparameters(tmp_path):
+    from unetseg.errors import ConfigError
+    from unetseg.training import check_resumable
+
+    saved = TrainConfig(**TINY).to_hyperparameters()
+    said = []
+    check_resumable(TrainConfig(**{**TINY, "lr": 0.01, "epochs": 9}), saved, tmp_path, said.append)
+    assert said == ["resuming with changed hyperparameters: epochs, lr"]
+    with pytest.raises(ConfigError) as info:
+        check_resumable(TrainConfig(**{**TINY, "classes": 3}), saved, tmp_path, said.append)
+    assert f"{tmp_path / 'last.pt'} was trained with a different model (classes: 2 there, 3 now)" in str(info.value)

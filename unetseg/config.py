@@ -12,7 +12,7 @@ import difflib
 import json
 import types
 import typing
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -164,6 +164,11 @@ class TrainConfig(BaseModel):
         """Every field as the string SageMaker carries; `from_hyperparameters` reads it back to an equal config."""
         return {name: value if isinstance(value, str) else json.dumps(value)
                 for name, value in self.model_dump().items()}
+
+    def compare(self, other: "TrainConfig", fields: Optional[Sequence[str]] = None) -> list[tuple[str, Any, Any]]:
+        """(name, this value, the other's value) of each of `fields` (default: all) where the two configs differ."""
+        names = fields if fields is not None else list(type(self).model_fields)
+        return [(k, getattr(self, k), getattr(other, k)) for k in names if getattr(self, k) != getattr(other, k)]
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed, validated like a new config."""

@@ -192,8 +192,7 @@ def _download_s3(uri: str, workdir: Path) -> Path:
 def load_model(path: str | Path, device: str | torch.device | None = None) -> Segmenter:
     """Open a model folder, a model.tar.gz (local, file:// or s3://) written by unetseg training."""
     config, state, history = read_artifact(path)
-    cfg = TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
-    model = build_model(cfg, pretrained=False)
+    model = build_model(artifact_train_config(config), pretrained=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -209,13 +208,17 @@ def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tenso
     """Fine-tuning: the weights of a trained unetseg model, after checking that `cfg` builds the same architecture
     (the class count may differ: the segmentation head then starts fresh)."""
     config, state, _ = read_artifact(path)
-    theirs = TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
-    clash = [k for k in ARCHITECTURE_FIELDS if getattr(theirs, k) != getattr(cfg, k)]
+    clash = artifact_train_config(config).compare(cfg, ARCHITECTURE_FIELDS)
     if clash:
         raise ConfigError(f"init model {path} has a different architecture ("
-                          + ", ".join(f"{k}: {getattr(theirs, k)} there, {getattr(cfg, k)} here" for k in clash)
+                          + ", ".join(f"{k}: {theirs} there, {ours} here" for k, theirs, ours in clash)
                           + "); train with its values or start without it")
     return state
+
+
+def artifact_train_config(config: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig an artifact was trained with, less its encoder weights (the artifact's weights replace them)."""
+    return TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:

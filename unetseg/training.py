@@ -365,14 +365,14 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
 
 def check_resumable(cfg: TrainConfig, saved_hps: dict, where: Path, say) -> None:
     saved = TrainConfig.from_hyperparameters(saved_hps)
-    clash = [k for k in MODEL_SHAPING if getattr(saved, k) != getattr(cfg, k)]
+    clash = saved.compare(cfg, MODEL_SHAPING)
     if clash:
         raise ConfigError(
             f"{where / checkpoint.LAST} was trained with a different model ("
-            + ", ".join(f"{k}: {getattr(saved, k)} there, {getattr(cfg, k)} now" for k in clash)
+            + ", ".join(f"{k}: {theirs} there, {ours} now" for k, theirs, ours in clash)
             + "); use a fresh checkpoint location (checkpoint_s3_uri / --output) or the original hyperparameters"
         )
-    changed = [k for k in TrainConfig.model_fields if getattr(saved, k) != getattr(cfg, k)]
+    changed = [k for k, _, _ in saved.compare(cfg)]
     if changed:
         say(f"resuming with changed hyperparameters: {', '.join(changed)}")
 
