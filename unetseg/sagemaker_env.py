@@ -31,6 +31,13 @@ DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
 INIT_MODEL_CHANNEL = "init_model"  # an input channel holding a trained unetseg model.tar.gz to fine-tune from
 
+# Payload and time limits of SageMaker inference, which only the real service enforces (the SDK and moto do not):
+# the predictor checks requests against them before sending, and the server's defaults follow the mode it serves.
+REALTIME_MAX_PAYLOAD_BYTES = 6 * 2**20  # InvokeEndpoint: 6 MB each way (6,291,456 bytes)
+REALTIME_TIMEOUT_S = 60  # a real-time endpoint must answer within 60 s
+BATCH_MAX_PAYLOAD_MB = 100  # CreateTransformJob MaxPayloadInMB: at most 100
+ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
+
 
 @dataclass(frozen=True)
 class TrainingEnv:
