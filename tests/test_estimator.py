@@ -117,6 +117,34 @@ def test_each_fit_gets_its_own_checkpoint_prefix(aws):
     assert uris == [f"s3://{BUCKET}/unetseg/first-job/checkpoints", f"s3://{BUCKET}/unetseg/second-job/checkpoints"]
 
 
+UNDERSCORED_IMAGE = "111122223333.dkr.ecr.us-east-1.amazonaws.com/team/unet_seg.v2:1"  # ECR allows _ and .
+
+
+def test_a_job_named_after_an_image_with_underscores_and_dots_is_valid(aws):
+    # The SDK names a job after the image's repository (unet_seg.v2-<timestamp>); SageMaker names allow neither _
+    # nor . (the strict stand-in refuses such a request as the service does).
+    put_dataset(aws, "ds/")
+    est = make(aws, image_uri=UNDERSCORED_IMAGE)
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    name = aws.sent("CreateTrainingJob")["TrainingJobName"]
+    assert name.startswith("unet-seg-v2-") and len(name) <= 63
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False, job_name="given-name")  # a name given is used as it is
+    assert aws.bodies["CreateTrainingJob"][1]["TrainingJobName"] == "given-name"
+
+
+@pytest.mark.parametrize("image, base", [
+    ("111122223333.dkr.ecr.us-east-1.amazonaws.com/unetseg:1.0", "unetseg"),
+    (UNDERSCORED_IMAGE, "unet-seg-v2"),
+    ("localhost:5000/__seg__:latest", "seg"),
+    ("111122223333.dkr.ecr.us-east-1.amazonaws.com/___:1", "unetseg"),
+    ("registry.example.com/team/seg@sha256:" + "0" * 64, "seg-sha256"),
+])
+def test_base_names_from_image_names(image, base):
+    from unetseg.job_rules import base_name_from_image
+
+    assert base_name_from_image(image) == base
+
+
 # --- hyperparameters and metrics -------------------------------------------------------------------------------------
 
 def test_hyperparameters_validated_and_exposed(aws):

@@ -93,3 +93,26 @@ def test_tuner_helper_rejects_bad_ranges_before_any_request(aws, ranges, objecti
     with pytest.raises(JobSettingsError, match=message):
         est.tuner(ranges, objective_metric_name=objective)
     assert aws.requests == []
+
+
+def test_a_tuning_job_named_after_an_image_with_underscores_is_valid(aws):
+    # Tuning job names: the same pattern as job names, but at most 32 characters.
+    put_dataset(aws)
+    est = make(aws, image_uri="111122223333.dkr.ecr.us-east-1.amazonaws.com/team/unet_seg_models_for_cells:3")
+    est.tuner(RANGES, max_jobs=2, max_parallel_jobs=1).fit(f"s3://{BUCKET}/ds/", wait=False)
+    name = aws.sent("CreateHyperParameterTuningJob")["HyperParameterTuningJobName"]
+    assert name.startswith("unet-seg-models-for-") and len(name) <= 32
+
+
+def test_a_base_tuning_job_name_is_checked_before_any_request(aws):
+    with pytest.raises(JobSettingsError, match="base_tuning_job_name='hpo_1'"):
+        make(aws).tuner(RANGES, base_tuning_job_name="hpo_1")
+    assert aws.requests == []
+
+
+def test_a_tuning_job_name_given_to_fit_is_checked(aws):
+    put_dataset(aws)
+    tuner = make(aws).tuner(RANGES)
+    with pytest.raises(JobSettingsError, match="job_name='hpo-for-the-cells-dataset-of-2024'.*32"):
+        tuner.fit(f"s3://{BUCKET}/ds/", job_name="hpo-for-the-cells-dataset-of-2024", wait=False)
+    assert "sagemaker.CreateHyperParameterTuningJob" not in aws.requests

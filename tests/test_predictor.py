@@ -315,6 +315,40 @@ def test_deploy_creates_model_config_and_endpoint_with_the_training_image(aws):
     assert predictor.sagemaker_session is est.sagemaker_session
 
 
+def test_names_of_models_endpoints_and_transforms_from_an_underscored_image_are_valid(aws):
+    # The SDK names models, endpoint configs, endpoints and transform jobs after the image's repository; the strict
+    # stand-in refuses unet_seg.v2-... as SageMaker does.
+    est = trained_estimator(aws, image_uri="111122223333.dkr.ecr.us-east-1.amazonaws.com/team/unet_seg.v2:1")
+    est.deploy(instance_type="ml.c5.xlarge", wait=False)
+    est.create_model().deploy(1, "ml.c5.xlarge", wait=False)
+    est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(
+        f"s3://{BUCKET}/images/", wait=False, logs=False)
+    est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/", model_name="cells-model")
+    UNetTransformer("cells-model", 1, "ml.c5.xlarge", output_path=f"s3://{BUCKET}/o2/",
+                    sagemaker_session=aws.session).transform(f"s3://{BUCKET}/images/", wait=False, logs=False)
+    names = [body["ModelName"] for body in aws.bodies["CreateModel"]]
+    names += [body[key] for operation, key in (("CreateEndpointConfig", "EndpointConfigName"),
+                                               ("CreateEndpoint", "EndpointName"),
+                                               ("CreateTransformJob", "TransformJobName"))
+              for body in aws.bodies[operation]]
+    assert len(names) == 10 and "cells-model" in names
+    assert all(name.startswith(("unet-seg-v2-", "cells-model")) for name in names), names
+
+
+@pytest.mark.parametrize("act, message", [
+    (lambda est: est.deploy(instance_type="ml.c5.xlarge", endpoint_name="cells_v2"), "endpoint_name='cells_v2'"),
+    (lambda est: est.deploy(instance_type="ml.c5.xlarge", model_name="m.1"), "model_name='m.1'"),
+    (lambda est: est.transformer(instance_type="ml.c5.xlarge", model_name="m_1"), "model_name='m_1'"),
+    (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(
+        f"s3://{BUCKET}/i/", job_name="batch_1"), "job_name='batch_1'"),
+])
+def test_names_given_for_inference_are_checked_before_any_request(aws, act, message):
+    est = trained_estimator(aws)
+    with pytest.raises(JobSettingsError, match=message):
+        act(est)
+    assert [r for r in aws.requests if r not in ("sagemaker.DescribeTrainingJob", "sagemaker.CreateModel")] == []
+
+
 def test_deploy_passes_gpu_instances_counts_and_custom_codecs_through(aws):
     est = trained_estimator(aws)
     predictor = est.deploy(2, "ml.g4dn.xlarge", serializer=ImageSerializer(codecs.JPEG),

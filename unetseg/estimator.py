@@ -273,6 +273,11 @@ class UNetEstimator(Estimator):
         if self.use_spot_instances and not self._checkpoint_s3_uri_given:
             self.checkpoint_s3_uri = f"{self.output_path.rstrip('/')}/{self._current_job_name}/checkpoints"
 
+    def _ensure_base_job_name(self) -> None:
+        # The SDK's base (the image's repository name) names every job, model, endpoint and transform this estimator
+        # creates; it must be a valid SageMaker name.
+        self.base_job_name = self.base_job_name or rules.base_name_from_image(self.training_image_uri())
+
     def _default_s3_output_path(self, *, allow_aws_calls: bool) -> Optional[str]:
         from sagemaker.s3_utils import s3_path_join
 
@@ -365,6 +370,11 @@ class UNetEstimator(Estimator):
         rules.raise_if(rules.environment_problems(environment))
         model = super().create_model(role=role, image_uri=image_uri, predictor_cls=predictor_cls or UNetPredictor,
                                      vpc_config_override=vpc_config_override, env=environment or None, **kwargs)
+        if model.name is None:  # else the Model names itself after the image's repository, which may hold _ or .
+            from sagemaker.utils import name_from_base
+
+            self._ensure_base_job_name()
+            model.name = name_from_base(self.base_job_name)
         if sagemaker_session is not None:
             model.sagemaker_session = sagemaker_session
         return model
@@ -380,6 +390,7 @@ class UNetEstimator(Estimator):
         `initial_instance_count` defaults to 1. Everything else is `Estimator.deploy`'s (endpoint_name, wait,
         serverless_inference_config, ...) or `create_model`'s (env, model_server_workers, ...).
         """
+        rules.raise_if([rules.job_name_problem(name, kwargs.get(name)) for name in ("endpoint_name", "model_name")])
         if kwargs.get("serverless_inference_config") is None:
             kind = rules.parse_instance_type(instance_type)
             initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
@@ -422,8 +433,9 @@ class UNetEstimator(Estimator):
         if not kind.local:
             self._check_hostable_remotely(instance_type)
         rules.raise_if([None if output_path is None or kind.local else rules.s3_uri_problem("output_path", output_path),
-                        *rules.environment_problems(env)])
+                        rules.job_name_problem("model_name", model_name), *rules.environment_problems(env)])
         tags = format_tags(tags) or self.tags
+        self._ensure_base_job_name()  # the transform jobs' names too
         model_name = self._get_or_create_name(model_name)
         if self.latest_training_job is None:
             logger.warning("no training job yet: this transformer names model %s, which exists only once it is "

@@ -56,7 +56,13 @@ _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)(?:/(?P<key>.*))?$")
 # letter or digit.
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+$")
-_JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+# Names of jobs, models, endpoints (configs) and transform jobs; the service matches the whole name.
+_RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+RESOURCE_NAME_LIMIT = 63
+TUNING_JOB_NAME_LIMIT = 32
+DEFAULT_BASE_NAME = "unetseg"
+# The SDK's split of an image URI into [registry/path/]repository[:tag] (sagemaker.utils.base_name_from_image).
+_IMAGE_REPOSITORY = re.compile(r"^(.+/)?([^:/]+)(:[^:]+)?$")
 _ENV_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
@@ -262,13 +268,24 @@ def role_problem(role: Any, *, local: bool) -> Optional[str]:
     return None
 
 
-def job_name_problem(name: str, value: Any) -> Optional[str]:
+def job_name_problem(name: str, value: Any, max_length: int = RESOURCE_NAME_LIMIT) -> Optional[str]:
+    """Why `value` is not a valid name of a job, model, endpoint or transform job (at most 32 characters for a
+    tuning job), or None."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _JOB_NAME.match(value) or len(value) > 63:
-        return (f"{name}={value!r}: SageMaker job names are up to 63 letters, digits and hyphens, starting with a "
-                "letter or digit (no underscores or dots)")
+    if not isinstance(value, str) or not _RESOURCE_NAME.match(value) or len(value) > max_length:
+        return (f"{name}={value!r}: SageMaker names are 1 to {max_length} letters, digits and hyphens, starting and "
+                "ending with a letter or digit (no underscores or dots)")
     return None
+
+
+def base_name_from_image(image_uri: str) -> str:
+    """The SDK names jobs, models, endpoints and transform jobs after the image's repository (`.../team/unet_seg:1`
+    gives unet_seg-<timestamp>), but ECR allows `_` and `.` there and SageMaker names do not: each run of other
+    characters becomes one hyphen. The SDK trims the base to fit the timestamp it appends."""
+    match = _IMAGE_REPOSITORY.match(image_uri or "")
+    repository = match.group(2) if match else image_uri or ""
+    return re.sub(r"[^a-zA-Z0-9]+", "-", repository).strip("-") or DEFAULT_BASE_NAME
 
 
 def environment_problems(environment: Any) -> list[str]:

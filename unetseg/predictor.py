@@ -27,6 +27,7 @@ from sagemaker.serializers import BaseSerializer
 from sagemaker.transformer import Transformer
 
 from . import codecs
+from . import job_rules as rules
 
 LOCAL_OUTPUT_DIR = "unetseg-output"  # as UNetEstimator's local mode: ./unetseg-output/<job name>/
 _EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
@@ -226,6 +227,7 @@ class UNetTransformer(Transformer):
                              f"{', '.join(codecs.REQUEST_TYPES)}")
         if split_type not in (None, "None"):
             raise ValueError(f"split_type={split_type!r}: an image is one record and cannot be split")
+        rules.raise_if([rules.job_name_problem("job_name", job_name)])
         local_output = False
         if self.sagemaker_session.local_mode:
             # The local client runs the whole job before CreateTransformJob returns; waiting would only sleep.
@@ -246,6 +248,11 @@ class UNetTransformer(Transformer):
         finally:
             if local_output:
                 self._reset_output_path = True  # a new folder for the next job, as the SDK does on S3
+
+    def _retrieve_base_name(self) -> str:
+        # The SDK names transform jobs after the model's image repository, which may hold `_` or `.`.
+        image_uri = self._retrieve_image_uri()
+        return rules.base_name_from_image(image_uri) if image_uri else self.model_name
 
     def wait(self, logs: bool = True) -> None:
         """Wait for the latest transform job. A local one has already run inside `transform()` (its container's

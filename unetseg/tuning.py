@@ -1,9 +1,10 @@
 """Hyperparameter tuning on a UNetEstimator, with the checks and defaults a plain HyperparameterTuner lacks.
 
 A plain `HyperparameterTuner(est, ...)` works with UNetEstimator, but (sagemaker 2.257, sagemaker/tuner.py) it sends
-only the `metric_definitions` given to the tuner itself, not the estimator's, and its fit() sends a bare S3 string
-as one channel named "training", which the container does not read. `UNetEstimator.tuner()` fills both in, checks
-the objective against the metric vocabulary, and checks every range end and category with TrainConfig.
+only the `metric_definitions` given to the tuner itself, not the estimator's, its fit() sends a bare S3 string as one
+channel named "training", which the container does not read, and it names the tuning job after the image's repository,
+which may hold `_` or `.` that SageMaker refuses in names. `UNetEstimator.tuner()` fills all three in, checks the
+objective against the metric vocabulary, and checks every range end and category with TrainConfig.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class UNetTuner(HyperparameterTuner):
 
     def fit(self, inputs: Any = None, job_name: Optional[str] = None, include_cls_metadata: Any = False,
             estimator_kwargs: Any = None, wait: bool = True, **kwargs: Any) -> Any:
+        rules.raise_if([rules.job_name_problem("job_name", job_name, rules.TUNING_JOB_NAME_LIMIT)])
         if inputs is not None and self.estimator is not None:
             inputs = self.estimator.training_inputs(inputs)
         return super().fit(inputs, job_name=job_name, include_cls_metadata=include_cls_metadata,
@@ -44,6 +46,11 @@ def make_tuner(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, P
     if objective_type not in ("Maximize", "Minimize"):
         raise JobSettingsError(f"objective_type={objective_type!r}: use 'Maximize' or 'Minimize'")
     check_ranges(estimator, hyperparameter_ranges)
+    # The SDK trims the base to fit the 32-character limit with its timestamp; the base itself must be a valid name.
+    rules.raise_if([rules.job_name_problem("base_tuning_job_name", kwargs.get("base_tuning_job_name"))])
+    if kwargs.get("base_tuning_job_name") is None:
+        estimator._ensure_base_job_name()
+        kwargs["base_tuning_job_name"] = estimator.base_job_name
     kwargs.setdefault("metric_definitions", estimator.metric_definitions)
     return UNetTuner(estimator, objective, dict(hyperparameter_ranges), objective_type=objective_type, **kwargs)
 
