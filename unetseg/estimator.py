@@ -33,6 +33,7 @@ from .errors import ArtifactError
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
 from .metrics_log import all_metric_names, metric_definitions, per_class_names
+from .sagemaker_env import INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ class UNetEstimator(Estimator):
         environment: extra environment variables for the container.
         repository, tag, account, region: build the image URI <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>.
         metric_definitions: extra metrics on top of unetseg's own (which are always sent).
+        image_cuda: the CUDA version the image's PyTorch is built for ("12.6", the Dockerfile's default base; "12.8"
+            or later runs Blackwell GPUs such as ml.p6-b200 and ml.g7e); None skips the GPU architecture check.
+        baked_encoders: encoders whose pretrained weights the image carries (`unetseg image build --bake-weights
+            resnet34` gives ["resnet34"]): with enable_network_isolation=True a job cannot download them.
         **kwargs: anything else `sagemaker.estimator.Estimator` accepts (tags, subnets, base_job_name, ...).
     """
 
@@ -94,18 +99,22 @@ class UNetEstimator(Estimator):
         metric_definitions: Optional[Sequence[Mapping[str, str]]] = None,
         debugger_hook_config: Any = False,
         disable_profiler: bool = True,
+        image_cuda: Optional[str] = rules.IMAGE_CUDA,
+        baked_encoders: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         # 1. Everything that needs no AWS call, so that a mistake costs nothing.
         config = TrainConfig.from_hyperparameters(dict(hyperparameters or {}))
-        kind = rules.parse_instance_type(instance_type)
+        rules.raise_if([rules.image_cuda_problem(image_cuda)])
+        kind = rules.parse_instance_type(instance_type, image_cuda)
         image_uri = image_uri or os.environ.get(IMAGE_URI_ENV) or None
         rules.raise_if([
             *rules.runtime_problems(max_run=max_run, max_wait=max_wait,
                                     use_spot_instances=use_spot_instances or kwargs.get("max_retry_attempts") is not None),
             *rules.resource_problems(kind=kind, instance_count=instance_count,
                                      volume_size=DEFAULT_VOLUME_GB if volume_size is None else volume_size,
-                                     keep_alive_period_in_seconds=keep_alive_period_in_seconds, input_mode=input_mode),
+                                     keep_alive_period_in_seconds=keep_alive_period_in_seconds, input_mode=input_mode,
+                                     use_spot_instances=use_spot_instances),
             rules.output_path_problem(output_path, local=kind.local),
             None if kind.local or checkpoint_s3_uri is None else rules.s3_uri_problem("checkpoint_s3_uri", checkpoint_s3_uri),
             rules.role_problem(role, local=True),  # a missing role is checked below, after the SDK config is read
@@ -141,6 +150,8 @@ class UNetEstimator(Estimator):
 
         self._config = config
         self._kind = kind
+        self._image_cuda = image_cuda
+        self._baked_encoders = list(baked_encoders)
         self._checkpoint_s3_uri_given = checkpoint_s3_uri is not None
         self._volume_size_given = volume_size is not None
         self._extra_metric_definitions = [dict(d) for d in (metric_definitions or ())]
@@ -227,6 +238,10 @@ class UNetEstimator(Estimator):
 
     def training_inputs(self, inputs: Any, init_model: Any = None) -> dict[str, Any]:
         """The channels `fit(inputs)` would send (uploading local data), e.g. for `HyperparameterTuner.fit`."""
+        if self.enable_network_isolation():
+            fine_tuning = init_model is not None or (isinstance(inputs, Mapping) and INIT_MODEL_CHANNEL in inputs)
+            rules.raise_if([rules.network_isolation_problem(self._config, baked_encoders=self._baked_encoders,
+                                                            fine_tuning=fine_tuning)])
         resolver = InputResolver(
             local=self._kind.local,
             input_mode=self.input_mode,
@@ -241,6 +256,7 @@ class UNetEstimator(Estimator):
     def _fit_volume_to(self, dataset_bytes: int) -> None:
         if self._kind.local or not dataset_bytes:
             return
+        rules.raise_if([rules.dataset_storage_problem(self._kind, dataset_bytes)])
         needed = rules.volume_needed_gb(dataset_bytes)
         if self.volume_size >= needed:
             return
@@ -392,7 +408,7 @@ class UNetEstimator(Estimator):
         """
         rules.raise_if([rules.job_name_problem(name, kwargs.get(name)) for name in ("endpoint_name", "model_name")])
         if kwargs.get("serverless_inference_config") is None:
-            kind = rules.parse_instance_type(instance_type)
+            kind = rules.parse_instance_type(instance_type, self._image_cuda)
             initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
             if not _is_positive_int(initial_instance_count):
                 raise JobSettingsError(f"initial_instance_count={initial_instance_count!r}: use 1 or more")
@@ -428,7 +444,7 @@ class UNetEstimator(Estimator):
         """
         from sagemaker.utils import format_tags
 
-        kind = rules.parse_instance_type(instance_type)
+        kind = rules.parse_instance_type(instance_type, self._image_cuda)
         session = self._local_inference_session() if kind.local else self.sagemaker_session
         if not kind.local:
             self._check_hostable_remotely(instance_type)
