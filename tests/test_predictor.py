@@ -270,6 +270,41 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
     assert len(sent) == 8
 
 
+# --- real-time payload limits: 6 MB each way, checked before sending -----------------------------------------------------
+
+def test_a_request_over_the_realtime_limit_is_refused_before_sending(app):
+    from unetseg.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
+
+    sent: list[dict] = []
+    predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), content_type=codecs.NPY)
+    image = np.zeros((1500, 1500, 3), np.uint8)  # 6.75 MB as .npy
+    assert len(ImageSerializer(codecs.NPY).serialize(image)) > REALTIME_MAX_PAYLOAD_BYTES
+    with pytest.raises(ValueError, match=r"6,750,128 bytes.*at most 6,291,456 bytes.*batch transform") as raised:
+        predictor.predict(image)
+    assert "image/jpeg" in str(raised.value)
+    assert sent == []  # SageMaker would have refused it after the upload
+
+
+def test_probabilities_over_the_realtime_limit_are_refused_before_sending(app, segmenter):
+    sent: list[dict] = []
+    predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), classes=3)
+    image = np.zeros((1024, 1024, 3), np.uint8)  # 3 x 1024 x 1024 float16 = 6,291,456 bytes + the .npy header
+    with pytest.raises(ValueError, match=r"1024x1024 image with 3 classes.*6,291,584 bytes.*predict_json.*crops") as raised:
+        predictor.predict_proba(image)
+    assert "predict(" in str(raised.value)
+    assert sent == []
+    assert predictor.predict(image).shape == (1024, 1024)  # the mask is small: no refusal
+    # One row less fits, and the estimate is exactly what the server sends.
+    assert predictor.response_bytes((1024, 1023), accept=codecs.NPY, probabilities=True) == \
+        len(codecs.encode_npy(np.zeros((3, 1024, 1023), np.float16)))
+    probabilities = predictor.predict_proba(image[:, :1023])
+    assert probabilities.shape == (3, 1024, 1023)
+    # A predictor that does not know the class count assumes the fewest a model has (2).
+    with pytest.raises(ValueError, match="with 2 classes"):
+        UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent)).predict_proba(
+            np.zeros((1500, 1500), np.uint8))
+
+
 # --- deploy() and transformer() requests under moto ----------------------------------------------------------------------
 
 def trained_estimator(aws, **overrides) -> UNetEstimator:
@@ -310,6 +345,7 @@ def test_deploy_creates_model_config_and_endpoint_with_the_training_image(aws):
         "sagemaker.CreateModel", "sagemaker.CreateEndpointConfig", "sagemaker.CreateEndpoint"]
 
     assert isinstance(predictor, UNetPredictor) and predictor.endpoint_name == "cells"
+    assert predictor.classes == 3  # for the size of its probabilities
     assert isinstance(predictor.serializer, ImageSerializer) and isinstance(predictor.deserializer, MaskDeserializer)
     assert (predictor.content_type, predictor.accept) == (codecs.PNG, (codecs.PNG,))
     assert predictor.sagemaker_session is est.sagemaker_session

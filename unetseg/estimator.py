@@ -403,6 +403,7 @@ class UNetEstimator(Estimator):
             mask = predictor.predict(image)                          # (H, W) uint8
             predictor.delete_endpoint()
 
+        A real-time endpoint carries at most 6 MB each way; the predictor checks each request before sending it.
         `initial_instance_count` defaults to 1. Everything else is `Estimator.deploy`'s (endpoint_name, wait,
         serverless_inference_config, ...) or `create_model`'s (env, model_server_workers, ...).
         """
@@ -420,7 +421,12 @@ class UNetEstimator(Estimator):
                 kwargs["wait"] = False
             elif not kind.local:
                 self._check_hostable_remotely(instance_type)
-        return super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+        from .predictor import UNetPredictor
+
+        predictor = super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+        if isinstance(predictor, UNetPredictor):
+            predictor.classes = self._config.classes  # the size of its probabilities, checked before each request
+        return predictor
 
     def transformer(self, instance_count: int = 1, instance_type: Optional[str] = None,
                     strategy: Optional[str] = "SingleRecord", assemble_with: Optional[str] = None,
