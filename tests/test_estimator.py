@@ -145,6 +145,33 @@ def test_base_names_from_image_names(image, base):
     assert base_name_from_image(image) == base
 
 
+def test_the_container_checkpoints_where_checkpoint_local_path_says(aws, tmp_path):
+    # SageMaker syncs CheckpointConfig.LocalPath with S3; a container writing elsewhere loses every spot restart.
+    from unetseg.sagemaker_env import TrainingEnv
+
+    put_dataset(aws, "ds/")
+    est = make(aws, use_spot_instances=True, checkpoint_local_path="/opt/ml/my-checkpoints",
+               environment={"NCCL_DEBUG": "WARN"})
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    request = aws.sent("CreateTrainingJob")
+    assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/unetseg/{request['TrainingJobName']}/checkpoints",
+                                           "LocalPath": "/opt/ml/my-checkpoints"}
+    container = TrainingEnv.from_environ({**request["Environment"], "UNETSEG_OPT_ML": str(tmp_path)})
+    assert container.checkpoint_dir == Path(request["CheckpointConfig"]["LocalPath"])
+    assert request["Environment"]["NCCL_DEBUG"] == "WARN"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_local_path": "checkpoints"}, "an absolute path"),
+    ({"checkpoint_local_path": "/ck", "environment": {"UNETSEG_CHECKPOINT_DIR": "/other"}}, "UNETSEG_CHECKPOINT_DIR"),
+    ({"checkpoint_local_path": "/ck", "use_spot_instances": False}, "needs checkpoint_s3_uri"),
+])
+def test_a_checkpoint_local_path_the_container_cannot_honour_is_refused(aws, kwargs, message):
+    with pytest.raises(JobSettingsError, match=message):
+        make(aws, **{"use_spot_instances": True, **kwargs})
+    assert aws.requests == []
+
+
 # --- hyperparameters and metrics -------------------------------------------------------------------------------------
 
 def test_hyperparameters_validated_and_exposed(aws):

@@ -56,3 +56,19 @@ def test_a_tuning_trial_keeps_its_checkpoints_under_its_job_name(tmp_path):
     assert plain.checkpoint_dir == tmp_path / "checkpoints"
     moved = TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck", "SM_HPS": json.dumps({"_tuning_objective_metric": "x"})})
     assert moved.checkpoint_dir == Path("/ck") / base["TRAINING_JOB_NAME"]
+
+
+def test_the_checkpoint_dir_is_the_jobs_checkpoint_local_path(tmp_path):
+    # SageMaker writes the job's CheckpointConfig to input/config/checkpointconfig.json and syncs only LocalPath with
+    # S3: a job made by any client (a plain Estimator, the console) must checkpoint there.
+    config = tmp_path / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "checkpointconfig.json").write_text(json.dumps({"LocalPath": "/opt/ml/my-ck", "S3Uri": "s3://b/ck"}))
+    base = {"UNETSEG_OPT_ML": str(tmp_path), "TRAINING_JOB_NAME": "hpo-001-abc"}
+    assert TrainingEnv.from_environ(base).checkpoint_dir == Path("/opt/ml/my-ck")
+    trial = TrainingEnv.from_environ({**base, "SM_HPS": json.dumps({"_tuning_objective_metric": "val_miou"})})
+    assert trial.checkpoint_dir == Path("/opt/ml/my-ck/hpo-001-abc")
+    # UNETSEG_CHECKPOINT_DIR (what UNetEstimator sends for checkpoint_local_path) says the same and comes first.
+    assert TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck"}).checkpoint_dir == Path("/ck")
+    (config / "checkpointconfig.json").unlink()
+    assert TrainingEnv.from_environ(base).checkpoint_dir == tmp_path / "checkpoints"

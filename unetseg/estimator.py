@@ -33,7 +33,7 @@ from .errors import ArtifactError
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
 from .metrics_log import all_metric_names, metric_definitions, per_class_names
-from .sagemaker_env import INIT_MODEL_CHANNEL
+from .sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class UNetEstimator(Estimator):
         max_run: seconds the job may run (1 s to 28 days).
         use_spot_instances: managed spot training. `max_wait` defaults to 2 x max_run (capped at 28 days) and
             `checkpoint_s3_uri` to <output_path>/<job name>/checkpoints.
+        checkpoint_local_path: where the container keeps its checkpoints (default /opt/ml/checkpoints), which
+            SageMaker syncs with `checkpoint_s3_uri`; passed on to the container as $UNETSEG_CHECKPOINT_DIR.
         output_path: s3:// prefix for model artifacts (file:// in local mode). Default s3://<session default
             bucket>/unetseg/, or ./unetseg-output/<job name>/ in local mode.
         volume_size: GB of EBS volume. Raised automatically when fit() knows the dataset needs more (File mode).
@@ -137,8 +139,15 @@ class UNetEstimator(Estimator):
                               "exist only on SageMaker)", UserWarning, stacklevel=2)
             use_spot_instances, max_wait, checkpoint_s3_uri, checkpoint_local_path = False, None, None, None
             role = role or _LOCAL_MODE_ROLE
-        elif use_spot_instances and max_wait is None:
-            max_wait = rules.default_max_wait(max_run)
+        else:
+            rules.raise_if([rules.checkpoint_local_path_problem(
+                checkpoint_local_path, checkpointing=bool(use_spot_instances or checkpoint_s3_uri),
+                environment=environment)])
+            if checkpoint_local_path is not None:
+                # SageMaker syncs LocalPath but tells the container nothing of it; the container reads this variable.
+                environment = {**(environment or {}), CHECKPOINT_DIR_ENV: checkpoint_local_path}
+            if use_spot_instances and max_wait is None:
+                max_wait = rules.default_max_wait(max_run)
 
         # 3. The session (no request is sent by creating it), then what depends on it.
         session = _session_for(kind, sagemaker_session, region)

@@ -441,6 +441,25 @@ def base_name_from_image(image_uri: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", repository).strip("-") or DEFAULT_BASE_NAME
 
 
+def checkpoint_local_path_problem(path: Any, *, checkpointing: bool, environment: Any) -> Optional[str]:
+    """Why the container could not keep its checkpoints at `path` (CheckpointConfig.LocalPath), or None."""
+    from .sagemaker_env import CHECKPOINT_DIR_ENV
+
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path.startswith("/"):
+        return (f"checkpoint_local_path={path!r} must be an absolute path in the container, such as "
+                "/opt/ml/checkpoints (the default)")
+    if not checkpointing:
+        return (f"checkpoint_local_path={path!r} needs checkpoint_s3_uri (or use_spot_instances=True, which sets one): "
+                "without it SageMaker syncs nothing and ignores the path")
+    given = environment.get(CHECKPOINT_DIR_ENV) if isinstance(environment, Mapping) else None
+    if given is not None and given != path:
+        return (f"environment {CHECKPOINT_DIR_ENV}={given!r} differs from checkpoint_local_path={path!r}; the "
+                "container must write its checkpoints where SageMaker syncs them: drop the variable")
+    return None
+
+
 def environment_problems(environment: Any) -> list[str]:
     if environment is None:
         return []

@@ -10,8 +10,10 @@ SageMaker (and the sagemaker-training toolkit) hands a job its inputs as environ
 - SM_HOSTS / SM_CURRENT_HOST, else /opt/ml/input/config/resourceconfig.json;
 - SM_NUM_GPUS, which reads 0 where nvidia-smi is missing: the engine falls back to torch.cuda.device_count().
 
-/opt/ml/checkpoints is synced to the job's checkpoint_s3_uri. UNETSEG_OPT_ML moves the whole tree (tests, local
-runs); UNETSEG_CHECKPOINT_DIR moves only the checkpoints. This module must not import torch.
+The job's CheckpointConfig.LocalPath (default /opt/ml/checkpoints) is what SageMaker syncs with checkpoint_s3_uri; it
+is in /opt/ml/input/config/checkpointconfig.json, and UNetEstimator also passes it as UNETSEG_CHECKPOINT_DIR.
+UNETSEG_OPT_ML moves the whole tree (tests, local runs); UNETSEG_CHECKPOINT_DIR moves only the checkpoints. This module
+must not import torch.
 
 A tuning job gives every trial the same checkpoint_s3_uri (sagemaker/tuner.py copies the estimator's into the one
 training job definition), so a trial would resume from whichever trial wrote last.pt before it. A trial (its
@@ -30,6 +32,7 @@ from typing import Any, Mapping, Optional
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
 INIT_MODEL_CHANNEL = "init_model"  # an input channel holding a trained unetseg model.tar.gz to fine-tune from
+CHECKPOINT_DIR_ENV = "UNETSEG_CHECKPOINT_DIR"  # where checkpoints go instead of <root>/checkpoints
 
 # Payload and time limits of SageMaker inference, which only the real service enforces (the SDK and moto do not):
 # the predictor checks requests against them before sending, and the server's defaults follow the mode it serves.
@@ -77,7 +80,8 @@ class TrainingEnv:
         gpus = env.get("SM_NUM_GPUS")
         hyperparameters = _hyperparameters(env, config_dir)
         job_name = env.get("TRAINING_JOB_NAME") or None
-        checkpoint_dir = Path(env.get("UNETSEG_CHECKPOINT_DIR", root / "checkpoints"))
+        synced = (_read_json(config_dir / "checkpointconfig.json") or {}).get("LocalPath")
+        checkpoint_dir = Path(env.get(CHECKPOINT_DIR_ENV) or synced or root / "checkpoints")
         if TUNING_MARKER in hyperparameters and job_name:
             checkpoint_dir = checkpoint_dir / job_name
         return cls(
