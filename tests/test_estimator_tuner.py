@@ -116,3 +116,26 @@ def test_a_tuning_job_name_given_to_fit_is_checked(aws):
     with pytest.raises(JobSettingsError, match="job_name='hpo-for-the-cells-dataset-of-2024'.*32"):
         tuner.fit(f"s3://{BUCKET}/ds/", job_name="hpo-for-the-cells-dataset-of-2024", wait=False)
     assert "sagemaker.CreateHyperParameterTuningJob" not in aws.requests
+
+
+def test_each_tuning_job_has_a_checkpoint_prefix_of_its_own(aws):
+    # SageMaker gives all trials of a tuning job one CheckpointConfig and restores the whole prefix into each trial:
+    # the prefix must hold this tuning job's trials only, never another tuning job's or a plain job's state.
+    put_dataset(aws)
+    est = make(aws, use_spot_instances=True, checkpoint_local_path="/opt/ml/ck")
+    tuner = est.tuner(RANGES, max_jobs=4, max_parallel_jobs=2)
+    tuner.fit(f"s3://{BUCKET}/ds/", wait=False)
+    tuner.fit(f"s3://{BUCKET}/ds/", job_name="cells-hpo-2", wait=False)
+    given = make(aws, use_spot_instances=True, checkpoint_s3_uri=f"s3://{BUCKET}/ck/")
+    given.tuner(RANGES).fit(f"s3://{BUCKET}/ds/", job_name="cells-hpo-3", wait=False)
+    prefixes = []
+    for body in aws.bodies["CreateHyperParameterTuningJob"]:
+        definition = body["TrainingJobDefinition"]
+        prefixes.append(definition["CheckpointConfig"]["S3Uri"])
+        assert definition["EnableManagedSpotTraining"] is True
+    name = aws.bodies["CreateHyperParameterTuningJob"][0]["HyperParameterTuningJobName"]
+    assert prefixes == [f"s3://{BUCKET}/unetseg/{name}/checkpoints", f"s3://{BUCKET}/unetseg/cells-hpo-2/checkpoints",
+                        f"s3://{BUCKET}/ck/cells-hpo-3"]
+    first = aws.bodies["CreateHyperParameterTuningJob"][0]["TrainingJobDefinition"]
+    assert first["CheckpointConfig"]["LocalPath"] == first["Environment"]["UNETSEG_CHECKPOINT_DIR"] == "/opt/ml/ck"
+    assert given.checkpoint_s3_uri == f"s3://{BUCKET}/ck/"  # the estimator's own jobs keep the URI given

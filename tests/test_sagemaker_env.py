@@ -72,3 +72,25 @@ def test_the_checkpoint_dir_is_the_jobs_checkpoint_local_path(tmp_path):
     assert TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck"}).checkpoint_dir == Path("/ck")
     (config / "checkpointconfig.json").unlink()
     assert TrainingEnv.from_environ(base).checkpoint_dir == tmp_path / "checkpoints"
+
+
+def test_a_finished_tuning_trial_removes_its_state_from_the_synced_folder(tmp_path):
+    # SageMaker restores a tuning job's whole checkpoint prefix into every trial, and deletes from S3 what the
+    # container deletes from the synced folder. A trial that finished removes its own state, so later trials fetch
+    # only the state of trials still running; another trial's state (restored here) is left alone.
+    from support import TINY, make_channel, run_entry, sagemaker_tree
+
+    data = make_channel(tmp_path / "data", count=4)
+    hps = {**TINY, "epochs": 1, "num_workers": 0, "_tuning_objective_metric": "val_miou"}
+    env = sagemaker_tree(tmp_path / "ml", hps, {"train": data})
+    checkpoints = tmp_path / "ml" / "checkpoints"
+    (tmp_path / "ml" / "input" / "config" / "checkpointconfig.json").write_text(
+        json.dumps({"LocalPath": str(checkpoints), "S3Uri": "s3://b/hpo-1/checkpoints"}))
+    other = checkpoints / "hpo-1-001-aaaa"
+    other.mkdir(parents=True)
+    (other / "last.pt").write_bytes(b"another trial, still running")
+    done = run_entry({**env, "TRAINING_JOB_NAME": "hpo-1-002-bbbb"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ml" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["hpo-1-001-aaaa"]
+    assert (other / "last.pt").read_bytes() == b"another trial, still running"

@@ -19,12 +19,18 @@ A tuning job gives every trial the same checkpoint_s3_uri (sagemaker/tuner.py co
 training job definition), so a trial would resume from whichever trial wrote last.pt before it. A trial (its
 hyperparameters carry `_tuning_objective_metric`) therefore keeps its state under checkpoints/<TRAINING_JOB_NAME>:
 a spot restart of that trial keeps its name and resumes; another trial starts fresh.
+
+SageMaker also restores the whole prefix into every trial (there is one CheckpointConfig per tuning job and no
+per-trial prefix), and deletes from S3 what the container deletes from the synced folder. A trial that finished
+therefore removes its own state (`discard_finished_trial_state`), so that a later trial fetches only the state of
+trials still running or interrupted, not of every trial before it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -54,10 +60,20 @@ class TrainingEnv:
     current_host: str = "algo-1"
     num_gpus: Optional[int] = None  # None: unknown here, the engine asks torch
     job_name: Optional[str] = None
+    tuning_trial: bool = False  # a training job of a hyperparameter tuning job
+    checkpoints_synced: bool = False  # SageMaker syncs the checkpoint folder with S3 (the job has a CheckpointConfig)
 
     @property
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
+
+    def discard_finished_trial_state(self) -> None:
+        """After a tuning trial finished (not on a stop: a spot restart resumes from it), remove its state from the
+        synced folder, and so from S3. Only its own folder: the others hold running trials' state, and deleting a
+        restored copy here would delete it from S3 too. Once per host (local rank 0): each host syncs its folder."""
+        if (self.tuning_trial and self.checkpoints_synced and self.job_name
+                and os.environ.get("LOCAL_RANK", "0") == "0" and self.checkpoint_dir.name == self.job_name):
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     @property
     def host_rank(self) -> int:
@@ -80,9 +96,11 @@ class TrainingEnv:
         gpus = env.get("SM_NUM_GPUS")
         hyperparameters = _hyperparameters(env, config_dir)
         job_name = env.get("TRAINING_JOB_NAME") or None
-        synced = (_read_json(config_dir / "checkpointconfig.json") or {}).get("LocalPath")
+        checkpoint_config = _read_json(config_dir / "checkpointconfig.json")  # written by SageMaker for a CheckpointConfig
+        synced = (checkpoint_config or {}).get("LocalPath")
         checkpoint_dir = Path(env.get(CHECKPOINT_DIR_ENV) or synced or root / "checkpoints")
-        if TUNING_MARKER in hyperparameters and job_name:
+        tuning_trial = TUNING_MARKER in hyperparameters
+        if tuning_trial and job_name:
             checkpoint_dir = checkpoint_dir / job_name
         return cls(
             hyperparameters=hyperparameters,
@@ -95,6 +113,8 @@ class TrainingEnv:
             current_host=current,
             num_gpus=int(gpus) if gpus not in (None, "") and int(gpus) > 0 else None,
             job_name=job_name,
+            tuning_trial=tuning_trial,
+            checkpoints_synced=checkpoint_config is not None,
         )
 
 
