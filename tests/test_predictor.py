@@ -481,10 +481,14 @@ def test_a_local_mode_model_is_not_sent_to_sagemaker(aws, monkeypatch):
 def test_deploy_and_transformer_import_no_torch():
     script = textwrap.dedent(f"""
         import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
         from moto import mock_aws
         with mock_aws():
             import boto3, sagemaker
             import numpy as np
+            import strict_aws  # SageMaker's own request validation, as in every moto-backed test
+            boto3.setup_default_session(region_name="us-east-1")
+            strict_aws.install(boto3.DEFAULT_SESSION.events)
             from unetseg.estimator import UNetEstimator
             s3 = boto3.client("s3", region_name="us-east-1")
             s3.create_bucket(Bucket={BUCKET!r})
