@@ -306,11 +306,12 @@ def test_network_isolation_needs_pretrained_weights_in_the_image(aws):
     data = f"s3://{BUCKET}/ds/"
     make(aws, enable_network_isolation=True, baked_encoders=["resnet34"]).fit(data, wait=False, logs=False)
     make(aws, enable_network_isolation=True, baked_encoders=["resnet34:imagenet"]).fit(data, wait=False, logs=False)
-    make(aws, enable_network_isolation=True, hyperparameters={"encoder_weights": None}).fit(data, wait=False, logs=False)
+    no_weights = make(aws, enable_network_isolation=True, hyperparameters={"encoder_weights": None})
+    no_weights.fit(data, wait=False, logs=False)
     make(aws, enable_network_isolation=True).fit(data, init_model=f"s3://{BUCKET}/models/a/model.tar.gz", wait=False,
                                                  logs=False)  # fine-tuning starts from the model, not from ImageNet
     assert [body.get("EnableNetworkIsolation") for body in aws.bodies["CreateTrainingJob"]] == [True] * 4
-    with pytest.raises(JobSettingsError, match=r"encoder resnet34 with imagenet weights.*baked_encoders=\['resnet50'\]"):
+    with pytest.raises(JobSettingsError, match=r"encoder resnet34 with imagenet.*baked_encoders=\['resnet50'\]"):
         make(aws, enable_network_isolation=True, baked_encoders=["resnet50"]).fit(data, wait=False, logs=False)
     make(aws, baked_encoders=["resnet50"]).fit(data, wait=False, logs=False)  # with network access, weights download
     assert len(aws.bodies["CreateTrainingJob"]) == 5

@@ -270,7 +270,7 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
     assert len(sent) == 8
 
 
-# --- real-time payload limits: 6 MB each way, checked before sending -----------------------------------------------------
+# --- real-time payload limits: 6 MB each way, checked before sending ------------------------------------------------
 
 def test_a_request_over_the_realtime_limit_is_refused_before_sending(app):
     from unetseg.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
@@ -289,7 +289,8 @@ def test_probabilities_over_the_realtime_limit_are_refused_before_sending(app, s
     sent: list[dict] = []
     predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), classes=3)
     image = np.zeros((1024, 1024, 3), np.uint8)  # 3 x 1024 x 1024 float16 = 6,291,456 bytes + the .npy header
-    with pytest.raises(ValueError, match=r"1024x1024 image with 3 classes.*6,291,584 bytes.*predict_json.*crops") as raised:
+    expected = r"1024x1024 image with 3 classes.*6,291,584 bytes.*predict_json.*crops"
+    with pytest.raises(ValueError, match=expected) as raised:
         predictor.predict_proba(image)
     assert "predict(" in str(raised.value)
     assert sent == []

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .sagemaker_env import CHECKPOINT_DIR_ENV
 
 
 class JobSettingsError(ConfigError):
@@ -178,8 +179,8 @@ def parse_instance_type(instance_type: Any, image_cuda: Optional[str] = IMAGE_CU
         )
     family = match["family"]
     if family in _ARM_FAMILIES or _ARM_FAMILY.match(family):
-        raise JobSettingsError(f"instance_type={instance_type!r} runs on an Arm host and the unetseg image is built for "
-                               "linux/amd64 (x86_64); use an x86 type such as ml.c6i, ml.m5 or a GPU type such as "
+        raise JobSettingsError(f"instance_type={instance_type!r} runs on an Arm host and the unetseg image is built "
+                               "for linux/amd64 (x86_64); use an x86 type such as ml.c6i, ml.m5 or a GPU type such as "
                                "ml.g5 or ml.p5")
     if family in _UNUSABLE_FAMILIES:
         raise JobSettingsError(f"instance_type={instance_type!r}: {_UNUSABLE_FAMILIES[family]}")
@@ -214,9 +215,15 @@ def cuda_build_problem(gpu: Gpu, image_cuda: Optional[str]) -> Optional[str]:
     if not builds:
         return (f"its NVIDIA {gpu.name} ({gpu.arch}) is not supported by current PyTorch CUDA builds ({where}); "
                 "use ml.g4dn, ml.g5 or newer")
-    return (f"its NVIDIA {gpu.name} ({gpu.arch}) needs a PyTorch build for CUDA {builds[0]} or later, and {where}; "
-            f"build the image on such a base (unetseg image build --base-image "
-            f"pytorch/pytorch:<version>-cuda{builds[0]}-cudnn9-runtime) and pass image_cuda='{builds[0]}'")
+    newer = _version(builds[0]) > _version(image_cuda)
+    build = builds[0] if newer else builds[-1]
+    return (f"its NVIDIA {gpu.name} ({gpu.arch}) needs a PyTorch build for CUDA {build} or "
+            f"{'later' if newer else 'earlier'}, and {where}; build the image on such a base (unetseg image build "
+            f"--base-image pytorch/pytorch:<version>-cuda{build}-cudnn9-runtime) and pass image_cuda='{build}'")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
 
 
 def _suggest_instance_type(text: str) -> str:
@@ -288,7 +295,8 @@ def runtime_problems(*, max_run: Any, max_wait: Any, use_spot_instances: bool) -
 
 
 def resource_problems(*, kind: Optional[InstanceKind], instance_count: Any, volume_size: Any,
-                      keep_alive_period_in_seconds: Any, input_mode: Any, use_spot_instances: bool = False) -> list[str]:
+                      keep_alive_period_in_seconds: Any, input_mode: Any,
+                      use_spot_instances: bool = False) -> list[str]:
     problems = []
     if not _is_int(instance_count) or instance_count < 1:
         problems.append(f"instance_count={instance_count!r} must be a whole number >= 1")
@@ -330,7 +338,8 @@ def dataset_storage_problem(kind: InstanceKind, dataset_bytes: int) -> Optional[
             "instance type with more storage")
 
 
-def network_isolation_problem(config: TrainConfig, *, baked_encoders: Iterable[str], fine_tuning: bool) -> Optional[str]:
+def network_isolation_problem(config: TrainConfig, *, baked_encoders: Iterable[str],
+                              fine_tuning: bool) -> Optional[str]:
     """Why a job with enable_network_isolation=True could not fetch its pretrained encoder weights, or None.
 
     The engine downloads `encoder_weights='imagenet'` at the start of a fresh run (anything else is none or a file);
@@ -443,8 +452,6 @@ def base_name_from_image(image_uri: str) -> str:
 
 def checkpoint_local_path_problem(path: Any, *, checkpointing: bool, environment: Any) -> Optional[str]:
     """Why the container could not keep its checkpoints at `path` (CheckpointConfig.LocalPath), or None."""
-    from .sagemaker_env import CHECKPOINT_DIR_ENV
-
     if path is None:
         return None
     if not isinstance(path, str) or not path.startswith("/"):

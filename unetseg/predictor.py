@@ -222,9 +222,9 @@ class UNetPredictor(Predictor):
             height, width = shape
             if not probabilities:
                 raise PayloadTooLarge(
-                    f"the .npy mask of a {height}x{width} image is {answer:,} bytes, over the {REALTIME_MAX_PAYLOAD_BYTES:,}"
-                    "-byte (6 MiB) answer a real-time endpoint carries; ask for it as a PNG (predict(), compressed) "
-                    "or run a batch transform")
+                    f"the .npy mask of a {height}x{width} image is {answer:,} bytes, over the "
+                    f"{REALTIME_MAX_PAYLOAD_BYTES:,}-byte (6 MiB) answer a real-time endpoint carries; ask for it as a "
+                    "PNG (predict(), compressed) or run a batch transform")
             pixels = (REALTIME_MAX_PAYLOAD_BYTES - 1024) // (2 * classes)
             side = int(pixels ** 0.5)
             raise PayloadTooLarge(

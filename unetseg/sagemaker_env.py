@@ -96,7 +96,7 @@ class TrainingEnv:
         gpus = env.get("SM_NUM_GPUS")
         hyperparameters = _hyperparameters(env, config_dir)
         job_name = env.get("TRAINING_JOB_NAME") or None
-        checkpoint_config = _read_json(config_dir / "checkpointconfig.json")  # written by SageMaker for a CheckpointConfig
+        checkpoint_config = _read_json(config_dir / "checkpointconfig.json")  # SageMaker's, for a CheckpointConfig
         synced = (checkpoint_config or {}).get("LocalPath")
         checkpoint_dir = Path(env.get(CHECKPOINT_DIR_ENV) or synced or root / "checkpoints")
         tuning_trial = TUNING_MARKER in hyperparameters
