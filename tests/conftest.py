@@ -8,7 +8,9 @@
   lookup (sagemaker/utils.py, get_sagemaker_config_value), about 0.2 s each and ~20 per fit() once a config file
   exists. Each distinct config is still validated once.
 - `aws`: moto's mock_aws with a boto3 session whose every request is recorded (service, operation, parsed JSON
-  body for SageMaker), a test bucket, and a SageMaker Session bound to both.
+  body for SageMaker), a test bucket, and a SageMaker Session bound to both. Every SageMaker request is first checked
+  against botocore's service model as the real service checks it (strict_aws): one that SageMaker would refuse raises
+  its ValidationException here, instead of being accepted by moto.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
+import strict_aws
 
 REGION = "us-east-1"
 BUCKET = "unetseg-test-bucket"
@@ -123,6 +126,7 @@ def recording_boto_session(requests: list[str], bodies: dict[str, list[dict]]) -
         _SHARED_LOADER.append(core.get_component("data_loader"))
     core.register_component("data_loader", _SHARED_LOADER[0])
     boto_session = boto3.Session(botocore_session=core, region_name=REGION)
+    strict_aws.install(boto_session.events)
 
     def on_send(event_name: str, **_: Any) -> None:
         requests.append(".".join(event_name.split(".")[1:3]))  # before-send.<service>.<Operation>

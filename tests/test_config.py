@@ -78,6 +78,9 @@ def test_keys_sagemaker_adds_are_ignored():
     ({"class_weights": [1, 2, 3]}, ["class_weights has 3 weights but classes=2"]),
     ({"class_weights": [0, 0]}, ["class_weights=[0.0, 0.0]", "at least one > 0"]),
     ({"class_weights": "auto", "loss": "focal"}, ["use loss=ce or dice_ce, not loss=focal"]),
+    ({"classes": 3, "class_names": ["bg", "Cell Nucleus", "cell-nucleus"]},
+     ["class_names 'Cell Nucleus' and 'cell-nucleus'", "val_iou_cell_nucleus", "rename"]),
+    ({"class_names": ["", "class"]}, ["class_names '' and 'class'", "val_iou_class"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(fields, expected):
     with pytest.raises(ConfigError) as info:

@@ -45,7 +45,7 @@ def test_create_training_job_request_carries_every_setting(aws):
            "amp": "bf16", "channels_last": True}
     put_dataset(aws, "datasets/cells/")
     est = make(aws, instance_count=2, use_spot_instances=True, max_run=4 * 3600, hyperparameters=hps,
-               keep_alive_period_in_seconds=600, environment={"NCCL_DEBUG": "WARN"})
+               environment={"NCCL_DEBUG": "WARN"})
     assert aws.requests == []  # constructing sends nothing
 
     est.fit(f"s3://{BUCKET}/datasets/cells/", wait=False, logs=False)
@@ -63,8 +63,7 @@ def test_create_training_job_request_carries_every_setting(aws):
     assert all(isinstance(v, str) for v in request["HyperParameters"].values())
     assert request["HyperParameters"]["channels_last"] == "true"
     assert request["HyperParameters"]["class_names"] == '["bg", "cell", "edge"]'
-    assert request["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30,
-                                         "KeepAlivePeriodInSeconds": 600}
+    assert request["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 4 * 3600, "MaxWaitTimeInSeconds": 8 * 3600}
     assert request["EnableManagedSpotTraining"] is True
     assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/unetseg/{job}/checkpoints"}
@@ -87,10 +86,11 @@ def test_create_training_job_request_carries_every_setting(aws):
 
 def test_on_demand_job_has_no_spot_fields_and_fastfile_passes_through(aws):
     put_dataset(aws, "ds/")
-    est = make(aws, instance_type="ml.m5.xlarge", input_mode="FastFile", max_run=3600)
+    est = make(aws, instance_type="ml.m5.xlarge", input_mode="FastFile", max_run=3600, keep_alive_period_in_seconds=600)
     est.fit(f"s3://{BUCKET}/ds", wait=False, logs=False)
     request = aws.sent("CreateTrainingJob")
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600}
+    assert request["ResourceConfig"]["KeepAlivePeriodInSeconds"] == 600  # a warm pool: on-demand only
     assert "EnableManagedSpotTraining" not in request and "CheckpointConfig" not in request
     assert request["AlgorithmSpecification"]["TrainingInputMode"] == "FastFile"
     assert {c["InputMode"] for c in request["InputDataConfig"]} == {"FastFile"}
@@ -115,6 +115,61 @@ def test_each_fit_gets_its_own_checkpoint_prefix(aws):
     est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False, job_name="second-job")
     uris = [body["CheckpointConfig"]["S3Uri"] for body in aws.bodies["CreateTrainingJob"]]
     assert uris == [f"s3://{BUCKET}/unetseg/first-job/checkpoints", f"s3://{BUCKET}/unetseg/second-job/checkpoints"]
+
+
+UNDERSCORED_IMAGE = "111122223333.dkr.ecr.us-east-1.amazonaws.com/team/unet_seg.v2:1"  # ECR allows _ and .
+
+
+def test_a_job_named_after_an_image_with_underscores_and_dots_is_valid(aws):
+    # The SDK names a job after the image's repository (unet_seg.v2-<timestamp>); SageMaker names allow neither _
+    # nor . (the strict stand-in refuses such a request as the service does).
+    put_dataset(aws, "ds/")
+    est = make(aws, image_uri=UNDERSCORED_IMAGE)
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    name = aws.sent("CreateTrainingJob")["TrainingJobName"]
+    assert name.startswith("unet-seg-v2-") and len(name) <= 63
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False, job_name="given-name")  # a name given is used as it is
+    assert aws.bodies["CreateTrainingJob"][1]["TrainingJobName"] == "given-name"
+
+
+@pytest.mark.parametrize("image, base", [
+    ("111122223333.dkr.ecr.us-east-1.amazonaws.com/unetseg:1.0", "unetseg"),
+    (UNDERSCORED_IMAGE, "unet-seg-v2"),
+    ("localhost:5000/__seg__:latest", "seg"),
+    ("111122223333.dkr.ecr.us-east-1.amazonaws.com/___:1", "unetseg"),
+    ("registry.example.com/team/seg@sha256:" + "0" * 64, "seg-sha256"),
+])
+def test_base_names_from_image_names(image, base):
+    from unetseg.job_rules import base_name_from_image
+
+    assert base_name_from_image(image) == base
+
+
+def test_the_container_checkpoints_where_checkpoint_local_path_says(aws, tmp_path):
+    # SageMaker syncs CheckpointConfig.LocalPath with S3; a container writing elsewhere loses every spot restart.
+    from unetseg.sagemaker_env import TrainingEnv
+
+    put_dataset(aws, "ds/")
+    est = make(aws, use_spot_instances=True, checkpoint_local_path="/opt/ml/my-checkpoints",
+               environment={"NCCL_DEBUG": "WARN"})
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    request = aws.sent("CreateTrainingJob")
+    assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/unetseg/{request['TrainingJobName']}/checkpoints",
+                                           "LocalPath": "/opt/ml/my-checkpoints"}
+    container = TrainingEnv.from_environ({**request["Environment"], "UNETSEG_OPT_ML": str(tmp_path)})
+    assert container.checkpoint_dir == Path(request["CheckpointConfig"]["LocalPath"])
+    assert request["Environment"]["NCCL_DEBUG"] == "WARN"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint_local_path": "checkpoints"}, "an absolute path"),
+    ({"checkpoint_local_path": "/ck", "environment": {"UNETSEG_CHECKPOINT_DIR": "/other"}}, "UNETSEG_CHECKPOINT_DIR"),
+    ({"checkpoint_local_path": "/ck", "use_spot_instances": False}, "needs checkpoint_s3_uri"),
+])
+def test_a_checkpoint_local_path_the_container_cannot_honour_is_refused(aws, kwargs, message):
+    with pytest.raises(JobSettingsError, match=message):
+        make(aws, **{"use_spot_instances": True, **kwargs})
+    assert aws.requests == []
 
 
 # --- hyperparameters and metrics -------------------------------------------------------------------------------------
@@ -218,6 +273,112 @@ def test_volume_grows_to_fit_a_file_mode_dataset(aws):
     streamed = make(aws, volume_size=5, input_mode="FastFile")
     streamed.fit(f"s3://{BUCKET}/big/", wait=False, logs=False)
     assert aws.bodies["CreateTrainingJob"][1]["ResourceConfig"]["VolumeSizeInGB"] == 5
+
+
+def test_a_file_mode_dataset_larger_than_the_nvme_storage_is_refused(aws, monkeypatch):
+    # ml.g5.xlarge has 250 GB of NVMe instance storage, which SageMaker uses instead of an EBS volume; it refuses a
+    # larger VolumeSizeInGB, and a File-mode copy of more would fill the disk.
+    import unetseg.fit_inputs
+
+    put_dataset(aws, "ds/")
+    monkeypatch.setattr(unetseg.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 100 * 2**30)  # 2 channels
+    with pytest.raises(JobSettingsError, match=r"ml.g5.xlarge has 250 GB of NVMe instance storage.*FastFile"):
+        make(aws, instance_type="ml.g5.xlarge").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    assert "sagemaker.CreateTrainingJob" not in aws.requests
+    make(aws, instance_type="ml.g5.xlarge", input_mode="FastFile").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    monkeypatch.setattr(unetseg.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 80 * 2**30)
+    make(aws, instance_type="ml.g5.xlarge").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    assert [body["ResourceConfig"]["VolumeSizeInGB"] for body in aws.bodies["CreateTrainingJob"]] == [30, 210]
+
+
+def test_a_blackwell_gpu_trains_with_an_image_built_for_cuda_12_8(aws):
+    put_dataset(aws, "ds/")
+    est = make(aws, instance_type="ml.p6-b200.48xlarge", image_cuda="12.8", hyperparameters={"amp": "bf16"})
+    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
+    assert aws.sent("CreateTrainingJob")["ResourceConfig"]["InstanceType"] == "ml.p6-b200.48xlarge"
+    with pytest.raises(JobSettingsError, match="image_cuda='12.6'.*V100|V100.*image_cuda"):
+        make(aws, instance_type="ml.p3.2xlarge", image_cuda="13.0")  # CUDA 13 builds leave Volta out
+
+
+def test_network_isolation_needs_pretrained_weights_in_the_image(aws):
+    put_dataset(aws, "ds/")
+    aws.boto_session.client("s3").put_object(Bucket=BUCKET, Key="models/a/model.tar.gz", Body=b"x")
+    data = f"s3://{BUCKET}/ds/"
+    make(aws, enable_network_isolation=True, baked_encoders=["resnet34"]).fit(data, wait=False, logs=False)
+    make(aws, enable_network_isolation=True, baked_encoders=["resnet34:imagenet"]).fit(data, wait=False, logs=False)
+    no_weights = make(aws, enable_network_isolation=True, hyperparameters={"encoder_weights": None})
+    no_weights.fit(data, wait=False, logs=False)
+    make(aws, enable_network_isolation=True).fit(data, init_model=f"s3://{BUCKET}/models/a/model.tar.gz", wait=False,
+                                                 logs=False)  # fine-tuning starts from the model, not from ImageNet
+    assert [body.get("EnableNetworkIsolation") for body in aws.bodies["CreateTrainingJob"]] == [True] * 4
+    with pytest.raises(JobSettingsError, match=r"encoder resnet34 with imagenet.*baked_encoders=\['resnet50'\]"):
+        make(aws, enable_network_isolation=True, baked_encoders=["resnet50"]).fit(data, wait=False, logs=False)
+    make(aws, baked_encoders=["resnet50"]).fit(data, wait=False, logs=False)  # with network access, weights download
+    assert len(aws.bodies["CreateTrainingJob"]) == 5
+
+
+# --- what an instance type offers: job_rules' table against EC2's own description of each type ----------------------
+
+def ec2_instance_types() -> dict:
+    """EC2 DescribeInstanceTypes data as moto ships it: architectures, GPUs, instance storage per type."""
+    import gzip
+    import json
+
+    import moto
+
+    path = Path(moto.__file__).parent / "ec2" / "resources" / "instance_types.json.gz"
+    return json.loads(gzip.decompress(path.read_bytes()))
+
+
+def sagemaker_instance_types(*shapes: str) -> list[str]:
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shapes = shapes or ("TrainingInstanceType", "ProductionVariantInstanceType", "TransformInstanceType")
+    return sorted({t for shape in shapes for t in model.shape_for(shape).enum if t.startswith("ml.")})
+
+
+def test_instance_types_on_arm_hosts_are_refused():
+    from unetseg.job_rules import parse_instance_type
+
+    ec2 = ec2_instance_types()
+    described = [t for t in sagemaker_instance_types() if t[3:] in ec2]
+    arm = [t for t in described if "arm64" in ec2[t[3:]]["ProcessorInfo"]["SupportedArchitectures"]]
+    assert len(arm) > 20, arm  # Graviton: c6g, c7g, m6gd, r8g, ...
+    for instance_type in arm + ["ml.p6e-gb200.36xlarge"]:  # GB200's Grace host (not in moto's data)
+        with pytest.raises(JobSettingsError, match="Arm"):
+            parse_instance_type(instance_type)
+    for instance_type in set(described) - set(arm):
+        try:
+            parse_instance_type(instance_type)
+        except JobSettingsError as exc:
+            assert "Arm" not in str(exc), instance_type
+
+
+def test_the_gpu_table_matches_ec2():
+    from unetseg.job_rules import GPU_FAMILIES
+
+    ec2 = ec2_instance_types()
+    for instance_type in sagemaker_instance_types():
+        gpus = ec2.get(instance_type[3:], {}).get("GpuInfo", {}).get("Gpus", [])
+        family = instance_type.split(".")[1]
+        if gpus:
+            assert family in GPU_FAMILIES and GPU_FAMILIES[family].name == gpus[0]["Name"], instance_type
+        elif instance_type[3:] in ec2:
+            assert family not in GPU_FAMILIES, instance_type
+
+
+def test_the_instance_storage_table_matches_ec2():
+    from unetseg.job_rules import instance_storage_gb
+
+    ec2 = ec2_instance_types()
+    checked = 0
+    for instance_type in sagemaker_instance_types("TrainingInstanceType"):
+        if instance_type[3:] in ec2:
+            expected = ec2[instance_type[3:]].get("InstanceStorageInfo", {}).get("TotalSizeInGB")
+            assert instance_storage_gb(instance_type) == expected, instance_type
+            checked += expected is not None
+    assert checked > 50
 
 
 # --- attach and load_model ---------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ def _pipe_input():
     return {"train": TrainingInput(f"s3://{BUCKET}/ds/train/", input_mode="Pipe")}
 
 
+def _sharded_input():
+    from sagemaker.inputs import TrainingInput
+
+    return {"train": TrainingInput(f"s3://{BUCKET}/ds/train/", distribution="ShardedByS3Key")}
+
+
 def _colors(n):
     return [[i, (i * 7) % 256, (i * 13) % 256] for i in range(n)]
 
@@ -52,6 +58,8 @@ CASES = {
     "max_run beyond 28 days": (construct(max_run=29 * 24 * 3600), JobSettingsError, "28 days"),
     "max_run as a string": (construct(max_run="3600"), JobSettingsError, "max_run='3600'"),
     "keep-alive beyond the limit": (construct(keep_alive_period_in_seconds=99999), JobSettingsError, "0 to 21600"),
+    "spot with a warm pool": (construct(use_spot_instances=True, keep_alive_period_in_seconds=600), JobSettingsError,
+                              "warm pools cannot use spot capacity"),
     # instances
     "instance_count zero": (construct(instance_count=0), JobSettingsError, "instance_count=0 must be"),
     "local_gpu with two instances": (construct(instance_type="local_gpu", instance_count=2), JobSettingsError,
@@ -64,6 +72,14 @@ CASES = {
     "no instance type": (construct(instance_type=None), JobSettingsError, "instance_type is required"),
     "Kepler GPU": (construct(instance_type="ml.p2.xlarge"), JobSettingsError, "K80"),
     "Trainium": (construct(instance_type="ml.trn1.2xlarge"), JobSettingsError, "not a CUDA GPU"),
+    "Arm host (GB200)": (construct(instance_type="ml.p6e-gb200.36xlarge"), JobSettingsError, "Arm"),
+    "Blackwell B200 with the CUDA 12.6 image": (construct(instance_type="ml.p6-b200.48xlarge"), JobSettingsError,
+                                                "CUDA 12.8 or later"),
+    "Blackwell RTX PRO 6000 with the CUDA 12.6 image": (construct(instance_type="ml.g7e.2xlarge"), JobSettingsError,
+                                                        "image_cuda='12.8'"),
+    "an image CUDA version unknown to the check": (construct(image_cuda="11.0"), JobSettingsError, "image_cuda='11.0'"),
+    "volume larger than the NVMe instance storage": (construct(instance_type="ml.g4dn.xlarge", volume_size=200),
+                                                     JobSettingsError, "125 GB of NVMe instance storage"),
     "volume of zero GB": (construct(volume_size=0), JobSettingsError, "volume_size=0"),
     "Pipe input mode": (construct(input_mode="Pipe"), JobSettingsError, "Pipe mode is not supported"),
     # GPU-only settings
@@ -75,6 +91,8 @@ CASES = {
                                   JobSettingsError, "compile=True"),
     "bf16 on a T4": (construct(instance_type="ml.g4dn.xlarge", hyperparameters={"amp": "bf16"}), JobSettingsError,
                      "Ampere"),
+    "bf16 on a V100": (construct(instance_type="ml.p3.2xlarge", hyperparameters={"amp": "bf16"}), JobSettingsError,
+                       "V100"),
     "bf16 in CPU local mode": (construct(instance_type="local", hyperparameters={"amp": "bf16"}), JobSettingsError,
                                "local mode without a GPU"),
     "bf16 set later on a CPU instance": (after_construct(lambda est: est.set_hyperparameters(amp="bf16"),
@@ -104,11 +122,19 @@ CASES = {
     "fit without a train channel": (fit({"validation": f"s3://{BUCKET}/b/"}), DataError, "no 'train' channel"),
     "fit with a Pipe channel": (after_construct(lambda est: est.fit(_pipe_input(), wait=False)), JobSettingsError,
                                 "Pipe"),
+    "fit with a sharded channel": (after_construct(lambda est: est.fit(_sharded_input(), wait=False)),
+                                   JobSettingsError, "ShardedByS3Key"),
+    "fit without network access to ImageNet weights": (
+        after_construct(lambda est: est.fit(f"s3://{BUCKET}/ds/", wait=False), enable_network_isolation=True),
+        JobSettingsError, "enable_network_isolation=True"),
     "fit with a bad job name": (fit(f"s3://{BUCKET}/ds/", job_name="run.1"), JobSettingsError, "job_name='run.1'"),
     "fit on nothing": (fit(None), DataError, "needs training data"),
     "fit on a missing local folder": (fit("/no/such/folder"), DataError, "neither an s3:// prefix"),
     # hyperparameters
     "unknown hyperparameter": (construct(hyperparameters={"epoch": 3}), ConfigError, "did you mean 'epochs'"),
+    "class names with one metric name": (
+        construct(hyperparameters={"classes": 3, "class_names": ["bg", "Cell Nucleus", "cell-nucleus"]}), ConfigError,
+        "val_iou_cell_nucleus"),
     "hyperparameter over SageMaker's length limit": (
         construct(hyperparameters={"classes": 200, "class_colors": _colors(200)}), JobSettingsError, "limit is 2500"),
 }

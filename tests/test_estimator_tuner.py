@@ -93,3 +93,49 @@ def test_tuner_helper_rejects_bad_ranges_before_any_request(aws, ranges, objecti
     with pytest.raises(JobSettingsError, match=message):
         est.tuner(ranges, objective_metric_name=objective)
     assert aws.requests == []
+
+
+def test_a_tuning_job_named_after_an_image_with_underscores_is_valid(aws):
+    # Tuning job names: the same pattern as job names, but at most 32 characters.
+    put_dataset(aws)
+    est = make(aws, image_uri="111122223333.dkr.ecr.us-east-1.amazonaws.com/team/unet_seg_models_for_cells:3")
+    est.tuner(RANGES, max_jobs=2, max_parallel_jobs=1).fit(f"s3://{BUCKET}/ds/", wait=False)
+    name = aws.sent("CreateHyperParameterTuningJob")["HyperParameterTuningJobName"]
+    assert name.startswith("unet-seg-models-for-") and len(name) <= 32
+
+
+def test_a_base_tuning_job_name_is_checked_before_any_request(aws):
+    with pytest.raises(JobSettingsError, match="base_tuning_job_name='hpo_1'"):
+        make(aws).tuner(RANGES, base_tuning_job_name="hpo_1")
+    assert aws.requests == []
+
+
+def test_a_tuning_job_name_given_to_fit_is_checked(aws):
+    put_dataset(aws)
+    tuner = make(aws).tuner(RANGES)
+    with pytest.raises(JobSettingsError, match="job_name='hpo-for-the-cells-dataset-of-2024'.*32"):
+        tuner.fit(f"s3://{BUCKET}/ds/", job_name="hpo-for-the-cells-dataset-of-2024", wait=False)
+    assert "sagemaker.CreateHyperParameterTuningJob" not in aws.requests
+
+
+def test_each_tuning_job_has_a_checkpoint_prefix_of_its_own(aws):
+    # SageMaker gives all trials of a tuning job one CheckpointConfig and restores the whole prefix into each trial:
+    # the prefix must hold this tuning job's trials only, never another tuning job's or a plain job's state.
+    put_dataset(aws)
+    est = make(aws, use_spot_instances=True, checkpoint_local_path="/opt/ml/ck")
+    tuner = est.tuner(RANGES, max_jobs=4, max_parallel_jobs=2)
+    tuner.fit(f"s3://{BUCKET}/ds/", wait=False)
+    tuner.fit(f"s3://{BUCKET}/ds/", job_name="cells-hpo-2", wait=False)
+    given = make(aws, use_spot_instances=True, checkpoint_s3_uri=f"s3://{BUCKET}/ck/")
+    given.tuner(RANGES).fit(f"s3://{BUCKET}/ds/", job_name="cells-hpo-3", wait=False)
+    prefixes = []
+    for body in aws.bodies["CreateHyperParameterTuningJob"]:
+        definition = body["TrainingJobDefinition"]
+        prefixes.append(definition["CheckpointConfig"]["S3Uri"])
+        assert definition["EnableManagedSpotTraining"] is True
+    name = aws.bodies["CreateHyperParameterTuningJob"][0]["HyperParameterTuningJobName"]
+    assert prefixes == [f"s3://{BUCKET}/unetseg/{name}/checkpoints", f"s3://{BUCKET}/unetseg/cells-hpo-2/checkpoints",
+                        f"s3://{BUCKET}/ck/cells-hpo-3"]
+    first = aws.bodies["CreateHyperParameterTuningJob"][0]["TrainingJobDefinition"]
+    assert first["CheckpointConfig"]["LocalPath"] == first["Environment"]["UNETSEG_CHECKPOINT_DIR"] == "/opt/ml/ck"
+    assert given.checkpoint_s3_uri == f"s3://{BUCKET}/ck/"  # the estimator's own jobs keep the URI given

@@ -31,3 +31,9 @@ def test_loss_regex_does_not_match_inside_train_loss():
 
 def test_class_names_become_metric_safe():
     assert ml.class_metric("val_iou", "Cell Nucleus (large)") == "val_iou_cell_nucleus_large"
+
+
+def test_class_names_that_share_a_metric_name_are_found():
+    assert ml.metric_name_clashes(["bg", "Cell Nucleus", "cell-nucleus", "edge", "EDGE"]) == [
+        ["Cell Nucleus", "cell-nucleus"], ["edge", "EDGE"]]
+    assert ml.metric_name_clashes(["bg", "cell", "cell_2"]) == []

@@ -270,6 +270,42 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
     assert len(sent) == 8
 
 
+# --- real-time payload limits: 6 MB each way, checked before sending ------------------------------------------------
+
+def test_a_request_over_the_realtime_limit_is_refused_before_sending(app):
+    from unetseg.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
+
+    sent: list[dict] = []
+    predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), content_type=codecs.NPY)
+    image = np.zeros((1500, 1500, 3), np.uint8)  # 6.75 MB as .npy
+    assert len(ImageSerializer(codecs.NPY).serialize(image)) > REALTIME_MAX_PAYLOAD_BYTES
+    with pytest.raises(ValueError, match=r"6,750,128 bytes.*at most 6,291,456 bytes.*batch transform") as raised:
+        predictor.predict(image)
+    assert "image/jpeg" in str(raised.value)
+    assert sent == []  # SageMaker would have refused it after the upload
+
+
+def test_probabilities_over_the_realtime_limit_are_refused_before_sending(app, segmenter):
+    sent: list[dict] = []
+    predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), classes=3)
+    image = np.zeros((1024, 1024, 3), np.uint8)  # 3 x 1024 x 1024 float16 = 6,291,456 bytes + the .npy header
+    expected = r"1024x1024 image with 3 classes.*6,291,584 bytes.*predict_json.*crops"
+    with pytest.raises(ValueError, match=expected) as raised:
+        predictor.predict_proba(image)
+    assert "predict(" in str(raised.value)
+    assert sent == []
+    assert predictor.predict(image).shape == (1024, 1024)  # the mask is small: no refusal
+    # One row less fits, and the estimate is exactly what the server sends.
+    assert predictor.response_bytes((1024, 1023), accept=codecs.NPY, probabilities=True) == \
+        len(codecs.encode_npy(np.zeros((3, 1024, 1023), np.float16)))
+    probabilities = predictor.predict_proba(image[:, :1023])
+    assert probabilities.shape == (3, 1024, 1023)
+    # A predictor that does not know the class count assumes the fewest a model has (2).
+    with pytest.raises(ValueError, match="with 2 classes"):
+        UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent)).predict_proba(
+            np.zeros((1500, 1500), np.uint8))
+
+
 # --- deploy() and transformer() requests under moto ----------------------------------------------------------------------
 
 def trained_estimator(aws, **overrides) -> UNetEstimator:
@@ -310,9 +346,44 @@ def test_deploy_creates_model_config_and_endpoint_with_the_training_image(aws):
         "sagemaker.CreateModel", "sagemaker.CreateEndpointConfig", "sagemaker.CreateEndpoint"]
 
     assert isinstance(predictor, UNetPredictor) and predictor.endpoint_name == "cells"
+    assert predictor.classes == 3  # for the size of its probabilities
     assert isinstance(predictor.serializer, ImageSerializer) and isinstance(predictor.deserializer, MaskDeserializer)
     assert (predictor.content_type, predictor.accept) == (codecs.PNG, (codecs.PNG,))
     assert predictor.sagemaker_session is est.sagemaker_session
+
+
+def test_names_of_models_endpoints_and_transforms_from_an_underscored_image_are_valid(aws):
+    # The SDK names models, endpoint configs, endpoints and transform jobs after the image's repository; the strict
+    # stand-in refuses unet_seg.v2-... as SageMaker does.
+    est = trained_estimator(aws, image_uri="111122223333.dkr.ecr.us-east-1.amazonaws.com/team/unet_seg.v2:1")
+    est.deploy(instance_type="ml.c5.xlarge", wait=False)
+    est.create_model().deploy(1, "ml.c5.xlarge", wait=False)
+    est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(
+        f"s3://{BUCKET}/images/", wait=False, logs=False)
+    est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/", model_name="cells-model")
+    UNetTransformer("cells-model", 1, "ml.c5.xlarge", output_path=f"s3://{BUCKET}/o2/",
+                    sagemaker_session=aws.session).transform(f"s3://{BUCKET}/images/", wait=False, logs=False)
+    names = [body["ModelName"] for body in aws.bodies["CreateModel"]]
+    names += [body[key] for operation, key in (("CreateEndpointConfig", "EndpointConfigName"),
+                                               ("CreateEndpoint", "EndpointName"),
+                                               ("CreateTransformJob", "TransformJobName"))
+              for body in aws.bodies[operation]]
+    assert len(names) == 10 and "cells-model" in names
+    assert all(name.startswith(("unet-seg-v2-", "cells-model")) for name in names), names
+
+
+@pytest.mark.parametrize("act, message", [
+    (lambda est: est.deploy(instance_type="ml.c5.xlarge", endpoint_name="cells_v2"), "endpoint_name='cells_v2'"),
+    (lambda est: est.deploy(instance_type="ml.c5.xlarge", model_name="m.1"), "model_name='m.1'"),
+    (lambda est: est.transformer(instance_type="ml.c5.xlarge", model_name="m_1"), "model_name='m_1'"),
+    (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(
+        f"s3://{BUCKET}/i/", job_name="batch_1"), "job_name='batch_1'"),
+])
+def test_names_given_for_inference_are_checked_before_any_request(aws, act, message):
+    est = trained_estimator(aws)
+    with pytest.raises(JobSettingsError, match=message):
+        act(est)
+    assert [r for r in aws.requests if r not in ("sagemaker.DescribeTrainingJob", "sagemaker.CreateModel")] == []
 
 
 def test_deploy_passes_gpu_instances_counts_and_custom_codecs_through(aws):
@@ -367,6 +438,9 @@ def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
     (lambda est: est.deploy(), JobSettingsError, "instance_type is required"),
     (lambda est: est.deploy(0, "ml.c5.xlarge"), JobSettingsError, "initial_instance_count=0"),
     (lambda est: est.deploy(instance_type="ml.p2.xlarge"), JobSettingsError, "K80"),
+    (lambda est: est.deploy(instance_type="ml.c7g.xlarge"), JobSettingsError, "Arm"),
+    (lambda est: est.transformer(instance_type="ml.p6-b200.48xlarge", output_path=f"s3://{BUCKET}/o/"),
+     JobSettingsError, "B200"),
     (lambda est: est.deploy(instance_type="ml.c5.xlarge", model_server_workers=0), JobSettingsError,
      "model_server_workers=0"),
     (lambda est: est.deploy(instance_type="ml.c5.xlarge", env={"1BAD": "x"}), JobSettingsError, "1BAD"),
@@ -408,10 +482,14 @@ def test_a_local_mode_model_is_not_sent_to_sagemaker(aws, monkeypatch):
 def test_deploy_and_transformer_import_no_torch():
     script = textwrap.dedent(f"""
         import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
         from moto import mock_aws
         with mock_aws():
             import boto3, sagemaker
             import numpy as np
+            import strict_aws  # SageMaker's own request validation, as in every moto-backed test
+            boto3.setup_default_session(region_name="us-east-1")
+            strict_aws.install(boto3.DEFAULT_SESSION.events)
             from unetseg.estimator import UNetEstimator
             s3 = boto3.client("s3", region_name="us-east-1")
             s3.create_bucket(Bucket={BUCKET!r})

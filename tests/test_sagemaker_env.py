@@ -56,3 +56,41 @@ def test_a_tuning_trial_keeps_its_checkpoints_under_its_job_name(tmp_path):
     assert plain.checkpoint_dir == tmp_path / "checkpoints"
     moved = TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck", "SM_HPS": json.dumps({"_tuning_objective_metric": "x"})})
     assert moved.checkpoint_dir == Path("/ck") / base["TRAINING_JOB_NAME"]
+
+
+def test_the_checkpoint_dir_is_the_jobs_checkpoint_local_path(tmp_path):
+    # SageMaker writes the job's CheckpointConfig to input/config/checkpointconfig.json and syncs only LocalPath with
+    # S3: a job made by any client (a plain Estimator, the console) must checkpoint there.
+    config = tmp_path / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "checkpointconfig.json").write_text(json.dumps({"LocalPath": "/opt/ml/my-ck", "S3Uri": "s3://b/ck"}))
+    base = {"UNETSEG_OPT_ML": str(tmp_path), "TRAINING_JOB_NAME": "hpo-001-abc"}
+    assert TrainingEnv.from_environ(base).checkpoint_dir == Path("/opt/ml/my-ck")
+    trial = TrainingEnv.from_environ({**base, "SM_HPS": json.dumps({"_tuning_objective_metric": "val_miou"})})
+    assert trial.checkpoint_dir == Path("/opt/ml/my-ck/hpo-001-abc")
+    # UNETSEG_CHECKPOINT_DIR (what UNetEstimator sends for checkpoint_local_path) says the same and comes first.
+    assert TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck"}).checkpoint_dir == Path("/ck")
+    (config / "checkpointconfig.json").unlink()
+    assert TrainingEnv.from_environ(base).checkpoint_dir == tmp_path / "checkpoints"
+
+
+def test_a_finished_tuning_trial_removes_its_state_from_the_synced_folder(tmp_path):
+    # SageMaker restores a tuning job's whole checkpoint prefix into every trial, and deletes from S3 what the
+    # container deletes from the synced folder. A trial that finished removes its own state, so later trials fetch
+    # only the state of trials still running; another trial's state (restored here) is left alone.
+    from support import TINY, make_channel, run_entry, sagemaker_tree
+
+    data = make_channel(tmp_path / "data", count=4)
+    hps = {**TINY, "epochs": 1, "num_workers": 0, "_tuning_objective_metric": "val_miou"}
+    env = sagemaker_tree(tmp_path / "ml", hps, {"train": data})
+    checkpoints = tmp_path / "ml" / "checkpoints"
+    (tmp_path / "ml" / "input" / "config" / "checkpointconfig.json").write_text(
+        json.dumps({"LocalPath": str(checkpoints), "S3Uri": "s3://b/hpo-1/checkpoints"}))
+    other = checkpoints / "hpo-1-001-aaaa"
+    other.mkdir(parents=True)
+    (other / "last.pt").write_bytes(b"another trial, still running")
+    done = run_entry({**env, "TRAINING_JOB_NAME": "hpo-1-002-bbbb"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ml" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["hpo-1-001-aaaa"]
+    assert (other / "last.pt").read_bytes() == b"another trial, still running"

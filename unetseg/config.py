@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .metrics_log import class_metric, metric_name_clashes
 from .sagemaker_env import TUNING_MARKER
 
 # segmentation-models-pytorch architectures, by the class name that smp.create_model accepts.
@@ -131,6 +132,9 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"class_names has {len(self.class_names)} names but classes={self.classes}")
             if len(set(self.class_names)) != len(self.class_names):
                 raise ValueError(f"class_names={self.class_names} has duplicates")
+            for names in metric_name_clashes(self.class_names):
+                raise ValueError(f"class_names {' and '.join(repr(n) for n in names)} give the same metric name "
+                                 f"{class_metric('val_iou', names[0])}; rename one so that each class has its own")
         if self.class_colors is not None:
             if len(self.class_colors) != self.classes:
                 raise ValueError(f"class_colors has {len(self.class_colors)} colours but classes={self.classes}")

@@ -50,7 +50,10 @@ def run(env: TrainingEnv) -> int:
     paths = RunPaths(train_dir, val_dir, env.model_dir, env.checkpoint_dir, env.output_data_dir,
                      init_model=env.channels.get(INIT_MODEL_CHANNEL))
     result = train(cfg, paths, progress=False)
-    return 128 + signal.Signals[result.interrupted] if result.interrupted else 0
+    if result.interrupted:
+        return 128 + signal.Signals[result.interrupted]
+    env.discard_finished_trial_state()  # a tuning trial's restore must not fetch every finished trial's state
+    return 0
 
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:

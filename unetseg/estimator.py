@@ -33,6 +33,7 @@ from .errors import ArtifactError
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
 from .metrics_log import all_metric_names, metric_definitions, per_class_names
+from .sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class UNetEstimator(Estimator):
         max_run: seconds the job may run (1 s to 28 days).
         use_spot_instances: managed spot training. `max_wait` defaults to 2 x max_run (capped at 28 days) and
             `checkpoint_s3_uri` to <output_path>/<job name>/checkpoints.
+        checkpoint_local_path: where the container keeps its checkpoints (default /opt/ml/checkpoints), which
+            SageMaker syncs with `checkpoint_s3_uri`; passed on to the container as $UNETSEG_CHECKPOINT_DIR.
         output_path: s3:// prefix for model artifacts (file:// in local mode). Default s3://<session default
             bucket>/unetseg/, or ./unetseg-output/<job name>/ in local mode.
         volume_size: GB of EBS volume. Raised automatically when fit() knows the dataset needs more (File mode).
@@ -65,6 +68,10 @@ class UNetEstimator(Estimator):
         environment: extra environment variables for the container.
         repository, tag, account, region: build the image URI <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>.
         metric_definitions: extra metrics on top of unetseg's own (which are always sent).
+        image_cuda: the CUDA version the image's PyTorch is built for ("12.6", the Dockerfile's default base; "12.8"
+            or later runs Blackwell GPUs such as ml.p6-b200 and ml.g7e); None skips the GPU architecture check.
+        baked_encoders: encoders whose pretrained weights the image carries (`unetseg image build --bake-weights
+            resnet34` gives ["resnet34"]): with enable_network_isolation=True a job cannot download them.
         **kwargs: anything else `sagemaker.estimator.Estimator` accepts (tags, subnets, base_job_name, ...).
     """
 
@@ -94,18 +101,22 @@ class UNetEstimator(Estimator):
         metric_definitions: Optional[Sequence[Mapping[str, str]]] = None,
         debugger_hook_config: Any = False,
         disable_profiler: bool = True,
+        image_cuda: Optional[str] = rules.IMAGE_CUDA,
+        baked_encoders: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         # 1. Everything that needs no AWS call, so that a mistake costs nothing.
         config = TrainConfig.from_hyperparameters(dict(hyperparameters or {}))
-        kind = rules.parse_instance_type(instance_type)
+        rules.raise_if([rules.image_cuda_problem(image_cuda)])
+        kind = rules.parse_instance_type(instance_type, image_cuda)
         image_uri = image_uri or os.environ.get(IMAGE_URI_ENV) or None
         rules.raise_if([
             *rules.runtime_problems(max_run=max_run, max_wait=max_wait,
                                     use_spot_instances=use_spot_instances or kwargs.get("max_retry_attempts") is not None),
             *rules.resource_problems(kind=kind, instance_count=instance_count,
                                      volume_size=DEFAULT_VOLUME_GB if volume_size is None else volume_size,
-                                     keep_alive_period_in_seconds=keep_alive_period_in_seconds, input_mode=input_mode),
+                                     keep_alive_period_in_seconds=keep_alive_period_in_seconds, input_mode=input_mode,
+                                     use_spot_instances=use_spot_instances),
             rules.output_path_problem(output_path, local=kind.local),
             None if kind.local or checkpoint_s3_uri is None else rules.s3_uri_problem("checkpoint_s3_uri", checkpoint_s3_uri),
             rules.role_problem(role, local=True),  # a missing role is checked below, after the SDK config is read
@@ -128,8 +139,15 @@ class UNetEstimator(Estimator):
                               "exist only on SageMaker)", UserWarning, stacklevel=2)
             use_spot_instances, max_wait, checkpoint_s3_uri, checkpoint_local_path = False, None, None, None
             role = role or _LOCAL_MODE_ROLE
-        elif use_spot_instances and max_wait is None:
-            max_wait = rules.default_max_wait(max_run)
+        else:
+            rules.raise_if([rules.checkpoint_local_path_problem(
+                checkpoint_local_path, checkpointing=bool(use_spot_instances or checkpoint_s3_uri),
+                environment=environment)])
+            if checkpoint_local_path is not None:
+                # SageMaker syncs LocalPath but tells the container nothing of it; the container reads this variable.
+                environment = {**(environment or {}), CHECKPOINT_DIR_ENV: checkpoint_local_path}
+            if use_spot_instances and max_wait is None:
+                max_wait = rules.default_max_wait(max_run)
 
         # 3. The session (no request is sent by creating it), then what depends on it.
         session = _session_for(kind, sagemaker_session, region)
@@ -141,6 +159,8 @@ class UNetEstimator(Estimator):
 
         self._config = config
         self._kind = kind
+        self._image_cuda = image_cuda
+        self._baked_encoders = list(baked_encoders)
         self._checkpoint_s3_uri_given = checkpoint_s3_uri is not None
         self._volume_size_given = volume_size is not None
         self._extra_metric_definitions = [dict(d) for d in (metric_definitions or ())]
@@ -227,6 +247,10 @@ class UNetEstimator(Estimator):
 
     def training_inputs(self, inputs: Any, init_model: Any = None) -> dict[str, Any]:
         """The channels `fit(inputs)` would send (uploading local data), e.g. for `HyperparameterTuner.fit`."""
+        if self.enable_network_isolation():
+            fine_tuning = init_model is not None or (isinstance(inputs, Mapping) and INIT_MODEL_CHANNEL in inputs)
+            rules.raise_if([rules.network_isolation_problem(self._config, baked_encoders=self._baked_encoders,
+                                                            fine_tuning=fine_tuning)])
         resolver = InputResolver(
             local=self._kind.local,
             input_mode=self.input_mode,
@@ -241,6 +265,7 @@ class UNetEstimator(Estimator):
     def _fit_volume_to(self, dataset_bytes: int) -> None:
         if self._kind.local or not dataset_bytes:
             return
+        rules.raise_if([rules.dataset_storage_problem(self._kind, dataset_bytes)])
         needed = rules.volume_needed_gb(dataset_bytes)
         if self.volume_size >= needed:
             return
@@ -272,6 +297,11 @@ class UNetEstimator(Estimator):
             self.output_path = f"{self._file_output_root.rstrip('/')}/{self._current_job_name}/"
         if self.use_spot_instances and not self._checkpoint_s3_uri_given:
             self.checkpoint_s3_uri = f"{self.output_path.rstrip('/')}/{self._current_job_name}/checkpoints"
+
+    def _ensure_base_job_name(self) -> None:
+        # The SDK's base (the image's repository name) names every job, model, endpoint and transform this estimator
+        # creates; it must be a valid SageMaker name.
+        self.base_job_name = self.base_job_name or rules.base_name_from_image(self.training_image_uri())
 
     def _default_s3_output_path(self, *, allow_aws_calls: bool) -> Optional[str]:
         from sagemaker.s3_utils import s3_path_join
@@ -365,6 +395,11 @@ class UNetEstimator(Estimator):
         rules.raise_if(rules.environment_problems(environment))
         model = super().create_model(role=role, image_uri=image_uri, predictor_cls=predictor_cls or UNetPredictor,
                                      vpc_config_override=vpc_config_override, env=environment or None, **kwargs)
+        if model.name is None:  # else the Model names itself after the image's repository, which may hold _ or .
+            from sagemaker.utils import name_from_base
+
+            self._ensure_base_job_name()
+            model.name = name_from_base(self.base_job_name)
         if sagemaker_session is not None:
             model.sagemaker_session = sagemaker_session
         return model
@@ -377,11 +412,13 @@ class UNetEstimator(Estimator):
             mask = predictor.predict(image)                          # (H, W) uint8
             predictor.delete_endpoint()
 
+        A real-time endpoint carries at most 6 MB each way; the predictor checks each request before sending it.
         `initial_instance_count` defaults to 1. Everything else is `Estimator.deploy`'s (endpoint_name, wait,
         serverless_inference_config, ...) or `create_model`'s (env, model_server_workers, ...).
         """
+        rules.raise_if([rules.job_name_problem(name, kwargs.get(name)) for name in ("endpoint_name", "model_name")])
         if kwargs.get("serverless_inference_config") is None:
-            kind = rules.parse_instance_type(instance_type)
+            kind = rules.parse_instance_type(instance_type, self._image_cuda)
             initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
             if not _is_positive_int(initial_instance_count):
                 raise JobSettingsError(f"initial_instance_count={initial_instance_count!r}: use 1 or more")
@@ -393,7 +430,12 @@ class UNetEstimator(Estimator):
                 kwargs["wait"] = False
             elif not kind.local:
                 self._check_hostable_remotely(instance_type)
-        return super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+        from .predictor import UNetPredictor
+
+        predictor = super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+        if isinstance(predictor, UNetPredictor):
+            predictor.classes = self._config.classes  # the size of its probabilities, checked before each request
+        return predictor
 
     def transformer(self, instance_count: int = 1, instance_type: Optional[str] = None,
                     strategy: Optional[str] = "SingleRecord", assemble_with: Optional[str] = None,
@@ -417,13 +459,14 @@ class UNetEstimator(Estimator):
         """
         from sagemaker.utils import format_tags
 
-        kind = rules.parse_instance_type(instance_type)
+        kind = rules.parse_instance_type(instance_type, self._image_cuda)
         session = self._local_inference_session() if kind.local else self.sagemaker_session
         if not kind.local:
             self._check_hostable_remotely(instance_type)
         rules.raise_if([None if output_path is None or kind.local else rules.s3_uri_problem("output_path", output_path),
-                        *rules.environment_problems(env)])
+                        rules.job_name_problem("model_name", model_name), *rules.environment_problems(env)])
         tags = format_tags(tags) or self.tags
+        self._ensure_base_job_name()  # the transform jobs' names too
         model_name = self._get_or_create_name(model_name)
         if self.latest_training_job is None:
             logger.warning("no training job yet: this transformer names model %s, which exists only once it is "

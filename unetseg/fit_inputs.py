@@ -163,6 +163,7 @@ class InputResolver:
         if isinstance(value, Mapping):  # model_data of a job with disable_output_compression: an S3 prefix
             value = value.get("S3DataSource", {}).get("S3Uri", value)
         if isinstance(value, TrainingInput):
+            _refuse_sharding(INIT_MODEL_CHANNEL, value)
             return value
         if not isinstance(value, (str, os.PathLike)):
             raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path or a fitted estimator")
@@ -204,6 +205,7 @@ class InputResolver:
                 if mode is not None and mode not in INPUT_MODES:
                     raise JobSettingsError(f"channel {name!r} has input_mode={mode!r}; use 'File' or 'FastFile' "
                                            "(the container reads image files, not a Pipe stream)")
+                _refuse_sharding(name, value)
                 channels[name] = value
             elif isinstance(value, FileSystemInput):
                 channels[name] = value
@@ -226,6 +228,15 @@ class InputResolver:
                 raise DataError(f"channel {name!r}: {type(value).__name__} is not an s3:// URI, local folder or "
                                 "TrainingInput")
         return Channels(channels, total)
+
+
+def _refuse_sharding(name: str, value: Any) -> None:
+    distribution = value.config.get("DataSource", {}).get("S3DataSource", {}).get("S3DataDistributionType")
+    if distribution == "ShardedByS3Key":
+        raise JobSettingsError(
+            f"channel {name!r} has distribution='ShardedByS3Key': SageMaker would give each instance a different part "
+            "of the objects under the prefix, splitting images from their masks; use distribution='FullyReplicated' "
+            "(each training process already reads only its own share of the files)")
 
 
 def _validation_folder(folders: list[str], where: str) -> Optional[str]:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from .config import TrainConfig
 from .errors import ConfigError
+from .sagemaker_env import CHECKPOINT_DIR_ENV
 
 
 class JobSettingsError(ConfigError):
@@ -38,17 +39,81 @@ SPOT_MAX_WAIT_FACTOR = 2
 INPUT_MODES = ("File", "FastFile")  # Pipe streams records: the container reads image files, so it cannot use it
 
 _INSTANCE_TYPE = re.compile(r"^ml\.(?P<family>[a-z][a-z0-9-]*)\.(?P<size>\d*xlarge|large|medium|small|micro|nano)$")
-# Every NVIDIA family SageMaker trains on is named p<gen>... or g<gen>... (gr6: g6 with more memory).
+# --- the instance table: what each family's host and accelerator are. The one place these facts live; training,
+# endpoints and batch transform all check against it. GPU names as EC2 reports them (DescribeInstanceTypes GpuInfo);
+# compute capabilities from NVIDIA's CUDA GPU list.
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: tuple[int, int]
+
+    @property
+    def arch(self) -> str:
+        return "sm_{}{}".format(*self.compute_capability)
+
+
+GPU_FAMILIES = {
+    "p2": Gpu("K80", (3, 7)),
+    "p3": Gpu("V100", (7, 0)), "p3dn": Gpu("V100", (7, 0)),
+    "g4dn": Gpu("T4", (7, 5)),
+    "g5": Gpu("A10G", (8, 6)),
+    "g6": Gpu("L4", (8, 9)), "gr6": Gpu("L4", (8, 9)), "g6e": Gpu("L40S", (8, 9)),
+    "p4d": Gpu("A100", (8, 0)), "p4de": Gpu("A100", (8, 0)),
+    "p5": Gpu("H100", (9, 0)), "p5e": Gpu("H200", (9, 0)), "p5en": Gpu("H200", (9, 0)),
+    "p6-b200": Gpu("B200", (10, 0)), "p6-b300": Gpu("B300", (10, 3)), "p6e-gb200": Gpu("GB200", (10, 0)),
+    "g7": Gpu("RTX PRO 4500", (12, 0)), "g7e": Gpu("RTX PRO Server 6000", (12, 0)),
+}
+BF16_MIN_COMPUTE_CAPABILITY = (8, 0)  # Ampere: bfloat16 in hardware (cuDNN has no bf16 convolutions before it)
+# A family not in the table but named like NVIDIA's (p<gen>, g<gen>, gr<gen>) is taken for a newer CUDA GPU.
 _CUDA_FAMILY = re.compile(r"^(p|g|gr)\d")
-# CUDA GPUs older than Ampere: no bfloat16 (T4 on g4dn, V100 on p3/p3dn).
-_PRE_AMPERE_FAMILIES = ("g4dn", "p3", "p3dn")
-# Families whose accelerator this image cannot use; a job there would pay for the accelerator and train on the CPU.
+
+# GPU architectures compiled into PyTorch's CUDA builds (TORCH_CUDA_ARCH_LIST in pytorch's
+# .ci/manywheel/build_cuda.sh; CUDA 13 can no longer compile for Volta). A GPU runs a build that holds code for its
+# own major version at a minor no higher than its own (sm_86 code runs on sm_89, sm_100 code on sm_103).
+TORCH_CUDA_ARCHS = {
+    "12.6": ((5, 0), (6, 0), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0)),
+    "12.8": ((7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (10, 0), (12, 0)),
+    "12.9": ((7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (10, 0), (12, 0)),
+    "13.0": ((7, 5), (8, 0), (8, 6), (9, 0), (10, 0), (12, 0)),
+}
+IMAGE_CUDA = "12.6"  # entry/Dockerfile's default base: pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
+
+# Hosts with Arm CPUs, which cannot run the linux/amd64 image: Graviton families (c7g, m6gd, r8g, ...: a generation
+# digit, then g) and GB200's Grace.
+_ARM_FAMILY = re.compile(r"^[a-z]+\d+g[a-z]*$")
+_ARM_FAMILIES = ("p6e-gb200",)
+
+# Families whose accelerator this image cannot use; a job there would pay for the accelerator and run on the CPU.
+_NOT_CUDA = "is not a CUDA GPU and the unetseg image runs on CUDA; use ml.g5, ml.g6 or ml.p4d"
 _UNUSABLE_FAMILIES = {
-    "p2": "its NVIDIA K80 (Kepler) is not supported by current PyTorch CUDA builds; use ml.g4dn, ml.g5 or newer",
-    "trn1": "Trainium is not a CUDA GPU and the unetseg image trains with CUDA; use ml.g5, ml.g6 or ml.p4d",
-    "trn1n": "Trainium is not a CUDA GPU and the unetseg image trains with CUDA; use ml.g5, ml.g6 or ml.p4d",
-    "trn2": "Trainium is not a CUDA GPU and the unetseg image trains with CUDA; use ml.g5, ml.g6 or ml.p5",
+    "trn1": f"Trainium {_NOT_CUDA}", "trn1n": f"Trainium {_NOT_CUDA}", "trn2": f"Trainium {_NOT_CUDA}",
+    "inf1": f"Inferentia {_NOT_CUDA}", "inf2": f"Inferentia {_NOT_CUDA}",
+    "dl1": f"Gaudi {_NOT_CUDA}",
     "g4ad": "its AMD GPU is not a CUDA GPU; use ml.g4dn, ml.g5 or newer",
+}
+
+# NVMe instance storage (GB) of the training instance types that have it (EC2 DescribeInstanceTypes,
+# InstanceStorageInfo.TotalSizeInGB). SageMaker uses it instead of an EBS volume and refuses a VolumeSizeInGB larger
+# than it (ResourceConfig and HyperParameterTuningResourceConfig, VolumeSizeInGB).
+_INSTANCE_STORAGE_GB = {
+    "g4dn": {"xlarge": 125, "2xlarge": 225, "4xlarge": 225, "8xlarge": 900, "12xlarge": 900, "16xlarge": 900},
+    "g5": {"xlarge": 250, "2xlarge": 450, "4xlarge": 600, "8xlarge": 900, "12xlarge": 3800, "16xlarge": 1900,
+           "24xlarge": 3800, "48xlarge": 7600},
+    "g6": {"xlarge": 250, "2xlarge": 450, "4xlarge": 600, "8xlarge": 900, "12xlarge": 3760, "16xlarge": 1880,
+           "24xlarge": 3760, "48xlarge": 7520},
+    "g6e": {"xlarge": 250, "2xlarge": 450, "4xlarge": 600, "8xlarge": 900, "12xlarge": 3800, "16xlarge": 1900,
+            "24xlarge": 3800, "48xlarge": 7600},
+    "g7": {"2xlarge": 440, "4xlarge": 875, "8xlarge": 930, "12xlarge": 1900, "24xlarge": 3800, "48xlarge": 7600},
+    "g7e": {"2xlarge": 1900, "4xlarge": 1900, "8xlarge": 1900, "12xlarge": 3800, "24xlarge": 7600, "48xlarge": 15200},
+    "p3dn": {"24xlarge": 1800},
+    "p4d": {"24xlarge": 8000}, "p4de": {"24xlarge": 8000},
+    "p5": {"4xlarge": 3800, "48xlarge": 30400}, "p5e": {"48xlarge": 30400}, "p5en": {"48xlarge": 30400},
+    "p6-b200": {"48xlarge": 30400}, "p6-b300": {"48xlarge": 30400},
+    "r5d": {"large": 75, "xlarge": 150, "2xlarge": 300, "4xlarge": 600, "8xlarge": 1200, "12xlarge": 1800,
+            "16xlarge": 2400, "24xlarge": 3600},
+    "trn1": {"2xlarge": 474, "32xlarge": 7600}, "trn1n": {"32xlarge": 7600}, "trn2": {"48xlarge": 7600},
 }
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)(?:/(?P<key>.*))?$")
@@ -56,7 +121,13 @@ _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)(?:/(?P<key>.*))?$")
 # letter or digit.
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+$")
-_JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+# Names of jobs, models, endpoints (configs) and transform jobs; the service matches the whole name.
+_RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+RESOURCE_NAME_LIMIT = 63
+TUNING_JOB_NAME_LIMIT = 32
+DEFAULT_BASE_NAME = "unetseg"
+# The SDK's split of an image URI into [registry/path/]repository[:tag] (sagemaker.utils.base_name_from_image).
+_IMAGE_REPOSITORY = re.compile(r"^(.+/)?([^:/]+)(:[^:]+)?$")
 _ENV_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
@@ -67,6 +138,7 @@ class InstanceKind:
     instance_type: str
     family: str  # "g5", "m5", or "local"/"local_gpu"
     cuda: bool  # has a CUDA GPU this image can use
+    gpu: Optional[Gpu] = None  # None: no GPU, or one this table does not know (local_gpu, a newer family)
 
     @property
     def local(self) -> bool:
@@ -74,12 +146,24 @@ class InstanceKind:
 
     @property
     def bf16(self) -> bool:
-        # local_gpu: the GPU is unknown here, so bf16 is allowed (autocast reports an unsupported device itself).
-        return self.cuda and self.family not in _PRE_AMPERE_FAMILIES
+        # An unknown GPU (local_gpu, a family newer than the table) is allowed bf16: autocast reports it if not.
+        return self.cuda and (self.gpu is None or self.gpu.compute_capability >= BF16_MIN_COMPUTE_CAPABILITY)
+
+    @property
+    def local_storage_gb(self) -> Optional[int]:
+        """NVMe instance storage SageMaker trains on instead of an EBS volume; None where it attaches EBS."""
+        return instance_storage_gb(self.instance_type)
 
 
-def parse_instance_type(instance_type: Any) -> InstanceKind:
-    """What the instance type offers, or JobSettingsError when it is malformed or its accelerator is unusable."""
+def instance_storage_gb(instance_type: str) -> Optional[int]:
+    _, family, size = (instance_type.split(".") + ["", ""])[:3]
+    return _INSTANCE_STORAGE_GB.get(family, {}).get(size)
+
+
+def parse_instance_type(instance_type: Any, image_cuda: Optional[str] = IMAGE_CUDA) -> InstanceKind:
+    """What the instance type offers, or JobSettingsError when it is malformed or the image cannot run there: an Arm
+    host, an accelerator that is not CUDA, or a GPU the image's PyTorch build (for CUDA `image_cuda`; None: not
+    checked) has no code for."""
     if not isinstance(instance_type, str) or not instance_type:
         raise JobSettingsError(
             "instance_type is required: an ml.<family>.<size> type such as ml.g5.xlarge, "
@@ -94,9 +178,52 @@ def parse_instance_type(instance_type: Any) -> InstanceKind:
             f"or 'local' / 'local_gpu'{_suggest_instance_type(instance_type)}"
         )
     family = match["family"]
+    if family in _ARM_FAMILIES or _ARM_FAMILY.match(family):
+        raise JobSettingsError(f"instance_type={instance_type!r} runs on an Arm host and the unetseg image is built "
+                               "for linux/amd64 (x86_64); use an x86 type such as ml.c6i, ml.m5 or a GPU type such as "
+                               "ml.g5 or ml.p5")
     if family in _UNUSABLE_FAMILIES:
         raise JobSettingsError(f"instance_type={instance_type!r}: {_UNUSABLE_FAMILIES[family]}")
-    return InstanceKind(instance_type, family, cuda=bool(_CUDA_FAMILY.match(family)))
+    gpu = GPU_FAMILIES.get(family)
+    if gpu is not None:
+        problem = cuda_build_problem(gpu, image_cuda)
+        if problem:
+            raise JobSettingsError(f"instance_type={instance_type!r}: {problem}")
+    return InstanceKind(instance_type, family, cuda=gpu is not None or bool(_CUDA_FAMILY.match(family)), gpu=gpu)
+
+
+def image_cuda_problem(image_cuda: Any) -> Optional[str]:
+    if image_cuda is None or image_cuda in TORCH_CUDA_ARCHS:
+        return None
+    return (f"image_cuda={image_cuda!r}: the CUDA version of the image's PyTorch build is one of "
+            f"{', '.join(TORCH_CUDA_ARCHS)} (default {IMAGE_CUDA}, the Dockerfile's base), or None to skip the check "
+            "of GPU architectures")
+
+
+def cuda_build_problem(gpu: Gpu, image_cuda: Optional[str]) -> Optional[str]:
+    """Why the image's PyTorch (built for CUDA `image_cuda`) has no code for this GPU, or None."""
+    archs = TORCH_CUDA_ARCHS.get(image_cuda) if image_cuda else None
+    if archs is None:
+        return None
+    major, minor = gpu.compute_capability
+    if any(m == major and n <= minor for m, n in archs):
+        return None
+    builds = [cuda for cuda, listed in TORCH_CUDA_ARCHS.items()
+              if any(m == major and n <= minor for m, n in listed)]
+    where = (f"the unetseg image's PyTorch is built for CUDA {image_cuda}, with code for "
+             f"{', '.join('sm_{}{}'.format(*a) for a in archs)}")
+    if not builds:
+        return (f"its NVIDIA {gpu.name} ({gpu.arch}) is not supported by current PyTorch CUDA builds ({where}); "
+                "use ml.g4dn, ml.g5 or newer")
+    newer = _version(builds[0]) > _version(image_cuda)
+    build = builds[0] if newer else builds[-1]
+    return (f"its NVIDIA {gpu.name} ({gpu.arch}) needs a PyTorch build for CUDA {build} or "
+            f"{'later' if newer else 'earlier'}, and {where}; build the image on such a base (unetseg image build "
+            f"--base-image pytorch/pytorch:<version>-cuda{build}-cudnn9-runtime) and pass image_cuda='{build}'")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
 
 
 def _suggest_instance_type(text: str) -> str:
@@ -133,8 +260,9 @@ def gpu_setting_problems(config: TrainConfig, kind: InstanceKind) -> list[str]:
             problems.append(f"hyperparameter compile=True is meant for CUDA GPUs but {where}; "
                             "use compile=False or a GPU instance such as ml.g5.xlarge")
     elif config.amp == "bf16" and not kind.bf16:
-        problems.append(f"hyperparameter amp='bf16' needs an Ampere or newer GPU but {kind.instance_type} is "
-                        f"{'a T4' if kind.family == 'g4dn' else 'a V100'}; use amp='fp16' or 'auto', or ml.g5/ml.g6/ml.p4d")
+        problems.append(f"hyperparameter amp='bf16' needs an Ampere or newer GPU (compute capability 8.0) but "
+                        f"{kind.instance_type} has an NVIDIA {kind.gpu.name} ({kind.gpu.arch}); use amp='fp16' or "
+                        "'auto', or ml.g5/ml.g6/ml.p4d")
     return problems
 
 
@@ -167,7 +295,8 @@ def runtime_problems(*, max_run: Any, max_wait: Any, use_spot_instances: bool) -
 
 
 def resource_problems(*, kind: Optional[InstanceKind], instance_count: Any, volume_size: Any,
-                      keep_alive_period_in_seconds: Any, input_mode: Any) -> list[str]:
+                      keep_alive_period_in_seconds: Any, input_mode: Any,
+                      use_spot_instances: bool = False) -> list[str]:
     problems = []
     if not _is_int(instance_count) or instance_count < 1:
         problems.append(f"instance_count={instance_count!r} must be a whole number >= 1")
@@ -176,10 +305,17 @@ def resource_problems(*, kind: Optional[InstanceKind], instance_count: Any, volu
                         f"instance_count={instance_count} must be 1 (use instance_type='local' for several CPU containers)")
     if not _is_int(volume_size) or volume_size < 1:
         problems.append(f"volume_size={volume_size!r} must be a whole number of GB >= 1")
+    elif kind is not None and kind.local_storage_gb is not None and volume_size > kind.local_storage_gb:
+        problems.append(f"volume_size={volume_size}: {kind.instance_type} has {kind.local_storage_gb} GB of NVMe "
+                        "instance storage, which SageMaker uses instead of an EBS volume, and it refuses a larger "
+                        f"volume; use at most {kind.local_storage_gb} GB, or an instance type with more storage")
     if keep_alive_period_in_seconds is not None and (
             not _is_int(keep_alive_period_in_seconds) or not 0 <= keep_alive_period_in_seconds <= KEEP_ALIVE_LIMIT_S):
         problems.append(f"keep_alive_period_in_seconds={keep_alive_period_in_seconds!r} must be from 0 to "
                         f"{KEEP_ALIVE_LIMIT_S} seconds")
+    elif keep_alive_period_in_seconds and use_spot_instances:
+        problems.append(f"keep_alive_period_in_seconds={keep_alive_period_in_seconds} with use_spot_instances=True: "
+                        "SageMaker's warm pools cannot use spot capacity; drop keep_alive_period_in_seconds (or spot)")
     if input_mode not in INPUT_MODES:
         problems.append(f"input_mode={input_mode!r}: use 'File' (copy the data to the instance) or 'FastFile' "
                         "(stream it from S3 on first read); Pipe mode is not supported by the unetseg container")
@@ -189,6 +325,38 @@ def resource_problems(*, kind: Optional[InstanceKind], instance_count: Any, volu
 def volume_needed_gb(dataset_bytes: int) -> int:
     """EBS volume for a File-mode job: the dataset copy with 25% slack, plus 10 GB for checkpoints, model and output."""
     return math.ceil(dataset_bytes * 1.25 / 1024**3) + 10
+
+
+def dataset_storage_problem(kind: InstanceKind, dataset_bytes: int) -> Optional[str]:
+    """Why a File-mode copy of the dataset cannot fit the instance's fixed NVMe storage, or None."""
+    needed, storage = volume_needed_gb(dataset_bytes), kind.local_storage_gb
+    if storage is None or needed <= storage:
+        return None
+    return (f"File mode copies {dataset_bytes / 1024**3:.1f} GiB of data onto the instance ({needed} GB with room for "
+            f"checkpoints and the model), but {kind.instance_type} has {storage} GB of NVMe instance storage, which "
+            "SageMaker uses instead of an EBS volume; use input_mode='FastFile' (streams the files from S3), or an "
+            "instance type with more storage")
+
+
+def network_isolation_problem(config: TrainConfig, *, baked_encoders: Iterable[str],
+                              fine_tuning: bool) -> Optional[str]:
+    """Why a job with enable_network_isolation=True could not fetch its pretrained encoder weights, or None.
+
+    The engine downloads `encoder_weights='imagenet'` at the start of a fresh run (anything else is none or a file);
+    fine-tuning (init_model) starts from a trained model instead. `baked_encoders` names what the image carries
+    (`unetseg image build --bake-weights resnet34`: "resnet34" or "resnet34:imagenet")."""
+    if config.encoder_weights != "imagenet" or fine_tuning:
+        return None
+    baked = list(baked_encoders)
+    if any(name == config.encoder and weights in ("", "imagenet") for name, _, weights in
+           (spec.partition(":") for spec in baked)):
+        return None
+    held = f" (baked_encoders={baked} holds no {config.encoder})" if baked else ""
+    return (f"enable_network_isolation=True: the job cannot download the pretrained weights of encoder "
+            f"{config.encoder} with imagenet weights (hyperparameter encoder_weights='imagenet'){held}; bake them into "
+            f"the image (unetseg image build --bake-weights {config.encoder}) and pass "
+            f"baked_encoders=[{config.encoder!r}], or set encoder_weights=none or a weights file, or fine-tune with "
+            "fit(init_model=...)")
 
 
 def hyperparameter_problems(hyperparameters: Mapping[str, str]) -> list[str]:
@@ -262,12 +430,40 @@ def role_problem(role: Any, *, local: bool) -> Optional[str]:
     return None
 
 
-def job_name_problem(name: str, value: Any) -> Optional[str]:
+def job_name_problem(name: str, value: Any, max_length: int = RESOURCE_NAME_LIMIT) -> Optional[str]:
+    """Why `value` is not a valid name of a job, model, endpoint or transform job (at most 32 characters for a
+    tuning job), or None."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _JOB_NAME.match(value) or len(value) > 63:
-        return (f"{name}={value!r}: SageMaker job names are up to 63 letters, digits and hyphens, starting with a "
-                "letter or digit (no underscores or dots)")
+    if not isinstance(value, str) or not _RESOURCE_NAME.match(value) or len(value) > max_length:
+        return (f"{name}={value!r}: SageMaker names are 1 to {max_length} letters, digits and hyphens, starting and "
+                "ending with a letter or digit (no underscores or dots)")
+    return None
+
+
+def base_name_from_image(image_uri: str) -> str:
+    """The SDK names jobs, models, endpoints and transform jobs after the image's repository (`.../team/unet_seg:1`
+    gives unet_seg-<timestamp>), but ECR allows `_` and `.` there and SageMaker names do not: each run of other
+    characters becomes one hyphen. The SDK trims the base to fit the timestamp it appends."""
+    match = _IMAGE_REPOSITORY.match(image_uri or "")
+    repository = match.group(2) if match else image_uri or ""
+    return re.sub(r"[^a-zA-Z0-9]+", "-", repository).strip("-") or DEFAULT_BASE_NAME
+
+
+def checkpoint_local_path_problem(path: Any, *, checkpointing: bool, environment: Any) -> Optional[str]:
+    """Why the container could not keep its checkpoints at `path` (CheckpointConfig.LocalPath), or None."""
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path.startswith("/"):
+        return (f"checkpoint_local_path={path!r} must be an absolute path in the container, such as "
+                "/opt/ml/checkpoints (the default)")
+    if not checkpointing:
+        return (f"checkpoint_local_path={path!r} needs checkpoint_s3_uri (or use_spot_instances=True, which sets one): "
+                "without it SageMaker syncs nothing and ignores the path")
+    given = environment.get(CHECKPOINT_DIR_ENV) if isinstance(environment, Mapping) else None
+    if given is not None and given != path:
+        return (f"environment {CHECKPOINT_DIR_ENV}={given!r} differs from checkpoint_local_path={path!r}; the "
+                "container must write its checkpoints where SageMaker syncs them: drop the variable")
     return None
 
 

@@ -46,6 +46,15 @@ def class_metric(prefix: str, class_name: str) -> str:
     return f"{prefix}_{slug(class_name)}"
 
 
+def metric_name_clashes(class_names: Iterable[str]) -> list[list[str]]:
+    """Groups of class names that give the same metric names ("Cell Nucleus" and "cell-nucleus"): their values would
+    print under one name, and SageMaker would record only the first."""
+    groups: dict[str, list[str]] = {}
+    for name in class_names:
+        groups.setdefault(slug(name), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def per_class_names(class_names: Iterable[str]) -> list[str]:
     return [class_metric(prefix, name) for prefix in PER_CLASS_METRICS for name in class_names]
 

@@ -10,6 +10,10 @@
 The wire formats are unetseg.codecs', the same module the server (unetseg.serving) decodes and encodes with:
 requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG, probabilities
 as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as application/json.
+
+A real-time endpoint carries at most 6 MB each way (sagemaker_env.REALTIME_MAX_PAYLOAD_BYTES). The predictor refuses
+before sending a request body over it, and a request whose answer is known to be over it (probabilities: float16,
+C x H x W; a .npy mask: H x W), saying what to use instead.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from sagemaker.serializers import BaseSerializer
 from sagemaker.transformer import Transformer
 
 from . import codecs
+from . import job_rules as rules
+from .errors import UnetsegError
+from .sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
 
 LOCAL_OUTPUT_DIR = "unetseg-output"  # as UNetEstimator's local mode: ./unetseg-output/<job name>/
 _EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
@@ -123,6 +130,14 @@ def decode_response(body: bytes, content_type: Optional[str]) -> Any:
                      f"{', '.join(codecs.RESPONSE_TYPES)}")
 
 
+class PayloadTooLarge(UnetsegError, ValueError):
+    """A request, or its known answer, is over what a real-time endpoint carries."""
+
+
+# The fewest classes a unetseg model has: the size of probabilities when the predictor does not know the model.
+_MIN_CLASSES = 2
+
+
 class UNetPredictor(Predictor):
     """Send images to a unetseg endpoint (or a local-mode one) and get numpy masks back.
 
@@ -131,14 +146,18 @@ class UNetPredictor(Predictor):
         sagemaker_session: a sagemaker.Session (LocalSession for local mode); default: one from the AWS config.
         serializer / deserializer: default `ImageSerializer(content_type)` and `MaskDeserializer()`.
         content_type: how images travel: image/png (default, lossless), image/jpeg, or application/x-npy.
+        classes: the model's class count, for the size of `predict_proba`'s answer (deploy() sets it); default 2,
+            the fewest a model has.
     """
 
     def __init__(self, endpoint_name: str, sagemaker_session: Any = None, serializer: Optional[BaseSerializer] = None,
-                 deserializer: Optional[BaseDeserializer] = None, *, content_type: str = codecs.PNG, **kwargs: Any):
+                 deserializer: Optional[BaseDeserializer] = None, *, content_type: str = codecs.PNG,
+                 classes: Optional[int] = None, **kwargs: Any):
         _quiet_v2_notice(type(self).__name__)
         super().__init__(endpoint_name, sagemaker_session=sagemaker_session,
                          serializer=serializer or ImageSerializer(content_type),
                          deserializer=deserializer or MaskDeserializer(), **kwargs)
+        self.classes = classes
 
     def predict(self, data: Any, initial_args: Optional[dict] = None, target_model: Optional[str] = None,
                 target_variant: Optional[str] = None, inference_id: Optional[str] = None,
@@ -175,11 +194,82 @@ class UNetPredictor(Predictor):
         """Masks for several images, one request each (an endpoint takes one image per request)."""
         return [self.predict(image, **kwargs) for image in images]
 
+    def _create_request_args(self, data: Any, initial_args: Optional[dict] = None, *args: Any, **kwargs: Any) -> dict:
+        request = super()._create_request_args(data, initial_args, *args, **kwargs)
+        self._check_payloads(request)
+        return request
+
+    def _check_payloads(self, request: dict) -> None:
+        body = request.get("Body")
+        size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else None
+        if size is not None and size > REALTIME_MAX_PAYLOAD_BYTES:
+            raise PayloadTooLarge(
+                f"this request is {size:,} bytes of {request.get('ContentType')}; a real-time endpoint takes at most "
+                f"{REALTIME_MAX_PAYLOAD_BYTES:,} bytes (6 MiB) per request: send the image as image/jpeg "
+                "(UNetPredictor(..., content_type='image/jpeg'), smaller but lossy), send a smaller image or crop, or "
+                f"run a batch transform over the images in S3 (est.transformer(...).transform('s3://...'), up to "
+                f"{BATCH_MAX_PAYLOAD_MB} MB per image)")
+        accept = codecs.media_type(request.get("Accept"))
+        if accept != codecs.NPY or size is None:
+            return  # a PNG or JSON answer is compressed: its size is not known before it is made
+        probabilities = "output=probabilities" in (request.get("CustomAttributes") or "").replace(" ", "")
+        shape = _image_shape(bytes(body), request.get("ContentType"))
+        if shape is None:
+            return
+        answer = self.response_bytes(shape, accept=accept, probabilities=probabilities)
+        if answer > REALTIME_MAX_PAYLOAD_BYTES:
+            classes = self.classes or _MIN_CLASSES
+            height, width = shape
+            if not probabilities:
+                raise PayloadTooLarge(
+                    f"the .npy mask of a {height}x{width} image is {answer:,} bytes, over the "
+                    f"{REALTIME_MAX_PAYLOAD_BYTES:,}-byte (6 MiB) answer a real-time endpoint carries; ask for it as a "
+                    "PNG (predict(), compressed) or run a batch transform")
+            pixels = (REALTIME_MAX_PAYLOAD_BYTES - 1024) // (2 * classes)
+            side = int(pixels ** 0.5)
+            raise PayloadTooLarge(
+                f"predict_proba of a {height}x{width} image with {classes} classes answers {answer:,} bytes "
+                f"(float16 probabilities), over the {REALTIME_MAX_PAYLOAD_BYTES:,}-byte (6 MiB) answer a real-time "
+                "endpoint carries; ask for the mask (predict(), a compressed PNG) or per-class pixel counts "
+                f"(predict_json()), or call predict_proba on crops of at most {pixels:,} pixels (e.g. {side}x{side}); "
+                "a batch transform writes masks")
+
+    def response_bytes(self, shape: tuple[int, int], *, accept: str, probabilities: bool = False) -> int:
+        """The exact size of an application/x-npy answer for an image of `shape` (H, W): float16 probabilities
+        (classes x H x W) or the uint8 mask."""
+        if codecs.media_type(accept) != codecs.NPY:
+            raise ValueError(f"only application/x-npy answers have a size known in advance, not {accept!r}")
+        full = ((self.classes or _MIN_CLASSES), *shape) if probabilities else tuple(shape)
+        dtype = np.dtype(np.float16 if probabilities else np.uint8)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": full})
+        return len(header.getvalue()) + int(np.prod(full)) * dtype.itemsize
+
     def _predict_as(self, accept: str, data: Any, kwargs: dict, *, tile: Optional[int], tta: Optional[str],
                     output: Optional[str] = None) -> Any:
         initial_args = {**(kwargs.pop("initial_args", None) or {}), "Accept": accept}
         custom = request_options(kwargs.pop("custom_attributes", None), tile=tile, tta=tta, output=output)
         return Predictor.predict(self, data, initial_args=initial_args, custom_attributes=custom, **kwargs)
+
+
+def _image_shape(body: bytes, content_type: Optional[str]) -> Optional[tuple[int, int]]:
+    """(H, W) of an encoded request image, from its header only; None where it cannot be told."""
+    try:
+        if codecs.media_type(content_type) == codecs.NPY:
+            stream = io.BytesIO(body)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(stream))
+            if read_header is None:
+                return None
+            shape, _, _ = read_header(stream)  # the header only, not the data
+            return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else None
+        from PIL import Image
+
+        with Image.open(io.BytesIO(body)) as image:  # reads the header; the pixels stay undecoded
+            return image.height, image.width
+    except Exception:  # noqa: BLE001 - not an image we can size: the server decides
+        return None
 
 
 def request_options(custom_attributes: Optional[str] = None, *, tile: Optional[int] = None,
@@ -226,6 +316,7 @@ class UNetTransformer(Transformer):
                              f"{', '.join(codecs.REQUEST_TYPES)}")
         if split_type not in (None, "None"):
             raise ValueError(f"split_type={split_type!r}: an image is one record and cannot be split")
+        rules.raise_if([rules.job_name_problem("job_name", job_name)])
         local_output = False
         if self.sagemaker_session.local_mode:
             # The local client runs the whole job before CreateTransformJob returns; waiting would only sleep.
@@ -246,6 +337,11 @@ class UNetTransformer(Transformer):
         finally:
             if local_output:
                 self._reset_output_path = True  # a new folder for the next job, as the SDK does on S3
+
+    def _retrieve_base_name(self) -> str:
+        # The SDK names transform jobs after the model's image repository, which may hold `_` or `.`.
+        image_uri = self._retrieve_image_uri()
+        return rules.base_name_from_image(image_uri) if image_uri else self.model_name
 
     def wait(self, logs: bool = True) -> None:
         """Wait for the latest transform job. A local one has already run inside `transform()` (its container's

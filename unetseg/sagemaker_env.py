@@ -10,19 +10,27 @@ SageMaker (and the sagemaker-training toolkit) hands a job its inputs as environ
 - SM_HOSTS / SM_CURRENT_HOST, else /opt/ml/input/config/resourceconfig.json;
 - SM_NUM_GPUS, which reads 0 where nvidia-smi is missing: the engine falls back to torch.cuda.device_count().
 
-/opt/ml/checkpoints is synced to the job's checkpoint_s3_uri. UNETSEG_OPT_ML moves the whole tree (tests, local
-runs); UNETSEG_CHECKPOINT_DIR moves only the checkpoints. This module must not import torch.
+The job's CheckpointConfig.LocalPath (default /opt/ml/checkpoints) is what SageMaker syncs with checkpoint_s3_uri; it
+is in /opt/ml/input/config/checkpointconfig.json, and UNetEstimator also passes it as UNETSEG_CHECKPOINT_DIR.
+UNETSEG_OPT_ML moves the whole tree (tests, local runs); UNETSEG_CHECKPOINT_DIR moves only the checkpoints. This module
+must not import torch.
 
 A tuning job gives every trial the same checkpoint_s3_uri (sagemaker/tuner.py copies the estimator's into the one
 training job definition), so a trial would resume from whichever trial wrote last.pt before it. A trial (its
 hyperparameters carry `_tuning_objective_metric`) therefore keeps its state under checkpoints/<TRAINING_JOB_NAME>:
 a spot restart of that trial keeps its name and resumes; another trial starts fresh.
+
+SageMaker also restores the whole prefix into every trial (there is one CheckpointConfig per tuning job and no
+per-trial prefix), and deletes from S3 what the container deletes from the synced folder. A trial that finished
+therefore removes its own state (`discard_finished_trial_state`), so that a later trial fetches only the state of
+trials still running or interrupted, not of every trial before it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -30,6 +38,7 @@ from typing import Any, Mapping, Optional
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
 INIT_MODEL_CHANNEL = "init_model"  # an input channel holding a trained unetseg model.tar.gz to fine-tune from
+CHECKPOINT_DIR_ENV = "UNETSEG_CHECKPOINT_DIR"  # where checkpoints go instead of <root>/checkpoints
 
 # Payload and time limits of SageMaker inference, which only the real service enforces (the SDK and moto do not):
 # the predictor checks requests against them before sending, and the server's defaults follow the mode it serves.
@@ -51,10 +60,20 @@ class TrainingEnv:
     current_host: str = "algo-1"
     num_gpus: Optional[int] = None  # None: unknown here, the engine asks torch
     job_name: Optional[str] = None
+    tuning_trial: bool = False  # a training job of a hyperparameter tuning job
+    checkpoints_synced: bool = False  # SageMaker syncs the checkpoint folder with S3 (the job has a CheckpointConfig)
 
     @property
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
+
+    def discard_finished_trial_state(self) -> None:
+        """After a tuning trial finished (not on a stop: a spot restart resumes from it), remove its state from the
+        synced folder, and so from S3. Only its own folder: the others hold running trials' state, and deleting a
+        restored copy here would delete it from S3 too. Once per host (local rank 0): each host syncs its folder."""
+        if (self.tuning_trial and self.checkpoints_synced and self.job_name
+                and os.environ.get("LOCAL_RANK", "0") == "0" and self.checkpoint_dir.name == self.job_name):
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     @property
     def host_rank(self) -> int:
@@ -77,8 +96,11 @@ class TrainingEnv:
         gpus = env.get("SM_NUM_GPUS")
         hyperparameters = _hyperparameters(env, config_dir)
         job_name = env.get("TRAINING_JOB_NAME") or None
-        checkpoint_dir = Path(env.get("UNETSEG_CHECKPOINT_DIR", root / "checkpoints"))
-        if TUNING_MARKER in hyperparameters and job_name:
+        checkpoint_config = _read_json(config_dir / "checkpointconfig.json")  # SageMaker's, for a CheckpointConfig
+        synced = (checkpoint_config or {}).get("LocalPath")
+        checkpoint_dir = Path(env.get(CHECKPOINT_DIR_ENV) or synced or root / "checkpoints")
+        tuning_trial = TUNING_MARKER in hyperparameters
+        if tuning_trial and job_name:
             checkpoint_dir = checkpoint_dir / job_name
         return cls(
             hyperparameters=hyperparameters,
@@ -91,6 +113,8 @@ class TrainingEnv:
             current_host=current,
             num_gpus=int(gpus) if gpus not in (None, "") and int(gpus) > 0 else None,
             job_name=job_name,
+            tuning_trial=tuning_trial,
+            checkpoints_synced=checkpoint_config is not None,
         )
 
 

@@ -1,9 +1,10 @@
 """Hyperparameter tuning on a UNetEstimator, with the checks and defaults a plain HyperparameterTuner lacks.
 
 A plain `HyperparameterTuner(est, ...)` works with UNetEstimator, but (sagemaker 2.257, sagemaker/tuner.py) it sends
-only the `metric_definitions` given to the tuner itself, not the estimator's, and its fit() sends a bare S3 string
-as one channel named "training", which the container does not read. `UNetEstimator.tuner()` fills both in, checks
-the objective against the metric vocabulary, and checks every range end and category with TrainConfig.
+only the `metric_definitions` given to the tuner itself, not the estimator's, its fit() sends a bare S3 string as one
+channel named "training", which the container does not read, and it names the tuning job after the image's repository,
+which may hold `_` or `.` that SageMaker refuses in names. `UNetEstimator.tuner()` fills all three in, checks the
+objective against the metric vocabulary, and checks every range end and category with TrainConfig.
 """
 
 from __future__ import annotations
@@ -24,14 +25,38 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class UNetTuner(HyperparameterTuner):
-    """A HyperparameterTuner whose fit() takes the same inputs as UNetEstimator.fit()."""
+    """A HyperparameterTuner whose fit() takes the same inputs as UNetEstimator.fit(), and whose tuning jobs each
+    keep their trials' checkpoints under a prefix of their own.
+
+    SageMaker (CreateHyperParameterTuningJob) takes one CheckpointConfig for all trials of a tuning job, has no
+    per-trial prefix, and restores the whole prefix into every trial. So the prefix is the tuning job's own:
+    <output_path>/<tuning job>/checkpoints, or <checkpoint_s3_uri>/<tuning job> when the estimator was given one;
+    within it each trial keeps its state under its job name, and removes it once finished (sagemaker_env).
+    """
 
     def fit(self, inputs: Any = None, job_name: Optional[str] = None, include_cls_metadata: Any = False,
             estimator_kwargs: Any = None, wait: bool = True, **kwargs: Any) -> Any:
-        if inputs is not None and self.estimator is not None:
-            inputs = self.estimator.training_inputs(inputs)
-        return super().fit(inputs, job_name=job_name, include_cls_metadata=include_cls_metadata,
-                           estimator_kwargs=estimator_kwargs, wait=wait, **kwargs)
+        from sagemaker.utils import name_from_base
+
+        rules.raise_if([rules.job_name_problem("job_name", job_name, rules.TUNING_JOB_NAME_LIMIT)])
+        estimator = self.estimator  # make_tuner gives one UNetEstimator
+        if inputs is not None:
+            inputs = estimator.training_inputs(inputs)
+        # Named now, so that the estimator's checkpoint prefix carries the tuning job's name (the SDK prepares the
+        # estimator before it names the tuning job).
+        if job_name is None:
+            estimator._ensure_base_job_name()
+            job_name = name_from_base(self.base_tuning_job_name or estimator.base_job_name,
+                                      max_length=rules.TUNING_JOB_NAME_LIMIT, short=True)
+        given = estimator.checkpoint_s3_uri if estimator._checkpoint_s3_uri_given else None
+        if given:
+            estimator.checkpoint_s3_uri = f"{given.rstrip('/')}/{job_name}"
+        try:
+            return super().fit(inputs, job_name=job_name, include_cls_metadata=include_cls_metadata,
+                               estimator_kwargs=estimator_kwargs, wait=wait, **kwargs)
+        finally:
+            if given:
+                estimator.checkpoint_s3_uri = given
 
 
 def make_tuner(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, ParameterRange],
@@ -44,6 +69,11 @@ def make_tuner(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, P
     if objective_type not in ("Maximize", "Minimize"):
         raise JobSettingsError(f"objective_type={objective_type!r}: use 'Maximize' or 'Minimize'")
     check_ranges(estimator, hyperparameter_ranges)
+    # The SDK trims the base to fit the 32-character limit with its timestamp; the base itself must be a valid name.
+    rules.raise_if([rules.job_name_problem("base_tuning_job_name", kwargs.get("base_tuning_job_name"))])
+    if kwargs.get("base_tuning_job_name") is None:
+        estimator._ensure_base_job_name()
+        kwargs["base_tuning_job_name"] = estimator.base_job_name
     kwargs.setdefault("metric_definitions", estimator.metric_definitions)
     return UNetTuner(estimator, objective, dict(hyperparameter_ranges), objective_type=objective_type, **kwargs)
 
