@@ -29,9 +29,12 @@ def test_compile_true_trains_in_the_image_on_the_cpu(tmp_path):
     data = make_demo_dataset(tmp_path / "data", kind="binary", train=8, validation=4, size=32)
     tree = opt_ml_tree(tmp_path / "ml", HPS, {"train": data / "train", "validation": data / "validation"})
     name = f"unetseg-ci-compile-{uuid.uuid4().hex[:8]}"
-    mounts = [arg for sub in ("input", "model", "output", "checkpoints") for arg in ("-v", f"{tree / sub}:/opt/ml/{sub}")]
-    cmd = ["docker", "run", "--name", name, "--hostname", "algo-1", "--network", "none", "--add-host", "algo-1:127.0.0.1",
-           "-e", "OMP_NUM_THREADS=2", "-e", f"TORCHINDUCTOR_CACHE_DIR={CACHE}", *mounts, image, "train"]
+    mounts = [arg for sub in ("input", "model", "output", "checkpoints")
+              for arg in ("-v", f"{tree / sub}:/opt/ml/{sub}")]
+    # As test_local_mode_docker.run_train: no network, and a hosts line for algo-1 (the toolkit waits for its name).
+    cmd = ["docker", "run", "--name", name, "--hostname", "algo-1", "--network", "none", "--add-host",
+           "algo-1:127.0.0.1", "-e", "OMP_NUM_THREADS=2", "-e", f"TORCHINDUCTOR_CACHE_DIR={CACHE}", *mounts,
+           image, "train"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     finally:

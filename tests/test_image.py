@@ -245,7 +245,8 @@ def test_build_command(fake_docker):
     assert tag == "unetseg:t1"
     build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build" and "--help" not in c["argv"]][0]
     assert build[:2] == ["build", "--force-rm"]  # a failed step leaves no container behind
-    assert build[build.index("-f") + 1] == str(REPO / "entry" / "Dockerfile") and build[build.index("-t") + 1] == "unetseg:t1"
+    assert build[build.index("-f") + 1] == str(REPO / "entry" / "Dockerfile")
+    assert build[build.index("-t") + 1] == "unetseg:t1"
     assert build[-1] == str(REPO)
     pairs = {build[i + 1] for i, a in enumerate(build) if a == "--build-arg"}
     assert pairs == {"X=1", "BASE_IMAGE=unetseg-ci-base:abc", "BAKE_ENCODERS=resnet34 efficientnet-b0:imagenet"}
