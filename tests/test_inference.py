@@ -358,3 +358,22 @@ def test_the_body_limit_follows_the_mode(trained, monkeypatch):
     asynchronous = InferenceApp(str(trained[0]), device="cpu")
     assert status_for(asynchronous, ASYNC_MAX_PAYLOAD_BYTES)[0] == 400
     assert status_for(asynchronous, ASYNC_MAX_PAYLOAD_BYTES + 1)[0] == 413
+
+
+def test_a_realtime_answer_over_6_mb_is_refused_with_the_reason(trained, monkeypatch):
+    """6 MB each way: the float16 probabilities of a 1024 x 1024 image with 3 classes are 6 MB and a header, which
+    SageMaker would drop with an error naming nothing. The server says so, and what to ask for instead."""
+    for name in ("SAGEMAKER_BATCH", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    app = InferenceApp(str(trained[0]), device="cpu")
+    ramp = np.linspace(0, 255, 1024, dtype=np.float32)
+    image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)  # a small PNG: the request is fine
+    body = codecs.encode_image(image)
+    assert len(body) < REALTIME_MAX_PAYLOAD_BYTES
+    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="output=probabilities")
+    assert status == 413, (status, f"{len(payload)} bytes")
+    error = json.loads(payload)["error"]
+    assert f"over the limit of {REALTIME_MAX_PAYLOAD_BYTES} bytes" in error, error
+    assert "ask for the mask" in error
+    status, kind, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.PNG)
+    assert (status, kind) == (200, codecs.PNG) and len(payload) < REALTIME_MAX_PAYLOAD_BYTES

@@ -220,19 +220,29 @@ class InferenceApp:
         channels = image.shape[2] if image.ndim == 3 else 1
         if channels != self.model.in_channels:
             raise HttpError(400, f"image has {channels} channel(s); this model takes {self.model.in_channels}")
+        probabilities = options.get("output") == "probabilities"
+        if probabilities and accept != codecs.NPY:  # before the work, not after it
+            raise HttpError(406, "output=probabilities is sent as application/x-npy; set Accept to it")
         tile = options.get("tile")
         probs = self.predict(image, started, tile=int(tile) if tile else None, tta=options.get("tta", self.tta))
-        if options.get("output") == "probabilities":
-            if accept != codecs.NPY:
-                raise HttpError(406, "output=probabilities is sent as application/x-npy; set Accept to it")
-            return 200, codecs.NPY, codecs.encode_npy(probs.astype("float16"))
-        mask = probs.argmax(0).astype("uint8")
-        if accept == codecs.PNG:
-            return 200, codecs.PNG, codecs.encode_mask_png(mask, self.model.class_colors)
-        if accept == codecs.NPY:
-            return 200, codecs.NPY, codecs.encode_npy(mask)
-        return 200, codecs.JSON, codecs.encode_json(mask, self.model.class_names)
-
+        if probabilities:
+            kind, answer = codecs.NPY, codecs.encode_npy(probs.astype("float16"))
+        else:
+            mask = probs.argmax(0).astype("uint8")
+            if accept == codecs.PNG:
+                kind, answer = codecs.PNG, codecs.encode_mask_png(mask, self.model.class_colors)
+            elif accept == codecs.NPY:
+                kind, answer = codecs.NPY, codecs.encode_npy(mask)
+            else:
+                kind, answer = codecs.JSON, codecs.encode_json(mask, self.model.class_names)
+        # A real-time endpoint carries 6 MB back too: SageMaker would drop a larger answer with an error that names
+        # nothing. (Batch transform and async inference write answers to S3.)
+        limit = max(self.max_body, REALTIME_MAX_PAYLOAD_BYTES)
+        if self.limits.mode == "realtime" and len(answer) > limit:
+            raise HttpError(413, f"the answer ({kind}, {len(answer)} bytes) is over the limit of {limit} bytes for "
+                                 f"realtime inference; ask for the mask (image/png) rather than probabilities, send a "
+                                 f"smaller image, or use {INSTEAD['realtime']}")
+        return 200, kind, answer
 
     def predict(self, image, started: float, **kwargs):
         """The model's probabilities, within the request's time limit (less a margin to encode and send the answer
