@@ -46,6 +46,8 @@ REALTIME_MAX_PAYLOAD_BYTES = 6 * 2**20  # InvokeEndpoint: 6 MB each way (6,291,4
 REALTIME_TIMEOUT_S = 60  # a real-time endpoint must answer within 60 s
 BATCH_MAX_PAYLOAD_MB = 100  # CreateTransformJob MaxPayloadInMB: at most 100
 ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
+BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeoutInSeconds: default 600 (at most 3600)
+ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
 
 
 @dataclass(frozen=True)
