@@ -171,6 +171,195 @@ def binary_pair(root: Path, stem: str, foreground: int, size: int = 16) -> None:
 
 
 # =================================================================================================================
+# 1. Silent data loss
+# =================================================================================================================
+
+# --- mask conventions decided from all files together ------------------------------------------------------------
+
+def _both_channels(tmp_path: Path, train: dict[str, int], validation: dict[str, int]) -> list:
+    for stem, fg in train.items():
+        binary_pair(tmp_path / "train", stem, fg)
+    for stem, fg in validation.items():
+        binary_pair(tmp_path / "validation", stem, fg)
+    return pair_channel(tmp_path / "train") + pair_channel(tmp_path / "validation")
+
+
+@pytest.mark.parametrize("train, validation", [
+    ({"a": 255, "b": 255}, {"v": 1}),  # 0/255 training masks, 0/1 validation masks
+    ({"a": 1, "b": 1}, {"v": 255}),  # the other way round
+    ({"a": 255, "b": 1}, {"v": 255}),  # mixed within train
+])
+def test_binary_masks_mixing_255_and_1_are_refused_naming_files_of_each_kind(tmp_path, train, validation):
+    samples = _both_channels(tmp_path, train, validation)
+    with pytest.raises(DataError) as info:
+        check_dataset(samples, CFG)
+    message = str(info.value)
+    ones = [s.mask for s in samples if (train | validation)[s.stem] == 1]
+    full = [s.mask for s in samples if (train | validation)[s.stem] == 255]
+    assert all(str(p) in message for p in ones + full), message
+    assert "mask_mode=binary" in message and "mask_mode=index" in message
+
+
+def test_index_masks_with_ignore_next_to_0_255_masks_are_refused(tmp_path):
+    # {0,1,255}: index masks whose 255 means ignore; {0,255}: looks like a binary mask. One reading loses pixels.
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:4], mask[4:8] = 1, 255
+    write_pair(tmp_path, "index", np.zeros((16, 16, 3), np.uint8), mask)
+    binary_pair(tmp_path, "binary", 255)
+    with pytest.raises(DataError, match=r"(?s)binary\.png.*index\.png|index\.png.*binary\.png"):
+        check_dataset(pair_channel(tmp_path), CFG)
+
+
+def test_multiclass_masks_next_to_0_255_masks_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    write_pair(tmp_path, "classes", *random_pair(rng, size=16, classes=3))
+    binary_pair(tmp_path, "binary", 255)
+    with pytest.raises(DataError, match="binary.png"):
+        check_dataset(pair_channel(tmp_path), CFG.replace(classes=3))
+
+
+@pytest.mark.parametrize("mode, foreground_pixels", [("binary", 2 * 128), ("index", 128)])
+def test_an_explicit_mask_mode_reads_a_mix_as_asked(tmp_path, mode, foreground_pixels):
+    samples = _both_channels(tmp_path, {"a": 255}, {"v": 1})
+    checked = check_dataset(samples, CFG.replace(mask_mode=mode))
+    assert checked.codec.mode == mode
+    assert int(checked.class_pixels[1]) == foreground_pixels  # index: the 255 half is ignore, as asked
+
+
+@pytest.mark.parametrize("masks, mode", [
+    ([{255}, {255}], "binary"),  # 0/255 everywhere
+    ([{1}, {1}], "index"),  # 0/1 everywhere
+    ([{1, 255}, {1, 255}, {1}], "index"),  # index masks with an ignore band (255) in some
+])
+def test_consistent_mask_sets_are_still_read_without_asking(tmp_path, masks, mode):
+    for i, values in enumerate(masks):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[:8] = min(values)  # the foreground: 1 or 255
+        if len(values) > 1:
+            mask[8:10] = 255  # and an ignore band
+        write_pair(tmp_path, f"m{i}", np.zeros((16, 16, 3), np.uint8), mask)
+    checked = check_dataset(pair_channel(tmp_path), CFG)
+    assert checked.codec.mode == mode and checked.class_pixels[1] == len(masks) * 128
+
+
+def test_mixed_masks_stop_the_train_command_before_training(tmp_path, capsys):
+    _both_channels(tmp_path, {"a": 255, "b": 255}, {"v": 1})
+    err = cli_error(capsys, ["train", "--data", tmp_path, "--output", tmp_path / "run", *_tiny_args()])
+    assert "validation/masks/v.png" in err and "train/masks/a.png" in err
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+# --- a hand-edited config.json is checked against the weights ----------------------------------------------------
+
+CONFIG_EDITS = [
+    ("std-zero", _set("normalization.std", [0.0, 0.224, 0.225]), "std"),
+    ("std-negative", _set("normalization.std", [-0.2, 0.2, 0.2]), "std"),
+    ("std-nan", _set("normalization.std", [float("nan"), 0.2, 0.2]), "std"),
+    ("mean-short", _set("normalization.mean", [0.5]), "mean"),
+    ("mean-text", _set("normalization.mean", ["a", "b", "c"]), "mean"),
+    ("norm-mode", _set("normalization.mode", "zscore"), "normalization"),
+    ("classes", _set("classes", 5), "classes"),
+    ("in-channels", _set("in_channels", 1), "in_channels"),
+    ("encoder", _set("encoder", "resnet50"), "encoder"),
+    ("class-names", _set("class_names", ["background"]), "class_names"),
+    ("class-colors-short", _set("class_colors", [[0, 0, 0]]), "class_colors"),
+    ("class-colors-range", _set("class_colors", [[0, 0, 0], [300, 0, 0]]), "class_colors"),
+    ("stride-zero", _set("input.stride", 0), "stride"),
+    ("stride-wrong", _set("input.stride", 16), "stride"),
+    ("no-input", _drop("input"), "input"),
+    ("no-hyperparameters", _drop("hyperparameters"), "hyperparameters"),
+    ("hyperparameters-text", _set("hyperparameters", "lr=0.1"), "hyperparameters"),
+    ("hyperparameters-bad", _set("hyperparameters.optimizer", "adamx"), "optimizer"),
+    ("hp-classes", _set("hyperparameters.classes", "3"), "classes"),
+    ("mask-mode", _set("mask_mode", "rgb"), "mask_mode"),
+    ("no-class-names", _drop("class_names"), "class_names"),
+]
+
+
+@pytest.mark.parametrize("name, edit, field", CONFIG_EDITS, ids=[c[0] for c in CONFIG_EDITS])
+def test_a_config_that_contradicts_itself_or_the_weights_is_refused(model_dir, tmp_path, name, edit, field):
+    from unetseg.model import load_model
+
+    bad = edited_copy(model_dir, tmp_path / name, edit)
+    with pytest.raises(ArtifactError) as info:
+        load_model(bad, device="cpu")
+    message = str(info.value)
+    assert str(bad / "config.json") in message or str(bad) in message
+    assert field in message, message
+
+
+def test_a_config_that_is_not_an_object_and_a_broken_history_are_named(model_dir, tmp_path):
+    from unetseg.model import load_model
+
+    listed = shutil.copytree(model_dir, tmp_path / "list")
+    (listed / "config.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="config.json"):
+        load_model(listed, device="cpu")
+    history = shutil.copytree(model_dir, tmp_path / "history")
+    (history / "history.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="history.json"):
+        load_model(history, device="cpu")
+
+
+def test_weights_with_nan_are_refused(model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from unetseg.model import load_model
+
+    bad = shutil.copytree(model_dir, tmp_path / "nan")
+    weights = load_file(str(bad / "model.safetensors"))
+    name = sorted(k for k in weights if k.endswith("weight"))[0]
+    weights[name][0].fill_(float("nan"))
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(ArtifactError, match=name.replace(".", r"\.")):
+        load_model(bad, device="cpu")
+
+
+def test_a_fine_tuning_source_is_checked_the_same_way(model_dir, tmp_path):
+    from unetseg.model import read_init_model
+
+    bad = edited_copy(model_dir, tmp_path / "init", _set("classes", 7))
+    with pytest.raises(ArtifactError, match="classes"):
+        read_init_model(bad, TrainConfig(**TINY))
+
+
+# --- two validation folders or channels ----------------------------------------------------------------------------
+
+def test_val_and_validation_folders_together_are_refused_by_train(tmp_path, capsys):
+    for name in ("train", "val", "validation"):
+        make_channel(tmp_path / name, count=2, size=16)
+    err = cli_error(capsys, ["train", "--data", tmp_path, "--output", tmp_path / "run", *_tiny_args()])
+    assert "val/" in err and "validation/" in err and "--validation" in err
+
+
+def test_a_folder_that_is_both_a_channel_and_a_dataset_root_is_refused(tmp_path, capsys):
+    make_channel(tmp_path, count=2, size=16)
+    make_channel(tmp_path / "train", count=2, size=16)
+    err = cli_error(capsys, ["train", "--data", tmp_path, "--output", tmp_path / "run", *_tiny_args()])
+    assert "images/" in err and "train/" in err
+
+
+def test_an_explicit_validation_folder_settles_it(tmp_path):
+    from unetseg.cli import _split_layout
+
+    for name in ("train", "val", "validation"):
+        (tmp_path / name).mkdir()
+    assert _split_layout(tmp_path, tmp_path / "val") == (tmp_path / "train", tmp_path / "val")
+
+
+@pytest.mark.parametrize("channels, named", [
+    ({"train": "t", "val": "a", "validation": "b"}, ("'val'", "'validation'")),
+    ({"train": "t", "training": "u"}, ("'train'", "'training'")),
+])
+def test_two_channels_for_one_role_are_refused_in_the_container(channels, named):
+    from unetseg.entrypoint import pick_channels
+
+    with pytest.raises(DataError) as info:
+        pick_channels({k: Path(v) for k, v in channels.items()})
+    assert all(n in str(info.value) for n in named)
+
+
+# =================================================================================================================
 # 2. Untrusted sizes: bombs from headers
 # =================================================================================================================
 

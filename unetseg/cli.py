@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .codecs import TTA_MODES
 from .config import TrainConfig
-from .errors import UnetsegError
+from .errors import UnetsegError, UsageError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -112,11 +112,20 @@ def parse_hyperparameters(tokens: Sequence[str]) -> dict[str, str]:
 
 
 def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optional[Path]]:
-    """A folder with train/ (and validation/ or val/) is a dataset root; otherwise it is the training channel."""
-    if (data / "train").is_dir() and not (data / "images").is_dir():
-        val = validation or next((data / n for n in ("validation", "val") if (data / n).is_dir()), None)
-        return data / "train", val
-    return data, validation
+    """A folder with train/ (and validation/ or val/) is a dataset root; a folder with images/ is the training channel.
+    Either reading of an ambiguous folder would silently ignore data, so it is refused."""
+    if not (data / "train").is_dir():
+        return data, validation
+    if (data / "images").is_dir():
+        raise UsageError(f"--data {data}: holds both images/ (a dataset channel) and train/ (a folder of channels); "
+                         f"give --data {data / 'train'}, or move one of them away")
+    if validation is None:
+        found = [data / name for name in ("validation", "val") if (data / name).is_dir()]
+        if len(found) > 1:
+            raise UsageError(f"--data {data}: both validation/ and val/ are there; keep one, or choose one with "
+                             f"--validation {found[0]}")
+        validation = found[0] if found else None
+    return data / "train", validation
 
 
 def _train(args, extra: Sequence[str]) -> int:

@@ -19,3 +19,7 @@ class ImageTooLargeError(DataError):
 
 class ArtifactError(UnetsegError, ValueError):
     """A model artifact (folder or model.tar.gz) is missing or malformed."""
+
+
+class UsageError(UnetsegError, ValueError):
+    """A command-line argument has a bad value."""
