@@ -415,6 +415,22 @@ def test_the_data_check_names_every_bomb_and_stays_small(tmp_path):
     assert peak < baseline + BOMB_EXTRA_MIB and peak < BOMB_TOTAL_MIB, f"{peak:.0f} MiB, {baseline:.0f} without bombs"
 
 
+def test_predict_names_every_bomb_writes_the_good_masks_and_stays_small(model_dir, tmp_path):
+    folder = images_folder(tmp_path / "in", count=2)
+    argv = ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out", "--device", "cpu"]
+    code, err, baseline = peak_rss_mib(argv)  # the good images alone
+    assert code == 0, err[-3000:]
+    for kind in ("png-rgb-40k", "png-100k", "tiff-rgb-40k", "jpeg-gray-65k"):
+        name, make = BOMBS[kind]
+        (folder / f"{kind}{Path(name).suffix}").write_bytes(make())
+    shutil.rmtree(tmp_path / "out")
+    code, err, peak = peak_rss_mib(argv)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert all(kind in err for kind in ("png-rgb-40k", "png-100k", "tiff-rgb-40k", "jpeg-gray-65k")), err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good0.png", "good1.png"]
+    assert peak < baseline + BOMB_EXTRA_MIB and peak < BOMB_TOTAL_MIB, f"{peak:.0f} MiB, {baseline:.0f} without bombs"
+
+
 NPY_BOMBS = {  # the header claims what the body does not hold
     "27.9GiB": ((100000, 100000, 3), "<f4"),
     "2GiB": ((32768, 32768, 2), "<u1"),
@@ -482,3 +498,306 @@ def test_a_bad_limit_setting_is_named(tmp_path, monkeypatch, value):
     with pytest.raises(UnetsegError) as info:
         check_dataset(pair_channel(tmp_path), CFG)
     assert f"UNETSEG_MAX_IMAGE_MB={value!r}" in str(info.value) and "MiB" in str(info.value)
+
+
+def test_predict_decodes_only_a_bounded_number_of_images_ahead(model_dir, tmp_path, monkeypatch):
+    import unetseg.predict as predict
+    from unetseg.model import load_model
+
+    folder = images_folder(tmp_path / "in", count=24, size=16)
+    decoded, ahead = [], []
+    real_read = predict.read_image
+    monkeypatch.setattr(predict, "read_image", lambda path: decoded.append(path) or real_read(path))
+    model = load_model(model_dir, device="cpu")
+    real_chunk = predict._predict_chunk
+
+    def chunk(*args, **kwargs):
+        time.sleep(0.05)  # a slow model: decoding must not run through the whole folder meanwhile
+        ahead.append(len(decoded) - 2 * len(ahead))  # decoded, less those already predicted
+        yield from real_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "_predict_chunk", chunk)
+    predict.predict_files(model, sorted(folder.iterdir()), tmp_path / "out", batch_size=2, progress=False)
+    assert len(decoded) == 24 and len(ahead) == 12
+    assert max(ahead) <= 3 * 2, ahead  # this chunk and two more
+
+
+# =================================================================================================================
+# 3. Tracebacks where a message belongs
+# =================================================================================================================
+
+# --- the output: full, read-only, a file ----------------------------------------------------------------------------
+
+def _namespace_prefix() -> list[str]:
+    """A private mount namespace (root: plain unshare; others: a user namespace), or skip where neither works."""
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1): a private tmpfs needs a mount namespace")
+    prefix = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("mount namespaces are not allowed here")
+    return prefix
+
+
+def run_with_mounts(mounts: list[tuple[Path, str]], argv: list[str], listing: Path | None = None,
+                    timeout: int = 300) -> subprocess.CompletedProcess:
+    """The CLI in a mount namespace where each (folder, options) is a tmpfs (e.g. "size=20m", "ro"); afterwards
+    the names in `listing` are printed to stdout (the tmpfs is gone once the namespace ends)."""
+    prefix = _namespace_prefix()
+    script = " && ".join(f"mount -t tmpfs -o {opts} tmpfs '{folder}'" for folder, opts in mounts)
+    command = " ".join(f"'{a}'" for a in [PY, "-m", "unetseg.cli", *map(str, argv)])
+    script += f"; {command}; rc=$?; " + (f"ls -A '{listing}'; " if listing else "") + "exit $rc"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    make_channel(tmp_path / "data" / "train", count=4, size=32)
+    make_channel(tmp_path / "data" / "validation", count=2, size=32, seed=1)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("where, size, target", [
+    ("checkpoints", "20m", "best.safetensors"),  # safetensors' writer: "No space left on device (os error 28)"
+    ("checkpoints", "60m", "last.pt"),  # best.safetensors fits, torch.save's writer fails: "unexpected pos"
+    ("model", "20m", "model.safetensors"),  # training done, the model does not fit
+])
+def test_disk_full_names_the_file_and_leaves_no_partial_file(tiny_dataset, tmp_path, where, size, target):
+    run = tmp_path / "run"
+    (run / where).mkdir(parents=True)
+    done = run_with_mounts([(run / where, f"size={size}")], ["train", "--data", tiny_dataset, "--output", run,
+                                                             *_tiny_args(num_workers=2)], listing=run / where)
+    err = assert_clean_exit(done, str(run / where / target), "no space left")
+    assert ".tmp." not in done.stdout, done.stdout  # the partial file was removed: the space is free again
+    assert "resume" in err or where == "model"
+
+
+def test_a_file_size_limit_names_the_file(tiny_dataset, tmp_path):
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill, as a quota-like limit behaves
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    done = run_cli(["train", "--data", tiny_dataset, "--output", tmp_path / "run", *_tiny_args(num_workers=2)],
+                   preexec_fn=limit_file_size)
+    assert_clean_exit(done, str(tmp_path / "run" / "checkpoints" / "best.safetensors"), "file too large")
+
+
+def test_a_read_only_output_is_refused_before_the_data_is_read(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (tiny_dataset / "train" / "masks" / "s00.png").write_bytes(b"broken")  # the output's error must come first
+    done = run_with_mounts([(run, "ro")], ["train", "--data", tiny_dataset, "--output", run, *_tiny_args()])
+    assert_clean_exit(done, f"--output {run}", "read-only")
+    assert "s00.png" not in done.stderr and "data:" not in done.stdout
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_data_is_read(tiny_dataset, tmp_path, capsys):
+    (tiny_dataset / "train" / "masks" / "s00.png").write_bytes(b"broken")
+    (tmp_path / "run").write_text("a file")
+    err = cli_error(capsys, ["train", "--data", tiny_dataset, "--output", tmp_path / "run", *_tiny_args()])
+    assert f"--output {tmp_path / 'run'}" in err and "file" in err and "s00.png" not in err
+    (tmp_path / "run2" / "model").parent.mkdir()
+    (tmp_path / "run2" / "model").write_text("a file where model/ goes")
+    err = cli_error(capsys, ["train", "--data", tiny_dataset, "--output", tmp_path / "run2", *_tiny_args()])
+    assert str(tmp_path / "run2" / "model") in err and "s00.png" not in err
+
+
+def test_predict_output_that_is_a_file_or_read_only(model_dir, tmp_path, capsys):
+    folder = images_folder(tmp_path / "in")
+    (tmp_path / "out").write_text("a file")
+    err = cli_error(capsys, ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out"])
+    assert f"--output {tmp_path / 'out'}" in err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = run_with_mounts([(ro, "ro")], ["predict", "--model", model_dir, "--input", folder, "--output", ro / "masks"])
+    assert_clean_exit(done, str(ro / "masks"), "read-only")
+
+
+def test_predict_disk_full_names_the_mask_file(model_dir, tmp_path):
+    folder = images_folder(tmp_path / "in", count=3, size=64)
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run_with_mounts([(out, "size=4k")], ["predict", "--model", model_dir, "--input", folder, "--output", out,
+                                                "--probabilities", "--device", "cpu"], listing=out)
+    assert_clean_exit(done, str(out), "no space left")
+
+
+# --- Ctrl-C while the data is checked ------------------------------------------------------------------------------
+
+def test_ctrl_c_during_the_data_check_is_one_line(tmp_path):
+    root = make_channel(tmp_path / "data", count=300, size=16)
+    fifo = root / "masks" / "s150.png"
+    fifo.unlink()
+    os.mkfifo(fifo)  # a slow file: opening it blocks until the test writes, so the check is surely under way
+    proc = subprocess.Popen([PY, "-m", "unetseg.cli", "train", "--data", str(root), "--output", str(tmp_path / "run"),
+                             *_tiny_args()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+    def serve_reader() -> bool:
+        """Give a reader that has opened the FIFO a few bytes and an end of file; False while none has."""
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return False
+        os.write(writer, b"not a png")
+        os.close(writer)
+        return True
+
+    deadline = time.monotonic() + 120
+    while not serve_reader():  # the first reader: the data check is running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    while proc.poll() is None and time.monotonic() < deadline:  # any later reader of the slow file gets its bytes too
+        serve_reader()
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_clean_exit(done, "interrupted")
+    assert "data:" not in out  # stopped in the data check, not after it
+
+
+# --- model artifacts: broken, unsafe, not what they claim ----------------------------------------------------------
+
+def _predict_error(capsys, model, tmp_path) -> str:
+    folder = images_folder(tmp_path / "in", count=1)
+    return cli_error(capsys, ["predict", "--model", model, "--input", folder, "--output", tmp_path / "out"])
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.999])
+def test_a_truncated_model_tarball(model_dir, tmp_path, capsys, cut):
+    whole = tar_of(model_dir, tmp_path / "whole.tar.gz").read_bytes()
+    cut_file = tmp_path / "model.tar.gz"
+    cut_file.write_bytes(whole[: int(len(whole) * cut)])
+    err = _predict_error(capsys, cut_file, tmp_path)
+    assert str(cut_file) in err and ("truncated" in err or "corrupt" in err)
+
+
+def _add_bytes(name: str, data: bytes = b"x", kind=tarfile.REGTYPE, link: str = ""):
+    def extra(tar):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return extra
+
+
+UNSAFE_MEMBERS = {
+    "dotdot": _add_bytes("../escaped.txt"),
+    "deep-dotdot": _add_bytes("code/../../escaped.txt"),
+    "absolute-symlink": _add_bytes("passwd", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+    "relative-symlink-out": _add_bytes("up", kind=tarfile.SYMTYPE, link="../../outside"),
+    "hardlink-out": _add_bytes("hard", kind=tarfile.LNKTYPE, link="/etc/hostname"),
+    "device": _add_bytes("dev", kind=tarfile.CHRTYPE),
+}
+
+
+@pytest.mark.parametrize("kind", UNSAFE_MEMBERS)
+def test_unsafe_tar_members_are_refused(model_dir, tmp_path, capsys, kind):
+    archive = tar_of(model_dir, tmp_path / "model.tar.gz", UNSAFE_MEMBERS[kind])
+    err = _predict_error(capsys, archive, tmp_path)
+    assert str(archive) in err and "unsafe" in err
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+WEIGHTS = {
+    "zero-bytes": b"",
+    "pickle": pickle.dumps({"weight": [1.0, 2.0]}),
+    "torch-zip": b"PK\x03\x04" + b"\x00" * 200,
+    "text": b"not weights at all\n" * 10,
+    "huge-header": (2**40).to_bytes(8, "little") + b"{}",
+}
+
+
+@pytest.mark.parametrize("kind", [*WEIGHTS, "truncated"])
+def test_a_weights_file_that_is_not_safetensors(model_dir, tmp_path, capsys, kind):
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000] if kind == "truncated" else WEIGHTS[kind])
+    err = _predict_error(capsys, bad, tmp_path)
+    assert str(weights) in err and "safetensors" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b\x08garbage", b"PK\x03\x04zip"])
+def test_a_model_file_that_is_not_a_tarball(tmp_path, capsys, content):
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(content)
+    err = _predict_error(capsys, archive, tmp_path)
+    assert str(archive) in err and ("not a tar archive" in err or "an empty file" in err)
+
+
+def test_config_without_hyperparameters_or_with_stride_zero_in_predict(model_dir, tmp_path, capsys):
+    for name, edit, field in (("nohp", _drop("hyperparameters"), "hyperparameters"),
+                              ("stride", _set("input.stride", 0), "stride")):
+        bad = edited_copy(model_dir, tmp_path / name, edit)
+        err = _predict_error(capsys, bad, tmp_path / f"{name}-run")
+        assert str(bad / "config.json") in err and field in err
+
+
+# --- predict's arguments and images ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tile", "0"], "--tile 0"),
+    (["--tile", "-64"], "--tile -64"),
+    (["--tile", "4"], "--tile 4"),  # below the model's stride
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--batch-size", "-2"], "--batch-size -2"),
+    (["--device", "banana"], "--device banana"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--device", "cuda:-1"], "--device cuda:-1"),
+])
+def test_bad_predict_arguments_are_named(model_dir, tmp_path, capsys, args, fragment):
+    folder = images_folder(tmp_path / "in", count=1)
+    err = cli_error(capsys, ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out", *args])
+    assert fragment in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_cuda_without_a_gpu_is_named(model_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda is a valid device here (cuda:99 covers the absent one)")
+    folder = images_folder(tmp_path / "in", count=1)
+    err = cli_error(capsys, ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out",
+                             "--device", "cuda"])
+    assert "--device cuda" in err and "cpu" in err
+
+
+def test_a_grayscale_image_for_an_rgb_model_and_the_reverse_name_the_file(model_dir, tmp_path, capsys):
+    folder = images_folder(tmp_path / "in", count=2)
+    save(folder / "gray.png", np.zeros((24, 24), np.uint8))
+    err = cli_error(capsys, ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out"])
+    assert str(folder / "gray.png") in err and "1 channel" in err and "3" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good0.png", "good1.png"]
+    gray_model = _artifact(tmp_path / "gray-model", in_channels=1)
+    err = cli_error(capsys, ["predict", "--model", gray_model, "--input", folder / "good0.png",
+                             "--output", tmp_path / "out2"])
+    assert str(folder / "good0.png") in err and "3 channel" in err
+
+
+def test_every_unreadable_image_in_a_folder_is_named_and_the_good_ones_get_masks(model_dir, tmp_path, capsys):
+    folder = images_folder(tmp_path / "in", count=3)
+    good = (folder / "good0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "text.png").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    save(folder / "rgba.png", np.zeros((24, 24, 4), np.uint8))
+    (folder / "bomb.png").write_bytes(png_bomb(40000, 40000))
+    save(folder / "float.tif", np.zeros((24, 24), np.float32) + 0.5)
+    err = cli_error(capsys, ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out"])
+    for name in ("truncated.png", "text.png", "empty.jpg", "rgba.png", "bomb.png", "float.tif"):
+        assert str(folder / name) in err, err
+    assert "6 of 9 images" in err and "wrote 3 mask(s)" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good0.png", "good1.png", "good2.png"]
+
+
+def test_a_predict_problem_is_one_line_without_traceback_in_the_real_command(model_dir, tmp_path):
+    folder = images_folder(tmp_path / "in", count=1)
+    save(folder / "gray.png", np.zeros((24, 24), np.uint8))
+    done = run_cli(["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out",
+                    "--tile", "0"])
+    assert_clean_exit(done, "--tile 0")
+    done = run_cli(["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr and str(folder / "gray.png") in done.stderr
