@@ -10,7 +10,8 @@ Four classes, each with more cases than the issue lists:
   value, exit code 2, no traceback;
 - the limit itself: a real image over it gets a message that says how to raise it, and raising it works.
 
-Tiny images and a tiny untrained model: the whole file runs in well under two minutes on two CPU cores.
+Tiny images and a tiny untrained model: the whole file runs in under two minutes on two shared CPU cores (about 100 s
+measured); the cases that start the real command in a child process are marked slow.
 """
 
 from __future__ import annotations
@@ -395,6 +396,7 @@ def test_a_bomb_is_refused_from_its_header_when_read_as_image_or_mask(tmp_path, 
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated for a header"  # numpy and PIL report to tracemalloc
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_the_data_check_names_every_bomb_and_stays_small(tmp_path):
     root = make_channel(tmp_path / "train", count=3, size=16)
     (root / "masks" / "orphan.png").write_bytes((root / "masks" / "s00.png").read_bytes())
@@ -415,6 +417,7 @@ def test_the_data_check_names_every_bomb_and_stays_small(tmp_path):
     assert peak < baseline + BOMB_EXTRA_MIB and peak < BOMB_TOTAL_MIB, f"{peak:.0f} MiB, {baseline:.0f} without bombs"
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_predict_names_every_bomb_writes_the_good_masks_and_stays_small(model_dir, tmp_path):
     folder = images_folder(tmp_path / "in", count=2)
     argv = ["predict", "--model", model_dir, "--input", folder, "--output", tmp_path / "out", "--device", "cpu"]
@@ -557,6 +560,7 @@ def tiny_dataset(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.mark.slow  # starts the real command in a child process
 @pytest.mark.parametrize("where, size, target", [
     ("checkpoints", "20m", "best.safetensors"),  # safetensors' writer: "No space left on device (os error 28)"
     ("checkpoints", "60m", "last.pt"),  # best.safetensors fits, torch.save's writer fails: "unexpected pos"
@@ -572,6 +576,7 @@ def test_disk_full_names_the_file_and_leaves_no_partial_file(tiny_dataset, tmp_p
     assert "resume" in err or where == "model"
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_a_file_size_limit_names_the_file(tiny_dataset, tmp_path):
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill, as a quota-like limit behaves
@@ -582,6 +587,7 @@ def test_a_file_size_limit_names_the_file(tiny_dataset, tmp_path):
     assert_clean_exit(done, str(tmp_path / "run" / "checkpoints" / "best.safetensors"), "file too large")
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_a_read_only_output_is_refused_before_the_data_is_read(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -602,6 +608,7 @@ def test_an_output_that_is_a_file_is_refused_before_the_data_is_read(tiny_datase
     assert str(tmp_path / "run2" / "model") in err and "s00.png" not in err
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_predict_output_that_is_a_file_or_read_only(model_dir, tmp_path, capsys):
     folder = images_folder(tmp_path / "in")
     (tmp_path / "out").write_text("a file")
@@ -613,6 +620,7 @@ def test_predict_output_that_is_a_file_or_read_only(model_dir, tmp_path, capsys)
     assert_clean_exit(done, str(ro / "masks"), "read-only")
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_predict_disk_full_names_the_mask_file(model_dir, tmp_path):
     folder = images_folder(tmp_path / "in", count=3, size=64)
     out = tmp_path / "out"
@@ -624,6 +632,7 @@ def test_predict_disk_full_names_the_mask_file(model_dir, tmp_path):
 
 # --- Ctrl-C while the data is checked ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_ctrl_c_during_the_data_check_is_one_line(tmp_path):
     root = make_channel(tmp_path / "data", count=300, size=16)
     fifo = root / "masks" / "s150.png"
@@ -793,6 +802,7 @@ def test_every_unreadable_image_in_a_folder_is_named_and_the_good_ones_get_masks
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good0.png", "good1.png", "good2.png"]
 
 
+@pytest.mark.slow  # starts the real command in a child process
 def test_a_predict_problem_is_one_line_without_traceback_in_the_real_command(model_dir, tmp_path):
     folder = images_folder(tmp_path / "in", count=1)
     save(folder / "gray.png", np.zeros((24, 24), np.uint8))
