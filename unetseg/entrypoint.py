@@ -58,6 +58,11 @@ def run(env: TrainingEnv) -> int:
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
     channels = {name: path for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
+    for role, names in (("training", TRAIN_CHANNELS), ("validation", VALIDATION_CHANNELS)):
+        given = [n for n in names if n in channels]
+        if len(given) > 1:  # using one would silently drop the other
+            raise DataError(f"two {role} channels, " + " and ".join(repr(n) for n in given) +
+                            f"; send one: which of them holds the {role} data is not clear")
     train = next((channels[n] for n in TRAIN_CHANNELS if n in channels), None)
     if train is None and len(channels) == 1:
         train = next(iter(channels.values()))
