@@ -38,6 +38,13 @@ REALTIME_TIMEOUT_S = 60  # a real-time endpoint must answer within 60 s
 BATCH_MAX_PAYLOAD_MB = 100  # CreateTransformJob MaxPayloadInMB: at most 100
 ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
 
+# Stopping a job (spot reclaim, StopTrainingJob, MaxRuntime reached): SageMaker sends SIGTERM to the container's PID 1,
+# then SIGKILL this many seconds later.
+STOP_GRACE_S = 120
+# The folder where each process that must hear a stop request registers (unetseg/stop_registry.py). entry/init.py
+# (PID 1) creates it and hands its path down in this variable, and passes SIGTERM on to those processes only.
+STOP_REGISTRY_ENV = "UNETSEG_STOP_REGISTRY"
+
 
 @dataclass(frozen=True)
 class TrainingEnv:

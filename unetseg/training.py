@@ -130,6 +130,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
+        if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
+            partial.update(loss_sum=0.0, samples=0)
         say(f"resumed from {paths.checkpoint_dir / checkpoint.LAST}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
 
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
@@ -179,7 +181,10 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                 if cfg.log_every and step % cfg.log_every == 0:
                     say(format_line({"step_loss": loss.item()}, step=step, epoch=epoch + 1), flush=True)
                 if stop.agreed(ctx, step):
-                    partial.update(loss_sum=float(loss_sum), seconds=partial["seconds"] + time.perf_counter() - started)
+                    samples = torch.tensor(float(partial["samples"]), device=device)
+                    sums = all_reduce(torch.stack([loss_sum, samples]), ctx)
+                    partial.update(loss_sum=float(sums[0]), samples=int(sums[1]),
+                                   seconds=partial["seconds"] + time.perf_counter() - started)
                     if ctx.is_main:
                         checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch, batch_index + 1))
                     say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: checkpoint saved to "
