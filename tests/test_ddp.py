@@ -6,9 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import process_tree
 from support import REPO, TINY, free_port, sagemaker_tree
+from unetseg.config import TrainConfig
+from unetseg.metrics import confusion, summarize
+from unetseg.metrics_log import SELECTION_METRIC
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.slow
@@ -32,6 +36,27 @@ def run_or_fail(env, what: str) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{what}: no result after {RUN_TIMEOUT} s (a collective that one rank never joins?)\n"
                     + (exc.stdout or "")[-3000:] + (exc.stderr or "")[-3000:])
+
+
+@pytest.mark.parametrize("validation", [1, 3])
+def test_validation_with_fewer_images_than_processes_finishes_and_matches_the_saved_model(tmp_path, validation):
+    # With 1 image, rank 1's validation shard is empty: it must not wait in a forward pass rank 0 alone makes. With 3,
+    # both ranks validate; either way the metrics logged are those of the model saved (rank 0's BatchNorm statistics).
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=16, validation=validation, size=32)
+    done = run_or_fail(ddp_env(tmp_path, data), f"2 processes, {validation} validation image(s)")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "on 2 x cpu" in done.stdout
+
+    from unetseg.data.checks import check_dataset
+    from unetseg.data.scan import pair_channel
+    from unetseg.model import load_model
+
+    model = load_model(tmp_path / "model", device="cpu")
+    cfg = TrainConfig(**HPS)
+    best = model.config["best"]
+    val = check_dataset(pair_channel(data / "validation"), cfg)
+    matrix = sum(confusion(torch.from_numpy(model.predict(img)), torch.from_numpy(mask), 2) for img, mask in val.cached)
+    assert summarize(matrix, cfg.resolved_class_names)[SELECTION_METRIC] == pytest.approx(best[SELECTION_METRIC], abs=1e-6)
 
 
 def test_a_failing_rank_s_own_error_reaches_the_failure_file(tmp_path):

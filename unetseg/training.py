@@ -195,7 +195,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
             train_seconds = partial["seconds"] + time.perf_counter() - started
             totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(partial["samples"]), device=device)]), ctx)
             metrics = {"train_loss": float(totals[0] / totals[1].clamp_min(1))}
-            metrics.update(evaluate(net, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last))
+            distributed.broadcast_buffers(model, ctx)
+            metrics.update(evaluate(model, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last))
             metrics.update(lr=scheduler.get_last_lr()[0], epoch_time=partial["seconds"] + time.perf_counter() - started,
                            images_per_sec=float(totals[1]) / max(train_seconds, 1e-9))
             history.append({"epoch": epoch + 1, "step": step, **metrics})
@@ -232,9 +233,11 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
 # --- pieces of the loop ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def evaluate(net, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
+def evaluate(model, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
              channels_last: bool) -> dict[str, float]:
-    net.eval()
+    """Metrics over every rank's validation shard. `model` is the bare model, not the DDP wrapper (see
+    distributed.broadcast_buffers): a shard may be empty when there are fewer images than processes."""
+    model.eval()
     matrix = torch.zeros(cfg.classes, cfg.classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
@@ -243,13 +246,13 @@ def evaluate(net, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: Di
         x = x if channels_last else x.contiguous()
         y = masks.to(device, non_blocking=True).long()
         with autocast():
-            logits = net(x)
+            logits = model(x)
         loss_sum += loss_fn(logits.float(), y) * len(images)
         count += len(images)
         matrix += confusion(logits.argmax(1), y, cfg.classes)
     all_reduce(matrix, ctx)
     totals = all_reduce(torch.stack([loss_sum, count]), ctx)
-    net.train()
+    model.train()
     return {"val_loss": float(totals[0] / totals[1].clamp_min(1)), **summarize(matrix.cpu(), cfg.resolved_class_names)}
 
 
