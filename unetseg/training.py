@@ -9,7 +9,6 @@ so far, and stop; the next run with the same checkpoint dir continues exactly wh
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import signal
@@ -216,8 +215,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
             if stop.agreed(ctx, step, force=True):
                 raise Interrupted(stop.name)
     except Interrupted:
-        if ctx.is_main and history:
-            finish(cfg, paths, model, train_data, val_data, history, best, say)
+        if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
+            finish(cfg, paths, model, train_data, val_data, history, best, say, picture=False)
         distributed.barrier(ctx)
         return TrainResult(history, best, interrupted=stop.name)
     finally:
@@ -256,35 +255,47 @@ def evaluate(model, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: 
     return {"val_loss": float(totals[0] / totals[1].clamp_min(1)), **summarize(matrix.cpu(), cfg.resolved_class_names)}
 
 
-def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say) -> None:
-    """Rank 0: the best weights, config and history to the model dir; a picture of predictions to the output dir."""
+def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say,
+           picture: bool = True) -> None:
+    """Rank 0: the best weights, config and history to the model dir; then, with `picture`, a picture of
+    predictions to the output dir."""
     weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
     config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None)
     save_artifact(paths.model_dir, weights, config, history)
-    picture = paths.output_data_dir / "predictions.png"
-    try:
-        draw_predictions(model, weights, config, val_data, picture)
-    except Exception as exc:  # noqa: BLE001 - a picture is a convenience, never a reason to fail a trained job
-        say(f"could not draw {picture}: {exc}")
-        picture = None
+    drawn = paths.output_data_dir / "predictions.png" if picture else None
+    if drawn:
+        try:
+            draw_predictions(model, weights, config, val_data, drawn)
+        except Exception as exc:  # noqa: BLE001 - a picture is a convenience, never a reason to fail a trained job
+            say(f"could not draw {drawn}: {exc}")
+            drawn = None
     # No "name=value" here: SageMaker's metric regexes would read this summary as one more data point.
     say(f"best model: epoch {best.get('epoch')}, {SELECTION_METRIC} {best.get(SELECTION_METRIC, float('nan')):.4f}")
     say(f"model: {paths.model_dir} (model.safetensors, config.json)")
     say(f"metrics: {paths.model_dir / 'history.json'}")
-    if picture:
-        say(f"predictions: {picture}")
+    if drawn:
+        say(f"predictions: {drawn}")
+
+
+PICTURE_CROP = 256  # px: the picture shows each image's centre; the other ranks wait in a barrier while it is drawn
 
 
 def draw_predictions(model, weights, config: dict, data: CheckedDataset, path: Path, count: int = 4) -> None:
-    best_model = copy.deepcopy(model).cpu()
-    best_model.load_state_dict(weights)
-    segmenter = Segmenter(best_model, config, device="cpu")
+    """Predictions of the best weights on the centres of a few validation images, on the training device (training
+    is over: `model` takes the best weights)."""
+    model.load_state_dict(weights)
+    segmenter = Segmenter(model, config, device=next(model.parameters()).device)
     rows = []
     for index in range(min(count, len(data.samples))):
-        image, mask = data.load(index)
+        image, mask = centre_crop(*data.load(index), PICTURE_CROP)
         rows.append((image, mask, segmenter.predict(image)))
     path.parent.mkdir(parents=True, exist_ok=True)
     prediction_grid(rows, config["class_colors"]).save(path)
+
+
+def centre_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
+    return image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
 
 
 def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> tuple[CheckedDataset, CheckedDataset]:
