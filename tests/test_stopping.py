@@ -130,3 +130,52 @@ def test_two_processes_stop_with_loader_workers_and_resume_exactly(tmp_path):
         [{k: v for k, v in r.items() if k != "train_loss"} for r in b]
     assert json.loads((tmp_path / "spot" / "model" / "history.json").read_text())[-1]["epoch"] == 2
 
+
+# --- checkpoint files: the synced folder holds finished files only --------------------------------------------------
+
+KILLED_MID_WRITE = """
+import os, signal, sys, torch
+from pathlib import Path
+from unetseg import checkpoint
+folder = Path(sys.argv[1])
+checkpoint.save_state(folder, {"step": 1, "weights": torch.zeros(1000)})
+real_save = torch.save
+def save_then_die(obj, f, *args, **kwargs):  # half the file written, then SIGKILL: SageMaker's 120 s are up
+    real_save(obj, f, *args, **kwargs)
+    os.truncate(f, os.path.getsize(f) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+checkpoint.save_state(folder, {"step": 2, "weights": torch.ones(1000)})
+"""
+
+
+def test_a_kill_mid_write_leaves_nothing_half_written_in_the_synced_checkpoint_folder(tmp_path):
+    # SageMaker uploads whatever appears in the checkpoint folder and restores all of it on a restart: a temporary file
+    # there, orphaned by a kill, would come back (model and optimizer in size) after every restart.
+    folder = tmp_path / "checkpoints"
+    done = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == 1  # the previous checkpoint, intact
+
+
+def test_checkpoint_files_staged_on_another_filesystem_still_arrive_whole(tmp_path, monkeypatch):
+    # Staged in /dev/shm (tmpfs) for a checkpoint folder on disk: a rename cannot cross filesystems (EXDEV).
+    import os
+    import tempfile
+
+    from unetseg import checkpoint
+
+    staging = tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else None
+    if staging is None or os.stat(staging).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem here to stage on")
+    monkeypatch.setattr(tempfile, "tempdir", staging)
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_state(folder, {"step": step, "weights": torch.full((1000,), float(step))})
+    checkpoint.save_best(folder, {"w": torch.ones(3)})
+    assert sorted(p.name for p in folder.iterdir()) == ["best.safetensors", "last.pt"]
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == 2
+    assert os.listdir(staging) == []
+    os.rmdir(staging)
