@@ -37,7 +37,7 @@ from .metrics import confusion, summarize
 from .metrics_log import SELECTION_METRIC, format_line
 from .model import (ARCHITECTURE_FIELDS, artifact_config, build_model, freeze_unused, load_matching,
                     normalization, read_init_model, save_artifact)
-from .segmenter import Segmenter, prepare_input
+from .segmenter import Segmenter, native_bf16, prepare_input
 from .visualize import prediction_grid
 
 # Changing these between runs makes a checkpoint unusable; changing the others (epochs, lr, ...) is allowed.
@@ -123,10 +123,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     state = checkpoint.load_state(paths.checkpoint_dir)
     if state is not None:
         check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore(state, model, optimizer, scheduler, scaler, say)
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
         if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
@@ -327,9 +324,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device, say) -> Optional[torc
         if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
             say(f"amp={cfg.amp} applies to CUDA only; training in fp32 on {device.type}")
         return None
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"hyperparameter 'amp' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16 or auto")
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(device)):
+        if not native_bf16(device):
+            raise ConfigError(f"hyperparameter 'amp' = 'bf16': {torch.cuda.get_device_name(device)} has no bf16 "
+                              f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}, "
+                              f"8.0 needed); use fp16 or auto")
         return torch.bfloat16
     return torch.float16
 
@@ -396,6 +395,45 @@ def check_resumable(cfg: TrainConfig, saved_hps: dict, where: Path, say) -> None
         say(f"resuming with changed hyperparameters: {', '.join(changed)}")
 
 
+def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
+    """Load a checkpoint into the parts built for this run. What the run learnt (weights, optimizer moments, the
+    schedule's position, the grad scale) comes from the checkpoint; how this run trains (its hyperparameters, fused or
+    not, memory layout, precision) stays as built, so that each change check_resumable allows works."""
+    model.load_state_dict(state["model"])
+    adapted = []
+    saved = TrainConfig.from_hyperparameters(state["hyperparameters"]).optimizer
+    now = type(optimizer).__name__.lower()  # build_optimizer's classes carry the config's names
+    if saved != now:
+        adapted.append(f"the checkpoint's {saved} optimizer state does not fit {now}: {now} starts fresh")
+    else:
+        # The checkpoint's groups with this run's settings: load_state_dict places the state by them (fused AdamW keeps
+        # its step counts on the parameters' device) and would otherwise keep the checkpoint's fused, lr, decay...
+        groups = [(old, {k: v for k, v in new.items() if k != "params"})
+                  for old, new in zip(state["optimizer"]["param_groups"], optimizer.param_groups)]
+        optimizer.load_state_dict({**state["optimizer"], "param_groups": [{**old, **new} for old, new in groups]})
+        changed = sorted({f"{k}={new[k]} (was {old.get(k)})" for old, new in groups
+                          for k in ("fused", "foreach", "capturable") if k in new and old.get(k) != new[k]})
+        relaid = 0
+        for param, moments in optimizer.state.items():  # fused kernels read a parameter and its moments as flat memory
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                    relaid += 1
+        adapted += [f"optimizer {', '.join(changed)}"] if changed else []
+        adapted += [f"{relaid} optimizer tensors to the parameters' memory layout"] if relaid else []
+    base_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = base_lrs  # this run's peak learning rate, at the checkpoint's position in the schedule
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    if scaler.is_enabled() and not state["scaler"]:
+        adapted.append("a fresh grad scaler for fp16 (the checkpoint trained without one)")
+    else:
+        scaler.load_state_dict(state["scaler"])
+    if adapted:
+        say("resume adapted: " + "; ".join(adapted))
+
+
 class StopSignal:
     """SIGTERM (SageMaker stop, spot reclaim) and SIGINT (Ctrl-C) ask the loop to stop at a step boundary.
 
@@ -421,10 +459,11 @@ class StopSignal:
             return self.name is not None
         if not force and step % self.CHECK_EVERY:
             return False
-        flag = all_reduce(torch.tensor([1.0 if self.name else 0.0], device=ctx.device), ctx, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.name is None:
+        flag = torch.full((1,), 1.0 if self.name else 0.0, device=ctx.device)  # a fill, not a copy from the host
+        stop = bool(all_reduce(flag, ctx, op=torch.distributed.ReduceOp.MAX).item())  # the one sync, every 10 steps
+        if stop and self.name is None:
             self.name = "SIGTERM"  # another rank got it
-        return bool(flag.item())
+        return stop
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
