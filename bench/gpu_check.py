@@ -61,12 +61,13 @@ class Sizes:
     big: int  # side of the image for tiled inference
     tile: int
     resume_size: int  # the resume check trains smaller images: four runs of it
+    resume_train: int  # ... and enough of them that a SIGTERM after the middle step lands before the epoch ends
 
 
 GPU = Sizes(image=512, train=64, validation=8, batch=8, epochs=6, encoder="resnet34", depth=5, big=2600, tile=1024,
-            resume_size=256)
+            resume_size=256, resume_train=64)
 SMOKE = Sizes(image=64, train=8, validation=4, batch=4, epochs=2, encoder="resnet18", depth=3, big=300, tile=128,
-              resume_size=64)
+              resume_size=64, resume_train=32)
 # Seconds each check may take (the smoke form gets the same: a loaded CPU is slower than a GPU), within the whole
 # run's --budget; on a GPU most of the time goes to torch.compile (train-compiled, gpu-bench's compiled mode).
 LIMITS = {"environment": 120, "train-eager": 240, "inference": 180, "fp16": 240, "resume": 420, "sync": 240,
@@ -264,7 +265,7 @@ def check_resume(work: Work) -> dict:
     import torch
 
     sizes = work.sizes
-    steps = sizes.train // sizes.batch
+    steps = sizes.resume_train // sizes.batch
     stop_at = max(1, steps // 2)
     hps = hyperparameters(sizes, image_size=sizes.resume_size, epochs=2, log_every=1, num_workers=2)
     args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in hps.items()]
@@ -272,7 +273,7 @@ def check_resume(work: Work) -> dict:
     if not data.exists():
         from unetseg.synthetic import make_demo_dataset
 
-        make_demo_dataset(data, kind="multiclass", train=sizes.train, validation=sizes.validation,
+        make_demo_dataset(data, kind="multiclass", train=sizes.resume_train, validation=sizes.validation,
                           size=sizes.resume_size, seed=3)
 
     def run(name: str, stop_after: int | None = None) -> tuple[int, str]:
