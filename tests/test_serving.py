@@ -59,7 +59,20 @@ def test_a_replacement_worker_takes_the_gpu_of_the_one_it_replaces(monkeypatch, 
     assert os.environ["OMP_NUM_THREADS"] == str(8 // workers)  # the CPU cores shared among the workers
 
 
-@pytest.mark.parametrize("environ, mode, body, timeout", [
+SETTINGS = ("SAGEMAKER_BATCH", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT", "SAGEMAKER_MODEL_SERVER_WORKERS", "SAGEMAKER_BIND_TO_PORT", "UNETSEG_TTA",
+            "UNETSEG_MAX_PIXELS", "UNETSEG_MAX_IMAGE_MB")
+
+
+@pytest.fixture
+def environ(monkeypatch):
+    """The server's settings unset, and a function that sets some."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    return lambda values: [monkeypatch.setenv(name, value) for name, value in values.items()]
+
+
+@pytest.mark.parametrize("values, mode, body, timeout", [
     ({}, "realtime", REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S),
     ({"SAGEMAKER_BATCH": "true"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20, BATCH_TIMEOUT_S),
     ({"SAGEMAKER_BATCH": "True", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}, "batch", 20 * 2**20, BATCH_TIMEOUT_S),
@@ -68,12 +81,13 @@ def test_a_replacement_worker_takes_the_gpu_of_the_one_it_replaces(monkeypatch, 
     ({"UNETSEG_SERVING_MODE": "async"}, "async", ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S),
     ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "300", "UNETSEG_MAX_BODY_MB": "50"}, "realtime", 50 * 2**20, 300),
 ])
-def test_limits_follow_the_mode(environ, mode, body, timeout):
-    limits = serving.server_limits(environ)
-    assert (limits.mode, limits.max_body_bytes, limits.timeout_s) == (mode, body, timeout)
+def test_limits_follow_the_mode(environ, values, mode, body, timeout):
+    environ(values)
+    settings = serving.read_settings()
+    assert (settings.mode, settings.max_body_bytes, settings.timeout_s, settings.problems) == (mode, body, timeout, ())
 
 
-@pytest.mark.parametrize("environ, fragment", [
+@pytest.mark.parametrize("values, fragment", [
     ({"UNETSEG_SERVING_MODE": "streaming"}, "UNETSEG_SERVING_MODE='streaming': use realtime, batch or async"),
     ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "1m"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='1m': a whole number of seconds"),
     ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "0"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='0': a whole number of seconds"),
@@ -82,14 +96,28 @@ def test_limits_follow_the_mode(environ, mode, body, timeout):
      "SAGEMAKER_MAX_PAYLOAD_IN_MB='101': 0 to 100"),
     ({"SAGEMAKER_BIND_TO_PORT": "http"}, "SAGEMAKER_BIND_TO_PORT='http': a port number"),
 ])
-def test_a_bad_setting_is_named(environ, fragment):
-    with pytest.raises(serving.ServingConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as info:
-        serving.server_limits(environ)
-        serving.bind_port(None, environ)
-    assert "\n" not in str(info.value)
+def test_a_bad_setting_is_named_and_its_default_used(environ, values, fragment):
+    environ(values)
+    settings = serving.read_settings()
+    assert len(settings.problems) == 1 and settings.problems[0].startswith(fragment), settings.problems
+    assert "\n" not in settings.problems[0]
+    defaults = serving.ServerSettings("batch" if "SAGEMAKER_BATCH" in values else "realtime",
+                                      BATCH_MAX_PAYLOAD_MB * 2**20 if "SAGEMAKER_BATCH" in values else
+                                      REALTIME_MAX_PAYLOAD_BYTES,
+                                      BATCH_TIMEOUT_S if "SAGEMAKER_BATCH" in values else REALTIME_TIMEOUT_S,
+                                      serving.DEFAULT_MAX_PIXELS, "none", None, serving.DEFAULT_PORT, settings.problems)
+    assert settings == defaults
 
 
-def test_the_port_comes_from_sagemaker_bind_to_port():
-    assert serving.bind_port(None, {}) == 8080
-    assert serving.bind_port(None, {"SAGEMAKER_BIND_TO_PORT": "9123"}) == 9123  # an inference pipeline's container
-    assert serving.bind_port(8081, {"SAGEMAKER_BIND_TO_PORT": "9123"}) == 8081  # --port on the command line wins
+def test_every_bad_setting_is_named_at_once(environ):
+    environ({"UNETSEG_SERVING_MODE": "x", "UNETSEG_MAX_BODY_MB": "y", "UNETSEG_MAX_IMAGE_MB": "z",
+             "SAGEMAKER_MODEL_SERVER_WORKERS": "w"})
+    names = [problem.split("=")[0] for problem in serving.read_settings().problems]
+    assert names == ["UNETSEG_SERVING_MODE", "UNETSEG_MAX_BODY_MB", "SAGEMAKER_MODEL_SERVER_WORKERS",
+                     "UNETSEG_MAX_IMAGE_MB"]
+
+
+def test_the_port_comes_from_sagemaker_bind_to_port(environ):
+    assert serving.read_settings().port == 8080
+    environ({"SAGEMAKER_BIND_TO_PORT": "9123"})
+    assert serving.read_settings().port == 9123  # an inference pipeline's container (serve's --port wins)

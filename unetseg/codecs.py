@@ -8,6 +8,11 @@ Responses, chosen by Accept:
 
 A request is never decoded on the word of its header alone: the size an image or .npy header declares is checked
 first (data/headers.py: UNETSEG_MAX_IMAGE_MB, and the caller's pixel limit), so a bomb costs its own bytes.
+
+The server reads a request with decode_request: the body must be the format its content type names (PIL alone would
+read any format it knows), and the pixels must be ones a model takes (request_pixels): HxW or HxWxC, at least one
+pixel, uint8 or uint16, other integers within 0..65535 (read as 16-bit, as unetseg reads 32-bit integer image
+files), or floats in [0, 1] with no NaN or infinity. Anything else is a CodecError whose `status` is the HTTP answer.
 """
 
 from __future__ import annotations
@@ -55,19 +60,31 @@ def checked_type(value: str, allowed: Sequence[str], name: str) -> str:
     return kind
 
 
-def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = None) -> np.ndarray:
+def decode_request(body: bytes, content_type: str, max_pixels: Optional[int] = None) -> np.ndarray:
+    """The image of an /invocations request, as the server takes it: decode_image, with the body's format checked
+    against its content type, then request_pixels."""
+    return request_pixels(decode_image(body, content_type, max_pixels, exact_type=True))
+
+
+def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = None,
+                 exact_type: bool = False) -> np.ndarray:
     """The image in a request body. Its declared size is checked before anything is decoded: against the decoded-size
-    limit (UNETSEG_MAX_IMAGE_MB), and against `max_pixels` (height x width) when given."""
+    limit (UNETSEG_MAX_IMAGE_MB), and against `max_pixels` (height x width) when given. `exact_type`: the body must
+    be the format `content_type` names; otherwise PNG and JPEG read any format PIL knows (the predictor's files)."""
     kind = media_type(content_type)
     if kind == NPY:
         return _decode_npy(body, max_pixels)
     if kind not in (PNG, JPEG):
         raise CodecError(f"content type {content_type!r} is not supported; send one of {', '.join(REQUEST_TYPES)}")
-    png = declared_png(body[:33])
+    png = declared_png(bytes(body[:33]))
     if png is not None:
         _check_size(png, max_pixels, len(body))
     try:
         with Image.open(io.BytesIO(body)) as im:
+            if exact_type and im.format not in _PIL_FORMATS[kind]:
+                fits = _FORMAT_TYPES.get(im.format)
+                raise CodecError(f"the body is a {im.format} image, not {kind} as its content type says: "
+                                 + (f"send it with Content-Type: {fits}" if fits else "send PNG or JPEG"))
             _check_size(declared_pil(im), max_pixels, len(body))
             im.load()
             if im.mode in ("RGBA", "LA", "PA"):
@@ -75,16 +92,57 @@ def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = Non
             if im.mode in ("P", "CMYK", "YCbCr", "1"):
                 im = im.convert("RGB" if im.mode != "1" else "L")
             array = np.array(im)
+    except CodecError:
+        raise
     except Image.DecompressionBombError as exc:  # PIL's ceiling (Image.MAX_IMAGE_PIXELS), met opening the header
         raise ImageTooLarge(f"the {kind} image is too large: {exc}") from None
     except UnidentifiedImageError:
         raise CodecError(f"body is not a {kind} image") from None
-    except (OSError, SyntaxError) as exc:
-        raise CodecError(f"body is not a readable {kind} image: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad CRCs, oversized metadata (PIL's ValueError for a zTXt
+        # chunk that inflates past its limit): the body's fault, whatever the decoder raises
+        raise CodecError(f"body is not a readable {kind} image ({type(exc).__name__}: {str(exc)[:200]})") from None
     if kind == PNG and array.dtype == np.uint8 and array.ndim == 3 and _png_16bit_colour(body):
         array = _decode_png16(body)  # PIL reads 16-bit colour PNGs as 8-bit
     if array.dtype == np.int32:
         array = array.astype(np.uint16)
+    return array
+
+
+_PIL_FORMATS = {PNG: ("PNG",), JPEG: ("JPEG", "MPO")}  # MPO: a camera's JPEG with more frames after the first
+_FORMAT_TYPES = {"PNG": PNG, "JPEG": JPEG, "MPO": JPEG}
+ACCEPTED_PIXELS = "uint8 or uint16 pixels (or other integers within 0..65535, or floats in [0, 1])"
+
+
+def request_pixels(array: np.ndarray) -> np.ndarray:
+    """`array` as a model takes it (uint8, uint16, or float in [0, 1], in native byte order), or a CodecError that
+    says what is wrong with it. Floats are taken to be in [0, 1], as unetseg scales uint8 and uint16 images: values
+    outside would be read with another meaning than the sender's, so they are refused rather than clipped."""
+    shape = "x".join(map(str, array.shape)) or "()"
+    if array.ndim not in (2, 3):
+        raise CodecError(f"array of shape {shape}: send an HxW or HxWxC image")
+    if array.size == 0:
+        raise CodecError(f"empty image (shape {shape}): send at least one pixel")
+    array = array.astype(array.dtype.newbyteorder("="), copy=False)
+    if array.dtype in (np.uint8, np.uint16):
+        return array
+    if array.dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise CodecError(f"{array.dtype} pixel values {low}..{high} are outside 0..65535: send {ACCEPTED_PIXELS}")
+        return array.astype(np.uint16)
+    if array.dtype.kind != "f":
+        raise CodecError(f"dtype {array.dtype} is not an image: send {ACCEPTED_PIXELS}")
+    finite = np.isfinite(array)
+    if not finite.all():
+        pixels = array.shape[0] * array.shape[1]
+        bad = int((~finite).reshape(pixels, -1).any(1).sum())
+        raise CodecError(f"{bad} of {pixels} pixels are NaN or infinite: send finite values in [0, 1]")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise CodecError(f"float pixel values must lie in [0, 1]; this image has {low:g}..{high:g}: divide 8-bit "
+                         "values by 255 (16-bit by 65535), or send the uint8 or uint16 image")
     return array
 
 
@@ -112,8 +170,10 @@ def _decode_npy(body: bytes, max_pixels: Optional[int]) -> np.ndarray:
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise CodecError(f"body is not a readable .npy array ({exc})") from None
     described = f"array of shape {'x'.join(map(str, shape)) or '()'} and dtype {dtype}"
-    if len(shape) not in (2, 3) or dtype.kind not in "uif":
-        raise CodecError(f"{described}: send HxW or HxWxC numbers")
+    if len(shape) not in (2, 3):
+        raise CodecError(f"{described}: send an HxW or HxWxC image")
+    if dtype.kind not in "uif":
+        raise CodecError(f"{described}: dtype {dtype} is not an image; send {ACCEPTED_PIXELS}")
     declared_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     stored = len(body) - stream.tell()
     if declared_bytes > stored:
@@ -192,7 +252,10 @@ def _png_16bit_colour(body: bytes) -> bool:
 def _decode_png16(body: bytes) -> np.ndarray:
     import cv2
 
-    array = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        array = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        array = None
     if array is None:
         raise CodecError("body is not a readable 16-bit PNG")
     if array.ndim == 3 and array.shape[2] == 4:

@@ -48,6 +48,7 @@ BATCH_MAX_PAYLOAD_MB = 100  # CreateTransformJob MaxPayloadInMB: at most 100
 ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
 BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeoutInSeconds: default 600 (at most 3600)
 ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
+CUSTOM_ATTRIBUTES_MAX_CHARS = 1024  # InvokeEndpoint CustomAttributes: at most 1024 visible ASCII characters
 
 # Stopping a job (spot reclaim, StopTrainingJob, MaxRuntime reached): SageMaker sends SIGTERM to the container's PID 1,
 # then SIGKILL this many seconds later.
