@@ -109,3 +109,64 @@ def test_an_encoder_set_later_or_tuned_is_checked(aws):
     with pytest.raises(ConfigError, match="'resnet43'.*did you mean 'resnet34'"):
         est.tuner({"encoder": CategoricalParameter(["resnet34", "resnet43"])})
     assert aws.requests == []
+
+
+# --- the training image ---------------------------------------------------------------------------------------------
+
+ECR = "111122223333.dkr.ecr.us-east-1.amazonaws.com"
+
+IMAGE_CASES = {
+    "capitals in the repository": (f"{ECR}/UNetSeg:1.0", "repository"),
+    "a space in the tag": (f"{ECR}/unetseg:1.0 beta", "tag"),
+    "an empty tag": (f"{ECR}/unetseg:", "tag"),
+    "a tag too long": (f"{ECR}/unetseg:{'v' * 129}", "tag"),
+    "a URL scheme": (f"https://{ECR}/unetseg:1.0", "without a scheme"),
+    "a short digest": (f"{ECR}/unetseg@sha256:abc123", "digest"),
+    "an empty path segment": (f"{ECR}//unetseg:1.0", "repository"),
+    "a trailing slash": (f"{ECR}/unetseg/", "repository"),
+    "leading whitespace": (f" {ECR}/unetseg:1.0", "whitespace"),
+    "no registry outside local mode": ("unetseg:1.0", "registry"),
+    "ECR in another region": ("111122223333.dkr.ecr.eu-west-1.amazonaws.com/unetseg:1.0", "eu-west-1"),
+    "ECR host with a short account": ("11112222333.dkr.ecr.us-east-1.amazonaws.com/unetseg:1.0", "12-digit account"),
+    "longer than SageMaker takes": (f"{ECR}/{'a' * 250}:1", "255"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CASES), ids=list(IMAGE_CASES))
+def test_image_uris_sagemaker_cannot_pull_are_refused(aws, case):
+    image_uri, fragment = IMAGE_CASES[case]
+    with pytest.raises(JobSettingsError) as raised:
+        make(aws, image_uri=image_uri)
+    assert "image_uri" in str(raised.value) and fragment in str(raised.value), str(raised.value)
+    assert aws.requests == []
+
+
+@pytest.mark.parametrize("image_uri", [
+    IMAGE, f"{ECR}/team/unet_seg.v2:1", f"{ECR}/unetseg@sha256:" + "0" * 64, f"{ECR}/unetseg:1.0@sha256:" + "a" * 64,
+    f"{ECR}/unetseg", "registry.example.com:5000/seg/unet:2024-01-01_rc.1",
+])
+def test_image_references_sagemaker_takes_pass(aws, image_uri):
+    assert make(aws, image_uri=image_uri).image_uri == image_uri
+
+
+def test_the_length_limit_is_sagemakers():
+    import botocore.session
+
+    from unetseg.job_rules import IMAGE_URI_LIMIT
+
+    shapes = botocore.session.get_session().get_service_model("sagemaker")
+    assert shapes.shape_for("AlgorithmImage").metadata["max"] == IMAGE_URI_LIMIT  # TrainingImage
+    assert shapes.shape_for("ContainerImage").metadata["max"] == IMAGE_URI_LIMIT  # a model's Image
+
+
+def test_local_mode_takes_a_local_image_name_and_checks_its_form(tmp_path):
+    out = (tmp_path / "out").as_uri()
+    assert UNetEstimator(image_uri="unetseg:ci", instance_type="local", output_path=out).image_uri == "unetseg:ci"
+    with pytest.raises(JobSettingsError, match="image_uri='UNetSeg:ci'.*repository"):
+        UNetEstimator(image_uri="UNetSeg:ci", instance_type="local", output_path=out)
+
+
+def test_an_image_from_the_environment_is_checked(aws, monkeypatch):
+    monkeypatch.setenv("UNETSEG_IMAGE_URI", f"{ECR}/unetseg:latest ")
+    with pytest.raises(JobSettingsError, match="image_uri=.*whitespace"):
+        make(aws, image_uri=None)

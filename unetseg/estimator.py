@@ -125,6 +125,9 @@ class UNetEstimator(Estimator):
             None if image_uri or repository else (
                 f"no training image: pass image_uri=..., set ${IMAGE_URI_ENV}, or pass repository= (and tag=, "
                 "account=, region=) to use <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>"),
+            rules.image_uri_problem(image_uri, local=kind.local) if image_uri else None,
+            None if image_uri or not repository else rules.image_uri_problem(f"{repository}:{tag}", local=True,
+                                                                               name="repository:tag"),
             *rules.gpu_setting_problems(config, kind),
             *rules.hyperparameter_problems(config.to_hyperparameters()),
         ])
@@ -156,6 +159,8 @@ class UNetEstimator(Estimator):
             role = role or _role_from_sdk_config(session)
             rules.raise_if([rules.role_problem(role, local=False)])
         image_uri = image_uri or _ecr_image_uri(session, repository, tag, account, region)
+        if not kind.local:
+            rules.raise_if([rules.image_region_problem(image_uri, session.boto_region_name)])
 
         self._config = config
         self._kind = kind
@@ -392,7 +397,8 @@ class UNetEstimator(Estimator):
                     raise JobSettingsError(f"{name.lower().removeprefix('sagemaker_')}={value!r}: use a whole number "
                                            "of 1 or more")
                 environment[name] = str(int(value))
-        rules.raise_if(rules.environment_problems(environment))
+        rules.raise_if([*rules.environment_problems(environment),
+                        rules.image_uri_problem(image_uri, local=True) if image_uri is not None else None])
         model = super().create_model(role=role, image_uri=image_uri, predictor_cls=predictor_cls or UNetPredictor,
                                      vpc_config_override=vpc_config_override, env=environment or None, **kwargs)
         if model.name is None:  # else the Model names itself after the image's repository, which may hold _ or .
