@@ -120,6 +120,10 @@ _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)(?:/(?P<key>.*))?$")
 # Bucket naming rules: 3-63 characters of lower-case letters, digits, dots and hyphens, starting and ending with a
 # letter or digit.
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+# Reserved prefixes (S3 user guide, "General purpose bucket naming rules"). The reserved suffixes are not refused: an
+# access point alias (-s3alias, --ol-s3) or a directory bucket (--x-s3) stands where a bucket name does.
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+$")
 # Names of jobs, models, endpoints (configs) and transform jobs; the service matches the whole name.
 _RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
@@ -393,6 +397,11 @@ def s3_uri_problem(name: str, uri: Any) -> Optional[str]:
     if not _S3_BUCKET.match(bucket) or ".." in bucket:
         return (f"{name}={uri!r}: {bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, dots and "
                 "hyphens, starting and ending with a letter or digit)")
+    if _IP_ADDRESS.match(bucket):
+        return f"{name}={uri!r}: {bucket!r} is formatted as an IP address, which no bucket name may be"
+    reserved = next((prefix for prefix in _RESERVED_BUCKET_PREFIXES if bucket.startswith(prefix)), None)
+    if reserved:
+        return f"{name}={uri!r}: {bucket!r} starts with {reserved!r}, which S3 reserves; no bucket is named so"
     if "//" in (match["key"] or ""):
         return f"{name}={uri!r} has an empty path segment ('//'); SageMaker would write to a different key than meant"
     if len(uri) > 1024:
