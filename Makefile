@@ -1,11 +1,12 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   - create .venv, make a synthetic dataset, train a small model locally (no AWS, no Docker)
 #   make test   - create .venv and run the test suite
+#   make gpu-check - on a GPU machine: prove the CUDA path in one run (bench/gpu_check.sh; GPU_CHECK_ARGS=--smoke on a CPU)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	cd bench && ../$(VENV)/bin/python data_pipeline.py && ../$(VENV)/bin/python train_step.py
+
+gpu-check: $(STAMP)
+	PYTHON=$(VENV)/bin/python bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo runs *.egg-info

@@ -6,12 +6,14 @@ path (AMP, channels_last, compile) for two epochs on synthetic 512 px data. One 
 
     python bench/gpu.py                # on a GPU machine
     python bench/gpu.py --smoke        # seconds on a CPU: checks that the script runs
+    python bench/gpu.py --json t.json  # also write the table as JSON (bench/gpu_check.py reads it)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, no compile: checks the script")
     parser.add_argument("--no-engine", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the table (and the device, size, FLOPs) to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     size, batch, steps = (64, 2, 2) if args.smoke else (args.size, args.batch_size, args.steps)
@@ -112,12 +115,18 @@ def main() -> None:
           f"{flops / 1e9:.1f} GFLOP per image (forward + backward); bf16 peak "
           f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")
     print(f"{'mode':<34}{'images/s':>10}{'vs fp32':>9}{'peak GiB':>10}{'MFU':>8}")
-    base = None
+    base, rows = None, []
     for mode in modes:
         rate, memory = measure(mode, size, batch, steps, device)
         base = base or rate
         mfu = f"{flops * rate / peak:.1%}" if peak else "n/a"
         print(f"{mode:<34}{rate:>10.1f}{rate / base:>9.2f}{memory:>10.2f}{mfu:>8}")
+        rows.append({"mode": mode, "images_per_sec": round(rate, 1), "vs_fp32": round(rate / base, 2),
+                     "peak_gib": None if memory != memory else round(memory, 2), "mfu": mfu})
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "size": size, "batch": batch, "steps": steps,
+                                         "gflop_per_image": round(flops / 1e9, 1),
+                                         "bf16_peak_tflops": peak and peak / 1e12, "rows": rows}, indent=2))
     if not args.no_engine:
         engine_run(size, batch, 1 if args.smoke else 2, args.smoke)
 

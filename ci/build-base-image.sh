@@ -12,7 +12,8 @@
 #
 # Environment (optional): PYTHON (host interpreter with pip; default .venv/bin/python, else python3; must be 3.11 like
 # bookworm's), DEBIAN_MIRROR (default: from /etc/apt/sources*), UNETSEG_CI_CACHE (wheels and .debs kept between
-# builds; default /var/cache/unetseg-ci).
+# builds; default /var/cache/unetseg-ci), UNETSEG_CI_KEEP_OLD_BASES=1 (keep the older unetseg-ci-base tags: on a machine
+# shared with others who still build on them).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,8 +64,10 @@ root=$work/root
 site=$root/usr/local/lib/python3.11/dist-packages
 
 # debootstrap (mostly waiting on the mirror and dpkg) and the wheel build (disk and CPU) run side by side.
+# gcc, g++ and Python's headers stay in the image as in entry/Dockerfile's: torch.compile (compile=true) builds C++
+# kernels with them at run time (Inductor on the CPU, Triton's launcher on a GPU).
 say "debootstrap $suite from $mirror; wheels for $(basename "$reqs") with $PYTHON"
-debootstrap --variant=minbase --include=python3,ca-certificates --cache-dir="$cache/debs" \
+debootstrap --variant=minbase --include=python3,ca-certificates,gcc,g++,libc6-dev,python3-dev --cache-dir="$cache/debs" \
     "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 &
 boot=$!
 # The wheel cache persists: pip reuses a wheel already in it, so a rebuild after a pin change fetches only the change.
@@ -114,8 +117,9 @@ tar -C "$root" --numeric-owner -cf - . |
 docker tag "$image" unetseg-ci-base:latest
 # Each requirement change leaves a 6 GB image behind on a reused machine: drop the older tags (an image still in
 # use by a container or another image stays, untagged layers and all, until that goes).
-for old in $(docker images unetseg-ci-base --format '{{.Tag}}'); do
-    [[ $old == "$hash" || $old == latest ]] || docker rmi "unetseg-ci-base:$old" >/dev/null 2>&1 || true
-done
+[[ ${UNETSEG_CI_KEEP_OLD_BASES:-0} == 1 ]] ||
+    for old in $(docker images unetseg-ci-base --format '{{.Tag}}'); do
+        [[ $old == "$hash" || $old == latest ]] || docker rmi "unetseg-ci-base:$old" >/dev/null 2>&1 || true
+    done
 say "built $image in $((SECONDS - t0))s ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.1f GB", $1 / 1e9}'))"
 echo "$image"

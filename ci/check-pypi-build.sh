@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Proves the path of entry/Dockerfile that real users take and CI does not: a base with CUDA torch but none of the
-# other requirements (like pytorch/pytorch:*-runtime, which no registry here can serve), so that the build installs a
-# compiler and Python's headers from Debian, compiles sagemaker-training, fetches the rest from PyPI, and removes the
-# compiler again. Then the local-mode and serving tests run on the result. Needs the network (PyPI, the Debian mirror);
-# not part of .ci/run, which builds offline.
+# other requirements and no compiler (like pytorch/pytorch:*-runtime, which no registry here can serve), so that the
+# build installs gcc, g++ and Python's headers from Debian (and keeps them: torch.compile needs them at run time),
+# compiles sagemaker-training and fetches the rest from PyPI. Then the local-mode and serving tests run on the result.
+# Needs the network (PyPI, the Debian mirror); not part of .ci/run, which builds offline.
 #
 #   bash ci/start-dockerd.sh && bash ci/check-pypi-build.sh
 set -euo pipefail
@@ -19,7 +19,8 @@ cat >"$work/Dockerfile" <<DOCKERFILE
 FROM $base
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 RUN python3 -m pip uninstall -y sagemaker-training segmentation-models-pytorch albumentations gunicorn \\
- && ! python3 -c 'import sagemaker_training' && ! command -v gcc
+ && apt-get purge -y --auto-remove gcc g++ libc6-dev python3-dev 2>/dev/null; \\
+    ! python3 -c 'import sagemaker_training' && ! command -v gcc && ! command -v g++
 DOCKERFILE
 docker build -q -t unetseg-torch-only:check "$work" >/dev/null
 
@@ -27,7 +28,7 @@ docker build -q -t unetseg-torch-only:check "$work" >/dev/null
 docker build --no-cache --network host --build-arg BASE_IMAGE=unetseg-torch-only:check -f "$repo/entry/Dockerfile" \
     -t unetseg:pypi-check "$repo"
 docker run --rm --entrypoint sh unetseg:pypi-check -c \
-    '! command -v gcc && python3 -c "import sagemaker_training, segmentation_models_pytorch, albumentations, unetseg.entrypoint"'
+    'command -v gcc && command -v g++ && python3 -c "import sagemaker_training, segmentation_models_pytorch, albumentations, unetseg.entrypoint"'
 
 # The tests build their image FROM $UNETSEG_CI_BASE offline; on this image every requirement is already satisfied.
 cd "$repo"

@@ -1,5 +1,7 @@
 """The benchmarks stay runnable: each runs in its smallest form (no timing is asserted)."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -29,3 +31,44 @@ def test_data_pipeline_benchmark_smoke():
 def test_tta_benchmark_smoke():
     out = run("tta.py", "--epochs", "1", "--images", "4", "--size", "64")
     assert "tta=none" in out and "tta=flip" in out and "tta=d4" in out and "images/s" in out
+
+
+GPU_CHECKS = ["environment", "train-eager", "inference", "fp16", "resume", "sync", "train-compiled", "gpu-bench"]
+
+
+def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_gpu_check_smoke(tmp_path):
+    """bench/gpu_check.sh --smoke: every check's code on the CPU with tiny sizes, results in one folder."""
+    out = tmp_path / "gpu-check"
+    done = gpu_check("--smoke", "--out", str(out), "--budget", "1500")  # a loaded 2-core CPU: minutes
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and list(summary["checks"]) == GPU_CHECKS, summary
+    checks = {name: entry["result"] for name, entry in summary["checks"].items()}
+    assert all((out / "logs" / f"{name}.log").stat().st_size > 0 for name in GPU_CHECKS)
+    for name in ("train-eager", "fp16", "train-compiled"):
+        assert checks[name]["epochs"] == 2 and 0 <= checks[name]["val_miou"] <= 1, (name, checks[name])
+    assert checks["train-compiled"]["precision"] == "fp32"  # the engine's own report, read from its log
+    resume = checks["resume"]
+    assert resume["stopped_at"]["epoch"] == 1 and resume["stopped_at"]["batch"] < resume["steps_per_epoch"]
+    # On the CPU both runs are deterministic: the resumed run ends exactly where the uninterrupted one does.
+    assert resume["max_weight_diff_resumed_vs_uninterrupted"] == 0.0, resume
+    assert checks["inference"]["device_vs_cpu_mask_agreement"] == 1.0  # smoke: the CPU against itself
+    assert checks["inference"]["tiled_vs_one_pass_agreement_where_confident"] >= 0.99
+    assert [row["mode"] for row in checks["gpu-bench"]["rows"]] == ["fp32 eager", "bf16 + channels_last"]
+    assert checks["sync"]["counted"] is False and "CUDA only" in checks["sync"]["note"]
+    assert "gpu_check: PASSED" in done.stdout and "resume" in done.stdout
+    print(done.stdout[-3000:])
+
+
+def test_gpu_check_fails_loudly_without_cuda(tmp_path):
+    """The GPU form exists to prove the CUDA path: on a machine without CUDA it fails and says how to run the CPU
+    form, rather than pass having checked nothing."""
+    done = gpu_check("--out", str(tmp_path / "gpu-check"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    assert "no CUDA device" in done.stderr and "--smoke" in done.stderr, done.stderr
+    assert not (tmp_path / "gpu-check" / "summary.json").exists()

@@ -43,3 +43,19 @@ def test_demo_data_and_hyperparameter_listing(tmp_path, capsys):
     assert main(["hyperparameters"]) == 0
     out = capsys.readouterr().out
     assert "optimizer" in out and "adamw|adam|sgd" in out
+
+
+def test_a_failed_write_is_described_by_its_file_and_errno(tmp_path):
+    import errno
+
+    from unetseg.cli import describe_write_failure
+
+    run = tmp_path / "run"
+    target = run / "model" / "config.json"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(target))
+    assert describe_write_failure(denied, run) == f"could not write {target}: permission denied"
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(run / "checkpoints" / "last.pt"))
+    assert describe_write_failure(quota, run).endswith("last.pt: disk quota exceeded")
+    # Not a write of the run: reported as it is (a bug or someone else's file), not dressed up as one.
+    assert describe_write_failure(PermissionError(errno.EACCES, "Permission denied", "/etc/shadow"), run) is None
+    assert describe_write_failure(RuntimeError("CUDA error: out of memory"), run) is None

@@ -32,23 +32,50 @@ from unetseg.image import ImageError
 REPO = Path(__file__).resolve().parents[1]
 
 FAKE_DOCKER = r"""#!{python}
-# A stand-in for the docker CLI: records each call, answers like docker, fails where FAKE_DOCKER_FAIL says.
+# A stand-in for the docker CLI: records each call (and the environment that decides how it builds), answers like
+# docker, fails where FAKE_DOCKER_FAIL says. FAKE_DOCKER_CLIENT picks the client it plays: "legacy" (Docker 20.10's
+# CLI, or a newer one without buildx: the classic builder), "buildx" (a CLI with the buildx plugin, >= 0.10) or
+# "old-buildx" (buildx 0.9: BuildKit, but no attestation flags). FAKE_DOCKER_STORE=containerd plays an engine that
+# keeps images in the containerd image store.
 import json, os, sys
 args = sys.argv[1:]
-rec = {{"argv": args}}
+rec = {{"argv": args, "env": {{k: v for k, v in os.environ.items() if k.startswith(("BUILDX_", "DOCKER_BUILDKIT"))}}}}
 if args[:1] == ["login"]:
     rec["stdin"] = sys.stdin.read()
 with open(os.environ["FAKE_DOCKER_LOG"], "a") as f:
     f.write(json.dumps(rec) + "\n")
 fail = os.environ.get("FAKE_DOCKER_FAIL", "")
+client = os.environ.get("FAKE_DOCKER_CLIENT", "legacy")
 cmd = args[0] if args else ""
+LEGACY_HELP = "Usage:  docker build [OPTIONS] PATH | URL | -\n      --build-arg list\n  -f, --file string\n" \
+              "      --force-rm\n      --network string\n      --platform string\n  -t, --tag list\n"
+BUILDX_HELP = "Usage:  docker buildx build [OPTIONS] PATH | URL | -\n      --build-arg stringArray\n" \
+              "  -f, --file string\n      --load\n      --network string\n  -o, --output stringArray\n" \
+              "      --platform stringArray\n      --progress string\n  -t, --tag stringArray\n"
+ATTESTATION_HELP = "      --provenance string\n      --sbom string\n"
+if "--help" in args:
+    if args[:2] == ["buildx", "build"] and client in ("buildx", "old-buildx"):
+        print(BUILDX_HELP + (ATTESTATION_HELP if client == "buildx" else ""))
+    elif args[:1] == ["build"]:
+        print(LEGACY_HELP)
+    elif args[:1] == ["push"]:
+        print("Usage:  docker push [OPTIONS] NAME[:TAG]\n  -a, --all-tags\n      --platform string\n")
+    sys.exit(0)
 if cmd == "version":
     if fail == "engine":
         print("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?",
               file=sys.stderr)
         sys.exit(1)
     print("20.10.24")
-elif cmd == "build":
+elif cmd == "info":
+    print(json.dumps([["driver-type", "io.containerd.snapshotter.v1"]] if os.environ.get("FAKE_DOCKER_STORE") ==
+                     "containerd" else [["Backing Filesystem", "extfs"], ["Supports d_type", "true"]]))
+elif cmd == "buildx" and client == "legacy":
+    print("docker: 'buildx' is not a docker command.", file=sys.stderr)
+    sys.exit(1)
+elif cmd == "buildx" and args[1:2] == ["version"]:
+    print("github.com/docker/buildx v0.12.1 30feaa1" if client == "buildx" else "github.com/docker/buildx v0.9.1 ed00243")
+elif cmd == "build" or args[:2] == ["buildx", "build"]:
     print("Step 1/3 : FROM base")
     if fail == "build":
         print("ERROR: Could not find a version that satisfies the requirement torch==9.9")
@@ -60,11 +87,12 @@ elif cmd == "image" and fail == "noimage":
 elif cmd == "login":
     print("Login Succeeded")
 elif cmd == "push":
-    print("The push refers to repository [" + args[1].rsplit(":", 1)[0] + "]")
+    ref = [a for a in args[1:] if not a.startswith("--") and a != "linux/amd64"][0]
+    print("The push refers to repository [" + ref.rsplit(":", 1)[0] + "]")
     if fail == "push":
         print("denied: User: arn:aws:iam::123456789012:user/x is not authorized to perform: ecr:InitiateLayerUpload")
         sys.exit(1)
-    print(args[1].rsplit(":", 1)[1] + ": digest: sha256:abc size: 529")
+    print(ref.rsplit(":", 1)[1] + ": digest: sha256:abc size: 529")
 """
 
 
@@ -79,7 +107,9 @@ def fake_docker(tmp_path, monkeypatch):
     log = tmp_path / "docker-calls.jsonl"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_DOCKER_LOG", str(log))
-    monkeypatch.delenv("FAKE_DOCKER_FAIL", raising=False)
+    for name in ("FAKE_DOCKER_FAIL", "FAKE_DOCKER_CLIENT", "FAKE_DOCKER_STORE", "DOCKER_BUILDKIT",
+                 "BUILDX_NO_DEFAULT_ATTESTATIONS"):
+        monkeypatch.delenv(name, raising=False)
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -207,17 +237,67 @@ def test_an_installed_wheel_lays_out_its_own_build_context(tmp_path):
 
 # --- build -----------------------------------------------------------------------------------------------------------
 def test_build_command(fake_docker):
+    """The classic builder (Docker 20.10's, or a newer CLI without buildx): single-platform linux/amd64, which it pushes
+    as a Docker v2 schema 2 manifest, the one media type SageMaker accepts."""
     out = io.StringIO()
     tag = image.build_image("unetseg:t1", base_image="unetseg-ci-base:abc", build_args={"X": "1"},
                             bake_encoders=["resnet34", "efficientnet-b0:imagenet"], network="none", out=out)
     assert tag == "unetseg:t1"
-    build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build"][0]
-    assert build[:6] == ["build", "--force-rm", "-f", str(REPO / "entry" / "Dockerfile"), "-t", "unetseg:t1"]
+    build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build" and "--help" not in c["argv"]][0]
+    assert build[:2] == ["build", "--force-rm"]  # a failed step leaves no container behind
+    assert build[build.index("-f") + 1] == str(REPO / "entry" / "Dockerfile")
+    assert build[build.index("-t") + 1] == "unetseg:t1"
     assert build[-1] == str(REPO)
     pairs = {build[i + 1] for i, a in enumerate(build) if a == "--build-arg"}
     assert pairs == {"X=1", "BASE_IMAGE=unetseg-ci-base:abc", "BAKE_ENCODERS=resnet34 efficientnet-b0:imagenet"}
     assert build[build.index("--network") + 1] == "none"
+    assert build[build.index("--platform") + 1] == "linux/amd64"
+    assert not any(a.startswith(("--provenance", "--sbom", "--output")) for a in build)  # the classic builder has none
     assert "Successfully built" in out.getvalue()  # streamed
+
+
+def test_build_with_buildx_makes_one_docker_v2_manifest(fake_docker, monkeypatch):
+    """A client with buildx (docker build is its alias from Docker 23): BuildKit adds provenance attestations by
+    default, which turn the pushed image into an OCI index that SageMaker refuses ("Unsupported manifest media type").
+    One platform, no attestations, Docker media types, loaded into the engine's image store."""
+    monkeypatch.setenv("FAKE_DOCKER_CLIENT", "buildx")
+    image.build_image("unetseg:t2", base_image="b:1", network="none", out=None)
+    (build,) = [c for c in fake_docker() if c["argv"][:2] == ["buildx", "build"] and "--help" not in c["argv"]]
+    argv = build["argv"]
+    assert argv[argv.index("--platform") + 1] == "linux/amd64"
+    assert "--provenance=false" in argv and "--sbom=false" in argv
+    assert argv[argv.index("--output") + 1] == "type=docker,oci-mediatypes=false"
+    assert argv[argv.index("-t") + 1] == "unetseg:t2" and argv[argv.index("--network") + 1] == "none"
+    assert "--force-rm" not in argv  # a classic-builder flag: BuildKit leaves no containers behind
+    assert build["env"].get("BUILDX_NO_DEFAULT_ATTESTATIONS") == "1"
+
+
+def test_build_with_a_buildx_that_has_no_attestation_flags(fake_docker, monkeypatch):
+    """buildx before 0.10 adds no attestations and would reject --provenance: the flags follow what the client offers."""
+    monkeypatch.setenv("FAKE_DOCKER_CLIENT", "old-buildx")
+    image.build_image("unetseg:t3", out=None)
+    (argv,) = [c["argv"] for c in fake_docker() if c["argv"][:2] == ["buildx", "build"] and "--help" not in c["argv"]]
+    assert not any(a.startswith(("--provenance", "--sbom")) for a in argv)
+    assert argv[argv.index("--platform") + 1] == "linux/amd64"
+    assert argv[argv.index("--output") + 1] == "type=docker,oci-mediatypes=false"
+
+
+def test_docker_buildkit_0_keeps_the_classic_builder(fake_docker, monkeypatch):
+    monkeypatch.setenv("FAKE_DOCKER_CLIENT", "buildx")
+    monkeypatch.setenv("DOCKER_BUILDKIT", "0")  # the user asked docker for its classic builder
+    image.build_image("unetseg:t4", out=None)
+    builds = [c["argv"] for c in fake_docker() if c["argv"][0] in ("build", "buildx") and "--help" not in c["argv"]
+              and c["argv"][:2] != ["buildx", "version"]]
+    assert [b[0] for b in builds] == ["build"] and builds[0][builds[0].index("--platform") + 1] == "linux/amd64"
+
+
+def test_push_from_the_containerd_image_store_pushes_the_amd64_manifest(fake_docker, aws, monkeypatch):
+    """The containerd image store keeps what a build made, index included, and `docker push` sends all of it; with
+    --platform it sends the linux/amd64 manifest alone."""
+    monkeypatch.setenv("FAKE_DOCKER_STORE", "containerd")
+    uri = image.push_image("unetseg:v1", out=None)
+    (push,) = [c["argv"] for c in fake_docker() if c["argv"][0] == "push" and "--help" not in c["argv"]]
+    assert push == ["push", "--platform", "linux/amd64", uri]
 
 
 def test_build_failure_carries_the_log_tail(fake_docker, monkeypatch):
@@ -259,8 +339,8 @@ def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, cap
     assert all(MOTO_PASSWORD not in " ".join(c["argv"]) for c in calls)
     seen = capsys.readouterr()
     assert MOTO_PASSWORD not in seen.out + seen.err
-    assert [c["argv"] for c in calls if c["argv"][0] in ("tag", "push")] == [
-        ["tag", "unetseg:v1", uri], ["push", uri]]
+    assert [c["argv"] for c in calls if c["argv"][0] in ("tag", "push") and "--help" not in c["argv"]] == [
+        ["tag", "unetseg:v1", uri], ["push", uri]]  # the classic image store pushes one manifest: no --platform
 
 
 def test_push_to_an_existing_repository(fake_docker, aws):
@@ -309,7 +389,7 @@ def test_cli_build_then_push(fake_docker, aws, capsys):
     assert image.main(["build", "--tag", "unetseg:v3", "--base-image", "b:1", "--bake-weights", "resnet34",
                        "--build-arg", "A=b", "--push", "--repository", "seg"]) == 0
     assert capsys.readouterr().out == "123456789012.dkr.ecr.us-east-1.amazonaws.com/seg:v3\n"
-    build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build"][0]
+    build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build" and "--help" not in c["argv"]][0]
     assert "BASE_IMAGE=b:1" in build and "BAKE_ENCODERS=resnet34" in build and "A=b" in build
 
 
@@ -411,6 +491,39 @@ def tiny_image(tmp_path):
     subprocess.run([docker, "rmi", "-f", tag], capture_output=True)
 
 
+@pytest.fixture
+def built_image(tmp_path):
+    """A one-file image that `unetseg image build` (image.build_image) makes: FROM scratch, no base, a second."""
+    docker = _engine_or_skip()
+    context = tmp_path / "context"
+    context.mkdir()
+    marker = uuid.uuid4().hex
+    (context / "unetseg-marker").write_text(marker)
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY unetseg-marker /etc/unetseg-marker\n")
+    tag = f"unetseg-test-built:{marker[:12]}"
+    image.build_image(tag, context=context, dockerfile=context / "Dockerfile", network="none", out=None)
+    yield tag, marker
+    subprocess.run([docker, "rmi", "-f", tag], capture_output=True)
+
+
+# What a registry may hold under a tag: the one SageMaker takes, and what it refuses ("Unsupported manifest media type").
+ACCEPT_ANY_MANIFEST = ", ".join([image.MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.manifest.v1+json",
+                                 "application/vnd.oci.image.index.v1+json",
+                                 "application/vnd.docker.distribution.manifest.list.v2+json"])
+
+
+def registry_get(address: str, path: str, user: str, password: str, accept: str) -> tuple[str, dict]:
+    """GET /v2/<path> from the test registry as SageMaker's puller would: (Content-Type, the JSON document)."""
+    import base64
+    import urllib.request
+
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(f"http://{address}/v2/{path}",
+                                     headers={"Accept": accept, "Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers.get("Content-Type", ""), json.loads(response.read())
+
+
 class _FakeEcrSession:
     """Just enough of a boto3 Session: STS and ECR answer as AWS would, but the registry is the local one."""
 
@@ -447,11 +560,11 @@ class _FakeEcrSession:
 
 
 @pytest.mark.docker
-def test_push_to_a_real_registry_and_pull_back(registry, tiny_image, tmp_path, monkeypatch):
+def test_push_to_a_real_registry_and_pull_back(registry, built_image, tmp_path, monkeypatch):
     docker = _engine_or_skip()
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # the login stays out of ~/.docker
     address, user, password = registry
-    local_tag, marker = tiny_image
+    local_tag, marker = built_image
     session = _FakeEcrSession(address, user, password)
     out = io.StringIO()
 
@@ -459,6 +572,15 @@ def test_push_to_a_real_registry_and_pull_back(registry, tiny_image, tmp_path, m
     assert uri == f"{address}/team/unetseg-test:v1"
     assert session.created["team/unetseg-test"]["imageScanningConfiguration"] == {"scanOnPush": True}
     assert "digest: sha256:" in out.getvalue() and password not in out.getvalue()
+
+    # What landed under the tag, asked for with every manifest type in Accept (so the registry answers with what it
+    # holds): one Docker v2 schema 2 manifest for linux/amd64, not an index or list.
+    kind, manifest = registry_get(address, "team/unetseg-test/manifests/v1", user, password, ACCEPT_ANY_MANIFEST)
+    assert kind == manifest["mediaType"] == image.MANIFEST_MEDIA_TYPE, (kind, manifest)
+    assert "manifests" not in manifest and manifest["schemaVersion"] == 2
+    assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
+    _, config = registry_get(address, f"team/unetseg-test/blobs/{manifest['config']['digest']}", user, password, "*/*")
+    assert (config["os"], config["architecture"]) == ("linux", "amd64")
 
     # Forget it locally, pull it back from the registry, and read the file it carries.
     subprocess.run([docker, "rmi", uri], check=True, capture_output=True)
@@ -471,6 +593,7 @@ def test_push_to_a_real_registry_and_pull_back(registry, tiny_image, tmp_path, m
             assert tar.extractfile("unetseg-marker").read().decode() == marker
     finally:
         subprocess.run([docker, "rmi", "-f", uri], capture_output=True)
+    print(f"pushed {uri}: {kind}, {config['os']}/{config['architecture']}")
 
 
 @pytest.mark.docker

@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -15,12 +17,15 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import numpy as np
 import pytest
 from PIL import Image
+from readiness import first_answer
 from support import free_port
 
 from unetseg import codecs
 from unetseg.cli import main as cli
 from unetseg.config import TrainConfig
 from unetseg.model import load_model
+from unetseg.sagemaker_env import ASYNC_MAX_PAYLOAD_BYTES, REALTIME_MAX_PAYLOAD_BYTES
+from unetseg.segmenter import _starts
 from unetseg.serving import InferenceApp
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
@@ -233,25 +238,142 @@ def test_concurrent_requests_over_http(app, trained):
         server.shutdown()
 
 
+def start_server(model_dir, env: dict, *args: str) -> subprocess.Popen:
+    """`python -m unetseg.serving` (what the image's `serve` runs): gunicorn and its workers, logging to a pipe."""
+    return subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    """SIGTERM (if it still runs), and its whole log; again, the same log."""
+    if not hasattr(proc, "log"):
+        if proc.poll() is None:
+            proc.terminate()
+        proc.log = proc.communicate(timeout=60)[0]
+    return proc.log
+
+
+def wait_healthy(proc: subprocess.Popen, port: int) -> None:
+    """/ping answers 200; a slow answer while the workers load the model is "not ready yet" (tests/readiness.py)."""
+    status, body, _ = first_answer(f"http://127.0.0.1:{port}/ping", timeout=120, alive=lambda: proc.poll() is None,
+                                   logs=lambda: stop_server(proc))
+    assert status == 200, body
+
+
 def test_serve_command_runs_gunicorn_workers(trained, image):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(trained[0]), "--port", str(port),
-                             "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "OMP_NUM_THREADS": "1"})
+    proc = start_server(trained[0], {"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}, "--port", str(port))
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not become healthy")
-        status, payload = post(f"http://127.0.0.1:{port}/invocations", codecs.encode_image(image), codecs.PNG, codecs.JSON)
+        wait_healthy(proc, port)
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, payload = post(url, codecs.encode_image(image), codecs.PNG, codecs.JSON)
         assert status == 200 and json.loads(payload)["shape"] == list(image.shape[:2])
     finally:
-        proc.terminate()
-        log = proc.communicate(timeout=60)[0]
+        log = stop_server(proc)
     assert log.count("model loaded from") == 2  # once per worker
+
+
+def test_serve_listens_on_sagemaker_bind_to_port(trained, image):
+    """Each container of an inference pipeline gets its port in SAGEMAKER_BIND_TO_PORT (SageMaker runs `serve` with
+    no arguments)."""
+    port = free_port()
+    proc = start_server(trained[0], {"SAGEMAKER_BIND_TO_PORT": str(port), "SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
+    try:
+        wait_healthy(proc, port)
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, payload = post(url, codecs.encode_image(image), codecs.PNG, codecs.JSON)
+        assert status == 200 and json.loads(payload)["shape"] == list(image.shape[:2])
+    finally:
+        log = stop_server(proc)
+    assert f"Listening at: http://127.0.0.1:{port}" in log, log[-2000:]
+
+
+def test_a_request_past_the_server_timeout_is_answered_504(trained):
+    """SAGEMAKER_MODEL_SERVER_TIMEOUT bounds a request, not only gunicorn's heartbeat (a gthread worker's heartbeat
+    goes on while a request runs): a request that outlasts it is answered 504 with the reason, between two forward
+    passes, and the worker serves the next request."""
+    port = free_port()
+    proc = start_server(trained[0], {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "1", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"},
+                        "--port", str(port))
+    # 2048 x 2048 (a smooth picture: a small PNG, far under the 6 MB limit) in 64-pixel tiles with d4 TTA: hundreds of
+    # forward passes, many seconds on any CPU; the request may take one.
+    side, tile = 2048, 64
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    big = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, -ramp) / 2 + 128, np.tile(ramp, (side, 1))], -1)
+    corners = len(_starts(side, tile, int(tile * 0.75))) ** 2
+    passes = -(-corners // 4) * 2  # tiles 4 at a time; d4 = 2 orientations, each one pass for its 4 flips
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        wait_healthy(proc, port)
+        request = urllib.request.Request(url, data=codecs.encode_image(big.astype(np.uint8)), headers={
+            "Content-Type": codecs.PNG, "Accept": codecs.NPY,
+            "X-Amzn-SageMaker-Custom-Attributes": f"tile={tile}; tta=d4"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                status, payload = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, exc.read()
+        assert status == 504, (status, payload[:300])
+        error = json.loads(payload)["error"]
+        assert "SAGEMAKER_MODEL_SERVER_TIMEOUT" in error and "1 s" in error, error
+        done = int(re.search(r"after (\d+) forward pass", error).group(1))
+        assert 0 < done < passes, (done, passes, error)  # stopped between passes, long before the end
+        small = np.zeros((64, 64, 3), np.uint8)
+        status, payload = post(url, codecs.encode_image(small), codecs.PNG, codecs.NPY)
+        assert status == 200 and np.load(io.BytesIO(payload)).shape == (64, 64)  # the worker is free again
+    finally:
+        stop_server(proc)
+    print(f"504 after {done} of {passes} forward passes: {error}")
+
+
+def test_the_body_limit_follows_the_mode(trained, monkeypatch):
+    """A real-time endpoint carries at most 6 MB, so the server's default is that; a batch transform sends up to its
+    MaxPayloadInMB (and asks /execution-parameters for it); async inference up to 1 GB."""
+    for name in ("SAGEMAKER_BATCH", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE",
+                 "SAGEMAKER_MODEL_SERVER_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+
+    def status_for(app, length: int) -> tuple[int, str]:
+        seen = {}
+        environ = {"PATH_INFO": "/invocations", "REQUEST_METHOD": "POST", "CONTENT_TYPE": codecs.PNG,
+                   "CONTENT_LENGTH": str(length), "wsgi.input": io.BytesIO(b"")}
+        payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]))))
+        return seen["status"], json.loads(payload).get("error", "")
+
+    realtime = InferenceApp(str(trained[0]), device="cpu")
+    status, error = status_for(realtime, REALTIME_MAX_PAYLOAD_BYTES + 1)
+    assert status == 413 and f"limit of {REALTIME_MAX_PAYLOAD_BYTES} bytes" in error and "batch transform" in error
+    assert status_for(realtime, REALTIME_MAX_PAYLOAD_BYTES)[0] == 400  # read, and found empty: within the limit
+
+    monkeypatch.setenv("SAGEMAKER_BATCH", "true")
+    monkeypatch.setenv("SAGEMAKER_MAX_PAYLOAD_IN_MB", "20")
+    batch = InferenceApp(str(trained[0]), device="cpu")
+    assert json.loads(call(batch, "/execution-parameters", method="GET")[2])["MaxPayloadInMB"] == 20
+    assert status_for(batch, 20 * 2**20)[0] == 400 and status_for(batch, 20 * 2**20 + 1)[0] == 413
+
+    monkeypatch.delenv("SAGEMAKER_BATCH")
+    monkeypatch.delenv("SAGEMAKER_MAX_PAYLOAD_IN_MB")
+    monkeypatch.setenv("UNETSEG_SERVING_MODE", "async")
+    asynchronous = InferenceApp(str(trained[0]), device="cpu")
+    assert status_for(asynchronous, ASYNC_MAX_PAYLOAD_BYTES)[0] == 400
+    assert status_for(asynchronous, ASYNC_MAX_PAYLOAD_BYTES + 1)[0] == 413
+
+
+def test_a_realtime_answer_over_6_mb_is_refused_with_the_reason(trained, monkeypatch):
+    """6 MB each way: the float16 probabilities of a 1024 x 1024 image with 3 classes are 6 MB and a header, which
+    SageMaker would drop with an error naming nothing. The server says so, and what to ask for instead."""
+    for name in ("SAGEMAKER_BATCH", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    app = InferenceApp(str(trained[0]), device="cpu")
+    ramp = np.linspace(0, 255, 1024, dtype=np.float32)
+    image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)  # a small PNG: the request is fine
+    body = codecs.encode_image(image)
+    assert len(body) < REALTIME_MAX_PAYLOAD_BYTES
+    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="output=probabilities")
+    assert status == 413, (status, f"{len(payload)} bytes")
+    error = json.loads(payload)["error"]
+    assert f"over the limit of {REALTIME_MAX_PAYLOAD_BYTES} bytes" in error, error
+    assert "ask for the mask" in error
+    status, kind, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.PNG)
+    assert (status, kind) == (200, codecs.PNG) and len(payload) < REALTIME_MAX_PAYLOAD_BYTES

@@ -5,8 +5,9 @@
 2. `instance_count=2`: two containers train one model with DDP over gloo (hosts from SM_HOSTS); rank 0 writes it once.
 3. A mask that only the container can find broken: `fit` raises with the failure file's message naming the file.
 4. `docker run <image> train` with /opt/ml mounted, `docker stop` mid-epoch, run again: it resumes from
-   /opt/ml/checkpoints and ends with the same model, bit for bit, as an uninterrupted run. entry/init.py (PID 1) is
-   what gets SIGTERM through the training toolkit to the training process.
+   /opt/ml/checkpoints and ends with the same model, bit for bit, as an uninterrupted run; with one training process,
+   and with two under torchrun in the one container, each with DataLoader workers. entry/init.py (PID 1) is what gets
+   SIGTERM, and passes it to the training processes (not to their workers) past the training toolkit.
 
 The image is built here (`unetseg:ci`) from the CI base ($UNETSEG_CI_BASE, else the newest unetseg-ci-base:<hash>;
 ci/build-base-image.sh), offline; seconds when Docker's cache has it. Local-mode containers join `sagemaker-local`,
@@ -195,21 +196,26 @@ def test_local_mode_failure_carries_the_failure_file(training_image, local_sessi
 
 # --- 4. spot: SIGTERM mid-epoch, then resume ----------------------------------------------------------------------
 
-SPOT_HPS = {**TINY, "epochs": 2, "seed": 5, "log_every": 1}
-SPOT_STEPS = 12  # per epoch: 48 training images, batch 4
+# Two DataLoader workers per training process, as on every GPU job: a stop must reach the training processes and not
+# their workers (a worker that anyone but its parent signals makes the training process fail).
+SPOT_HPS = {**TINY, "epochs": 2, "seed": 5, "log_every": 1, "num_workers": 2}
 SPOT_STOP_AT = 3  # stop once step 3 is logged; the SIGTERM lands a few steps later, still inside epoch 1 of 2
+# Steps per epoch: with 1 process, 48 images of batch 4; with 2 (torchrun in one container, gloo), 128 images, 16 steps
+# each: the ranks agree on a stop every 10 steps, so it lands at step 10, inside epoch 1.
+SPOT_STEPS = {1: 12, 2: 16}
 
 
 def run_train(image: str, tree: Path, name: str, stop_after_step: int | None = None,
-              timeout: float = 150) -> tuple[int, str]:
+              timeout: float = 150, env: dict[str, str] | None = None) -> tuple[int, str]:
     """`docker run <image> train` as SageMaker starts a job: hostname algo-1, the /opt/ml tree mounted, no network. With
     `stop_after_step`, `docker stop -t 60` (SIGTERM, SIGKILL 60 s later) once that step's line is logged."""
     # SageMaker mounts /opt/ml's parts, not /opt/ml itself, which would hide the image's /opt/ml/code/train.py.
     mounts = [arg for sub in ("input", "model", "output", "checkpoints") for arg in ("-v", f"{tree / sub}:/opt/ml/{sub}")]
+    extra = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
     # With no network Docker writes no /etc/hosts line for the hostname, and the toolkit waits (15 min) until its host
     # name resolves.
     cmd = ["docker", "run", "--name", name, "--hostname", "algo-1", "--network", "none", "--add-host", "algo-1:127.0.0.1",
-           "-e", "OMP_NUM_THREADS=1", *mounts, image, "train"]
+           "-e", "OMP_NUM_THREADS=1", *extra, *mounts, image, "train"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, stopper = [], None
     timer = threading.Timer(timeout, lambda: docker("kill", name, check=False))
@@ -231,33 +237,37 @@ def run_train(image: str, tree: Path, name: str, stop_after_step: int | None = N
     return code, "".join(lines)
 
 
-def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, tmp_path):
+@pytest.mark.parametrize("procs", [1, 2], ids=["1-process", "2-processes"])
+def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, tmp_path, procs):
     import torch
     from safetensors.torch import load_file
 
-    data = make_demo_dataset(tmp_path / "data", kind="binary", train=4 * SPOT_STEPS, validation=4, size=32)
+    steps = SPOT_STEPS[procs]
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=4 * procs * steps, validation=4, size=32)
     channels = {"train": data / "train", "validation": data / "validation"}
     spot = opt_ml_tree(tmp_path / "spot", SPOT_HPS, channels)
     straight = tmp_path / "straight"
     shutil.copytree(spot, straight)  # the same tree, before anything ran on it
     tag = uuid.uuid4().hex[:8]
+    env = {"UNETSEG_PROCS_PER_HOST": str(procs)}
 
     started = time.monotonic()
-    code, log = run_train(training_image, straight, f"unetseg-ci-straight-{tag}")
+    code, log = run_train(training_image, straight, f"unetseg-ci-straight-{tag}", env=env)
     assert code == 0, log[-4000:]
+    assert f"on {procs} x cpu" in log and "2 loader workers" in log, log[-4000:]
     straight_seconds = time.monotonic() - started
 
-    code, log = run_train(training_image, spot, f"unetseg-ci-spot-{tag}", stop_after_step=SPOT_STOP_AT)
+    code, log = run_train(training_image, spot, f"unetseg-ci-spot-{tag}", stop_after_step=SPOT_STOP_AT, env=env)
     stopped = re.search(r"stopping on SIGTERM at epoch (\d+), batch (\d+)", log)
-    assert stopped, log[-4000:]  # the SIGTERM reached the training process through init and the toolkit
+    assert not (spot / "output" / "failure").exists(), (spot / "output" / "failure").read_text()[:2000] + log[-3000:]
+    assert stopped, log[-4000:]  # the SIGTERM reached the training process(es) through init and the toolkit
     epoch, batch = int(stopped.group(1)), int(stopped.group(2))
-    assert epoch == 1 and SPOT_STOP_AT <= batch < SPOT_STEPS, log[-4000:]  # at a step boundary inside an epoch
+    assert epoch == 1 and SPOT_STOP_AT <= batch < steps, log[-4000:]  # at a step boundary inside an epoch
     assert "epoch=2 " not in log
     assert code == 128 + 15, (code, log[-4000:])  # stopped by SIGTERM, not killed (137) and not failed (1)
     assert (spot / "checkpoints" / "last.pt").is_file()
-    assert not (spot / "output" / "failure").exists(), (spot / "output" / "failure").read_text()[:1024]
 
-    code, resumed = run_train(training_image, spot, f"unetseg-ci-resume-{tag}")
+    code, resumed = run_train(training_image, spot, f"unetseg-ci-resume-{tag}", env=env)
     assert code == 0, resumed[-4000:]
     assert f"resumed from /opt/ml/checkpoints/last.pt: epoch 1, batch {batch}" in resumed, resumed[-4000:]
     assert [parse_line(line)["epoch"] for line in resumed.splitlines() if line.startswith("epoch=")] == [1, 2]
@@ -269,6 +279,9 @@ def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, 
     last_b = torch.load(spot / "checkpoints" / "last.pt", weights_only=True)
     assert last_a["model"].keys() == last_b["model"].keys()
     assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
-    assert (last_a["epoch"], last_a["step"]) == (last_b["epoch"], last_b["step"]) == (2, 2 * SPOT_STEPS)
-    print(f"uninterrupted container run: {straight_seconds:.0f}s; SIGTERM after step {SPOT_STOP_AT} stopped it at "
-          f"epoch 1, batch {batch} of {SPOT_STEPS}")
+    assert (last_a["epoch"], last_a["step"]) == (last_b["epoch"], last_b["step"]) == (2, 2 * steps)
+    # The epoch cut in two reports the loss of all its steps over all ranks, as the uninterrupted run does.
+    loss = lambda last: [h["train_loss"] for h in last["history"]]  # noqa: E731
+    assert loss(last_b) == pytest.approx(loss(last_a), rel=1e-5, abs=0)
+    print(f"uninterrupted container run ({procs} process(es)): {straight_seconds:.0f}s; SIGTERM after step "
+          f"{SPOT_STOP_AT} stopped it at epoch 1, batch {batch} of {steps}")

@@ -10,7 +10,8 @@ Docker Compose); then:
    container and free the port.
 2. `est.transformer(instance_type="local").transform(<folder of PNGs>)`: one `<name>.png.out` per image, each the
    palette PNG of that image's mask.
-3. `docker run <image> serve` with /opt/ml/model mounted: /ping, a PNG in and a mask out, a bad body answered 400 in
+3. `docker run <image> serve` with /opt/ml/model mounted (one on SAGEMAKER_BIND_TO_PORT=9090, as an inference
+   pipeline runs it): /ping, a PNG in and a mask out, a bad body answered 400 in
    JSON with no stack trace; with an empty /opt/ml/model /ping answers 500 with the reason; `docker stop` ends both
    promptly and cleanly (entry/init.py passes SIGTERM to gunicorn, which stops gracefully).
 
@@ -41,6 +42,7 @@ from docker_support import (LOCAL_NETWORK, containers_on, docker, port_in_use,
                             remove_containers, require_free_port, sagemaker_local_network,
                             training_image)
 from PIL import Image
+from readiness import NotReady, first_answer
 from support import TINY, free_port
 
 from unetseg import codecs
@@ -260,28 +262,27 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return exc.code, exc.headers.get("Content-Type", ""), exc.read()
 
 
-def serve(image: str, model_dir: Path, name: str) -> str:
-    """`docker run -d <image> serve` with `model_dir` as /opt/ml/model, published on a free loopback port; the URL."""
+def serve(image: str, model_dir: Path, name: str, container_port: int = 8080) -> str:
+    """`docker run -d <image> serve` with `model_dir` as /opt/ml/model, published on a free loopback port; the URL.
+    Another `container_port` is given to the server as SAGEMAKER_BIND_TO_PORT, as an inference pipeline does."""
     port = free_port()
-    docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8080", "-v", f"{model_dir}:/opt/ml/model:ro",
-           "-e", "OMP_NUM_THREADS=1", image, "serve")
+    bind = ["-e", f"SAGEMAKER_BIND_TO_PORT={container_port}"] if container_port != 8080 else []
+    docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:{container_port}",
+           "-v", f"{model_dir}:/opt/ml/model:ro", "-e", "OMP_NUM_THREADS=1", *bind, image, "serve")
     return f"http://127.0.0.1:{port}"
 
 
 def first_ping(url: str, name: str, timeout: float = 120) -> tuple[int, bytes, float]:
-    """The first answer /ping gives (the server up), and the seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            status, _, body = http("GET", f"{url}/ping")
-            return status, body, time.monotonic() - started
-        except (urllib.error.URLError, ConnectionError, OSError):
-            if not running(name):
-                logs = docker("logs", name, check=False)
-                pytest.fail(f"{name} exited before answering /ping:\n{(logs.stdout + logs.stderr)[-4000:]}")
-            time.sleep(0.5)
-    logs = docker("logs", name, check=False)
-    pytest.fail(f"{name} did not answer /ping within {timeout:.0f}s:\n{(logs.stdout + logs.stderr)[-4000:]}")
+    """The first answer /ping gives (the server up), and the seconds it took; no answer yet, or a slow one while the
+    workers load the model, is "not ready yet" (tests/readiness.py)."""
+    def logs() -> str:
+        proc = docker("logs", name, check=False)
+        return proc.stdout + proc.stderr
+
+    try:
+        return first_answer(f"{url}/ping", timeout=timeout, alive=lambda: running(name), logs=logs)
+    except NotReady as exc:
+        pytest.fail(f"{name}: {exc}")
 
 
 def stop(name: str) -> tuple[int, float, str]:
@@ -303,7 +304,7 @@ def test_serve_command_answers_the_inference_contract_and_stops_on_sigterm(train
     tag = uuid.uuid4().hex[:8]
     good, broken = f"unetseg-ci-serve-{tag}", f"unetseg-ci-serve-empty-{tag}"
     try:
-        good_url = serve(trained.image, model_dir, good)
+        good_url = serve(trained.image, model_dir, good, container_port=9090)  # an inference pipeline's port
         broken_url = serve(trained.image, empty, broken)
 
         status, body, up_seconds = first_ping(good_url, good)
@@ -339,6 +340,7 @@ def test_serve_command_answers_the_inference_contract_and_stops_on_sigterm(train
             assert code in (0, 143), (name, code, logs[-3000:])  # not 137: nothing had to be killed
             assert seconds < 20, (name, seconds, logs[-3000:])
             assert "Handling signal: term" in logs or "Shutting down" in logs, logs[-3000:]
+            assert f"Listening at: http://0.0.0.0:{9090 if name == good else 8080}" in logs, logs[-3000:]
             print(f"{name}: docker stop took {seconds:.1f}s, exit code {code}")
         print(f"serve: /ping answered 200 {up_seconds:.1f}s after docker run")
     finally:

@@ -144,10 +144,11 @@ def test_bad_hyperparameter_fails_with_the_key_named(small_data, tmp_path):
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
-    straight = run_entry(entry_env(tmp_path / "straight", small_data))
+    hps = {**HPS, "num_workers": 2}  # as on a GPU job; a SIGTERM to the training process alone spares its workers
+    straight = run_entry(entry_env(tmp_path / "straight", small_data, hps))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    env = entry_env(tmp_path / "spot", small_data)
+    env = entry_env(tmp_path / "spot", small_data, hps)
     proc = subprocess.Popen([sys.executable, str(REPO / "entry" / "train.py")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = []
@@ -161,10 +162,14 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
     assert stopped and stopped.group(1) == "2" and 1 <= int(stopped.group(2)) < 4, text  # inside an epoch
     assert "epoch=3 " not in text
     assert not (tmp_path / "spot" / "output" / "failure").exists()  # a stop, not a failure
+    # The model of the epochs done is written; the picture of predictions, optional, waits for the end.
+    assert (tmp_path / "spot" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "spot" / "output" / "data" / "predictions.png").exists()
 
     resumed = run_entry(env)  # same checkpoint dir, as after a spot restart
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    assert (tmp_path / "spot" / "output" / "data" / "predictions.png").is_file()
 
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "spot" / "model" / "model.safetensors"))
@@ -239,6 +244,33 @@ def test_two_process_ddp_on_cpu_trains_and_writes_artifacts_once(small_data, tmp
     # 16 images over 2 ranks x batch 4: 2 steps per epoch, each step seeing 8 images.
     assert [h["step"] for h in history] == [2, 4]
     assert load_model(tmp_path / "model", device="cpu").predict(np.zeros((32, 32, 3), np.uint8)).shape == (32, 32)
+
+
+def test_the_predictions_picture_draws_small_crops_of_large_images(tmp_path, monkeypatch):
+    # The other ranks wait in a barrier while rank 0 draws: each prediction must be bounded, whatever the image size.
+    from unetseg.data.checks import check_dataset
+    from unetseg.data.scan import pair_channel
+    from unetseg.model import artifact_config, build_model
+    from unetseg.segmenter import Segmenter
+    from unetseg.training import PICTURE_CROP, draw_predictions
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_pair(tmp_path / "val", f"big{i}", rng.integers(0, 256, (600, 900, 3), dtype=np.uint8),
+                   rng.integers(0, 2, (600, 900), dtype=np.uint8))
+    cfg = TrainConfig(**TINY)
+    data = check_dataset(pair_channel(tmp_path / "val"), cfg)
+    model = build_model(cfg, pretrained=False)
+    shapes, predict = [], Segmenter.predict
+
+    def recording(self, image, **kwargs):
+        shapes.append(image.shape)
+        return predict(self, image, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "predict", recording)
+    draw_predictions(model, model.state_dict(), artifact_config(cfg, data.codec.mode), data, tmp_path / "p.png")
+    assert shapes == [(PICTURE_CROP, PICTURE_CROP, 3)] * 2
+    assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_resuming_refuses_another_model_and_names_changed_hyperparameters(tmp_path):

@@ -6,16 +6,20 @@ Importing this module stays light; each command imports what it needs (torch onl
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .codecs import TTA_MODES
 from .config import TrainConfig
-from .errors import UnetsegError
+from .errors import OutputError, UnetsegError, UsageError, write_failure_reason
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -39,6 +43,9 @@ def _guarded(run) -> int:
         return run() or 0
     except UnetsegError as exc:  # the user's input: say what is wrong, no stack trace
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and stops on its own)
+        print("error: interrupted (Ctrl-C) before the command finished; run it again to start over", file=sys.stderr)
         return 2
 
 
@@ -112,18 +119,31 @@ def parse_hyperparameters(tokens: Sequence[str]) -> dict[str, str]:
 
 
 def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optional[Path]]:
-    """A folder with train/ (and validation/ or val/) is a dataset root; otherwise it is the training channel."""
-    if (data / "train").is_dir() and not (data / "images").is_dir():
-        val = validation or next((data / n for n in ("validation", "val") if (data / n).is_dir()), None)
-        return data / "train", val
-    return data, validation
+    """A folder with train/ (and validation/ or val/) is a dataset root; a folder with images/ is the training channel.
+    Either reading of an ambiguous folder would silently ignore data, so it is refused."""
+    if not (data / "train").is_dir():
+        return data, validation
+    if (data / "images").is_dir():
+        raise UsageError(f"--data {data}: holds both images/ (a dataset channel) and train/ (a folder of channels); "
+                         f"give --data {data / 'train'}, or move one of them away")
+    if validation is None:
+        found = [data / name for name in ("validation", "val") if (data / name).is_dir()]
+        if len(found) > 1:
+            raise UsageError(f"--data {data}: both validation/ and val/ are there; keep one, or choose one with "
+                             f"--validation {found[0]}")
+        validation = found[0] if found else None
+    return data / "train", validation
 
 
 def _train(args, extra: Sequence[str]) -> int:
     cfg = TrainConfig.from_hyperparameters(parse_hyperparameters(extra))  # fails before torch is even imported
     train_dir, val_dir = _split_layout(args.data, args.validation)
     output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
+    check_output_folder(output, subfolders=RUN_FOLDERS)  # before the data check: not a failure after an epoch
     return _run_training(cfg, train_dir, val_dir, output, init_model=args.init_model)
+
+
+RUN_FOLDERS = ("model", "checkpoints", "output")
 
 
 def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], output: Path,
@@ -131,11 +151,95 @@ def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], ou
     from .training import RunPaths, train
 
     paths = RunPaths(train_dir, val_dir, output / "model", output / "checkpoints", output / "output", init_model)
-    result = train(cfg, paths)
+    try:
+        result = train(cfg, paths)
+    except Exception as exc:  # noqa: BLE001 - a failed write under --output becomes one line; anything else is a bug
+        message = describe_write_failure(exc, output)
+        if message is None:
+            raise
+        raise OutputError(f"{message}; free space (or choose another --output) and run the same command again: it "
+                          "resumes from the last checkpoint written") from None
     if result.interrupted:
         print(f"interrupted; resume with the same command and --output {output}", file=sys.stderr)
         return 128 + signal.Signals[result.interrupted]
     return 0
+
+
+# --- the output folder -----------------------------------------------------------------------------------------------
+
+def check_output_folder(folder: Path, flag: str = "--output", subfolders: Sequence[str] = ()) -> None:
+    """Raise one OutputError naming `folder` unless files can be written there: it (or, while it does not exist yet,
+    its nearest existing parent) is a folder that takes a probe file. Creates nothing that stays."""
+    for path in [folder, *(folder / name for name in subfolders)]:
+        if path.exists() and not path.is_dir():
+            where = f"{flag} {path}" if path == folder else f"{path} (inside {flag})"
+            raise OutputError(f"{where} is a file, not a folder; give a folder (it is created if missing)")
+    nearest = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not nearest.is_dir():
+        raise OutputError(f"{flag} {folder}: {nearest} is a file, so the folder cannot be created there")
+    for path in [nearest, *(folder / name for name in subfolders if (folder / name).is_dir())]:
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".unetseg-write-probe-"):
+                pass
+        except OSError as exc:
+            raise OutputError(f"{flag} {folder}: cannot write in {path} ({write_failure_reason(exc.errno, exc)}); "
+                              "choose another folder") from None
+
+
+def describe_write_failure(exc: BaseException, output: Path) -> Optional[str]:
+    """One line for an exception raised by writing a file under `output`: its path and why; None for other errors.
+
+    The writers do not all say which file failed, nor why: torch.save reports "unexpected pos", safetensors only an
+    "os error N". Every file of a run is written by atomic.replace_atomically, so the file is read from that frame of
+    the traceback, and its partial temporary copy is removed: the space it took is free again."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(exc))
+        code = int(found.group(1) or found.group(2)) if found else None
+    target, partial = _atomic_write(exc)
+    if target is None and isinstance(exc, OSError) and exc.filename:
+        target = Path(exc.filename)
+    if target is None or not _inside(target, output):
+        return None
+    if code is None:
+        code = _diagnose(target.parent)  # before the partial file goes: it may be what filled the disk
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    return f"could not write {target}: {write_failure_reason(code, exc)}"
+
+
+def _atomic_write(exc: BaseException) -> tuple[Optional[Path], Optional[Path]]:
+    """(file, its temporary copy) of the atomic write that `exc` interrupted, from the traceback's frames."""
+    found: tuple[Optional[Path], Optional[Path]] = (None, None)
+    frame = exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame
+        if code.f_code.co_name == "replace_atomically" and code.f_globals.get("__name__") == "unetseg.atomic":
+            found = (code.f_locals.get("path"), code.f_locals.get("tmp"))
+        frame = frame.tb_next
+    return found
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(path).resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _diagnose(folder: Path) -> Optional[int]:
+    """The likely errno of a write that failed without one: a file size limit, a full disk, an unwritable folder."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    try:
+        stats = os.statvfs(folder)
+        if stats.f_bavail * stats.f_frsize < 1 << 20:
+            return errno.ENOSPC
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unetseg-write-probe-"):
+            pass
+    except OSError as exc:
+        return exc.errno
+    return None
 
 
 def _demo(args, _extra) -> int:
@@ -163,11 +267,20 @@ def _demo_data(args, _extra) -> int:
 
 
 def _predict(args, _extra) -> int:
+    for flag, value in (("--tile", args.tile), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            hint = " of pixels, or leave it out" if flag == "--tile" else ""
+            raise UsageError(f"{flag} {value}: give a positive number{hint}")
     from .model import load_model
-    from .predict import find_images, predict_files
+    from .predict import find_images, predict_files, resolve_device
 
+    device = resolve_device(args.device)
+    check_output_folder(args.output)
     images = find_images(args.input)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=device)
+    if args.tile is not None and args.tile < model.stride:
+        raise UsageError(f"--tile {args.tile}: smaller than the model's stride of {model.stride} pixels; give at least "
+                         f"{model.stride} (tiles are rounded down to a multiple of it)")
     written = predict_files(model, images, args.output, probabilities=args.probabilities, overlays=args.overlay,
                             tile=args.tile, batch_size=args.batch_size, tta=args.tta)
     print(f"wrote {len(written)} mask(s) to {args.output} (classes: {', '.join(model.class_names)})")

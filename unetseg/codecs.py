@@ -5,6 +5,9 @@ Responses, chosen by Accept:
 - image/png: the class-index mask as a palette PNG (pixel values are classes; viewers show the class colours);
 - application/x-npy: the uint8 mask, or float16 probabilities (C, H, W) when asked for;
 - application/json: per-class pixel counts and the mask run-length encoded in row-major order.
+
+A request is never decoded on the word of its header alone: the size an image or .npy header declares is checked
+first (data/headers.py: UNETSEG_MAX_IMAGE_MB, and the caller's pixel limit), so a bomb costs its own bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .data.headers import Declared, check_declared, declared_pil, declared_png
+from .errors import DataError, ImageTooLargeError
+
 PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
 REQUEST_TYPES = (PNG, JPEG, NPY)
 RESPONSE_TYPES = (PNG, NPY, JSON)
@@ -25,7 +31,15 @@ TTA_MODES = ("none", "flip", "d4")
 
 
 class CodecError(ValueError):
-    """The request body cannot be read as the content type it claims."""
+    """The request body cannot be read as the content type it claims. `status`: the HTTP status it deserves."""
+
+    status = 400
+
+
+class ImageTooLarge(CodecError):
+    """The body declares an image larger than the server takes; it was not decoded."""
+
+    status = 413
 
 
 def media_type(header: Optional[str]) -> str:
@@ -41,26 +55,28 @@ def checked_type(value: str, allowed: Sequence[str], name: str) -> str:
     return kind
 
 
-def decode_image(body: bytes, content_type: str) -> np.ndarray:
+def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = None) -> np.ndarray:
+    """The image in a request body. Its declared size is checked before anything is decoded: against the decoded-size
+    limit (UNETSEG_MAX_IMAGE_MB), and against `max_pixels` (height x width) when given."""
     kind = media_type(content_type)
     if kind == NPY:
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)  # never unpickle a request
-        except (ValueError, OSError, EOFError) as exc:
-            raise CodecError(f"body is not a readable .npy array ({exc})") from None
-        if array.ndim not in (2, 3) or array.dtype.kind not in "uif":
-            raise CodecError(f"array of shape {array.shape} and dtype {array.dtype}: send HxW or HxWxC numbers")
-        return array
+        return _decode_npy(body, max_pixels)
     if kind not in (PNG, JPEG):
         raise CodecError(f"content type {content_type!r} is not supported; send one of {', '.join(REQUEST_TYPES)}")
+    png = declared_png(body[:33])
+    if png is not None:
+        _check_size(png, max_pixels, len(body))
     try:
         with Image.open(io.BytesIO(body)) as im:
+            _check_size(declared_pil(im), max_pixels, len(body))
             im.load()
             if im.mode in ("RGBA", "LA", "PA"):
                 raise CodecError(f"the image has an alpha channel ({im.mode}); send grayscale or RGB")
             if im.mode in ("P", "CMYK", "YCbCr", "1"):
                 im = im.convert("RGB" if im.mode != "1" else "L")
             array = np.array(im)
+    except Image.DecompressionBombError as exc:  # PIL's ceiling (Image.MAX_IMAGE_PIXELS), met opening the header
+        raise ImageTooLarge(f"the {kind} image is too large: {exc}") from None
     except UnidentifiedImageError:
         raise CodecError(f"body is not a {kind} image") from None
     except (OSError, SyntaxError) as exc:
@@ -70,6 +86,45 @@ def decode_image(body: bytes, content_type: str) -> np.ndarray:
     if array.dtype == np.int32:
         array = array.astype(np.uint16)
     return array
+
+
+def _check_size(declared: Declared, max_pixels: Optional[int], body_bytes: int) -> None:
+    if max_pixels is not None and declared.width * declared.height > max_pixels:
+        raise ImageTooLarge(f"image of {declared.width}x{declared.height} pixels is over the limit of {max_pixels} "
+                            "pixels")
+    try:
+        check_declared(declared, "the request body", body_bytes)
+    except ImageTooLargeError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except DataError as exc:
+        raise CodecError(str(exc)) from None
+
+
+def _decode_npy(body: bytes, max_pixels: Optional[int]) -> np.ndarray:
+    """A .npy body, its header checked first: numpy allocates the array its header declares before reading it."""
+    stream = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; send version 1.0 or 2.0")
+        shape, _, dtype = read_header[version](stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise CodecError(f"body is not a readable .npy array ({exc})") from None
+    described = f"array of shape {'x'.join(map(str, shape)) or '()'} and dtype {dtype}"
+    if len(shape) not in (2, 3) or dtype.kind not in "uif":
+        raise CodecError(f"{described}: send HxW or HxWxC numbers")
+    declared_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    stored = len(body) - stream.tell()
+    if declared_bytes > stored:
+        raise CodecError(f"the .npy header declares an {described} ({declared_bytes:,} bytes), but the body holds "
+                         f"{stored:,} bytes after it: truncated, or a forged header")
+    channels = shape[2] if len(shape) == 3 else 1
+    _check_size(Declared(shape[1], shape[0], channels, dtype.itemsize), max_pixels, len(body))
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)  # never unpickle a request
+    except (ValueError, OSError, EOFError) as exc:
+        raise CodecError(f"body is not a readable .npy array ({exc})") from None
 
 
 def encode_mask_png(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> bytes:

@@ -90,6 +90,15 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP's wrapper does this at the start of each
+    forward pass; validation runs the bare model instead, because a rank with no validation image makes no forward
+    pass, and the ranks that do would wait in that broadcast until the collective timeout."""
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

@@ -1,44 +1,62 @@
 """The container entry point: SageMaker's training environment in; a model, or a failure file, out.
 
 `entry/train.py` (SAGEMAKER_PROGRAM) calls `main()`. On a multi-GPU or multi-host job, `main()` relaunches this
-module under torchrun and supervises it; each worker then runs `main()` again and trains.
+module under torchrun and supervises it; each worker (rank) then runs `main()` again and trains.
+
+Stopping (SIGTERM): the training process, and under torchrun each rank and the supervisor, register in the stop
+registry (unetseg/stop_registry.py), so that PID 1 signals them and not their DataLoader workers. A stop exits with
+128 + the signal and writes no failure file. Under torchrun the ranks report their stop and their failures to the
+supervisor through files, which then reports for the host: a stop as a stop, a failure as the error of the rank that
+failed first (not torchrun's summary, and not another rank's "connection closed" that followed it).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Optional
 
+from . import stop_registry
 from .atomic import replace_atomically
 from .errors import DataError
-from .sagemaker_env import INIT_MODEL_CHANNEL, TrainingEnv
+from .sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
 
 TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
 FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
+RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
+# torchrun SIGKILLs the ranks this long after it SIGTERMs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default). Stops
+# no longer pass through torchrun, but it still ends the other ranks when one fails, and a rank may be writing then:
+# give them SageMaker's grace period, less the time this supervisor needs to report before SageMaker's SIGKILL.
+TORCHRUN_SHUTDOWN_S = STOP_GRACE_S - 20
 
 
 def main() -> int:
     env = TrainingEnv.from_environ()
-    try:
-        if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: decide how many processes this host runs
-            from .distributed import procs_per_host, torchrun_command
+    with stop_registry.registered(stop_registry.folder()):
+        try:
+            if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: decide how many processes this host runs
+                from .distributed import procs_per_host, torchrun_command
 
-            command = torchrun_command(env, procs_per_host(env), module=__name__)
-            if command:
-                if len(env.hosts) > 1 and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
-                    # Multi-host: NCCL and gloo pick an interface by guessing; SageMaker names the right one.
-                    for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
-                        os.environ.setdefault(var, os.environ["SM_NETWORK_INTERFACE_NAME"])
-                return supervise(command, env.failure_file)
-        return run(env)
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
-        write_failure(env.failure_file, exc)
-        return 1
+                command = torchrun_command(env, procs_per_host(env), module=__name__)
+                if command:
+                    if len(env.hosts) > 1 and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
+                        # Multi-host: NCCL and gloo pick an interface by guessing; SageMaker names the right one.
+                        for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+                            os.environ.setdefault(var, os.environ["SM_NETWORK_INTERFACE_NAME"])
+                    return supervise(command, env.failure_file)
+            return run(env)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
+            if not report_rank_failure(exc):
+                write_failure(env.failure_file, exc)
+            return 1
 
 
 def run(env: TrainingEnv) -> int:
@@ -50,14 +68,25 @@ def run(env: TrainingEnv) -> int:
     paths = RunPaths(train_dir, val_dir, env.model_dir, env.checkpoint_dir, env.output_data_dir,
                      init_model=env.channels.get(INIT_MODEL_CHANNEL))
     result = train(cfg, paths, progress=False)
-    if result.interrupted:
-        return 128 + signal.Signals[result.interrupted]
-    env.discard_finished_trial_state()  # a tuning trial's restore must not fetch every finished trial's state
-    return 0
+    if not result.interrupted:
+        env.discard_finished_trial_state()  # a tuning trial's restore must not fetch every finished trial's state
+        return 0
+    reports = os.environ.get(RANK_REPORTS_ENV)
+    if reports:
+        # torchrun takes any other exit code for a failure and SIGTERMs the other ranks' process groups, DataLoader
+        # workers included, while they may still be finishing: a rank that stopped cleanly exits 0 and says why.
+        report_rank(Path(reports), "stopped", {"signal": result.interrupted})
+        return 0
+    return 128 + signal.Signals[result.interrupted]
 
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
     channels = {name: path for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
+    for role, names in (("training", TRAIN_CHANNELS), ("validation", VALIDATION_CHANNELS)):
+        given = [n for n in names if n in channels]
+        if len(given) > 1:  # using one would silently drop the other
+            raise DataError(f"two {role} channels, " + " and ".join(repr(n) for n in given) +
+                            f"; send one: which of them holds the {role} data is not clear")
     train = next((channels[n] for n in TRAIN_CHANNELS if n in channels), None)
     if train is None and len(channels) == 1:
         train = next(iter(channels.values()))
@@ -69,25 +98,80 @@ def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
 
 
 def supervise(command: list[str], failure_file: Path) -> int:
-    """Run torchrun, passing SIGTERM on (it forwards to the workers, which checkpoint and stop)."""
-    child = subprocess.Popen(command)
-    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    """Run torchrun; report its ranks' outcome: a stop as a stop (128 + SIGTERM), a failure as the first rank's error.
+
+    A SIGTERM here goes to the ranks (registered in the stop registry), not to torchrun, which would pass it to each
+    rank's whole process group: DataLoader workers signalled by anyone but their rank make the rank fail.
+    """
+    registry = stop_registry.folder()
+    own_registry = registry is None  # not under entry/init.py (tests, a local run): the ranks register here
+    registry = registry or stop_registry.create()
+    reports = Path(tempfile.mkdtemp(prefix="unetseg-ranks-"))
+    environ = {**stop_registry.announce(registry), RANK_REPORTS_ENV: str(reports)}
+    environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(TORCHRUN_SHUTDOWN_S))
+    stops: list[int] = []
+
+    def forward(signum, _frame):
+        stops.append(signum)
+        stop_registry.send(registry, signum)
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = child.wait()
+        code = subprocess.Popen(command, env=environ).wait()
+        return host_outcome(code, reports, stops, failure_file)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code not in (0, 128 + signal.SIGTERM) and not failure_file.exists():
-        write_failure(failure_file, RuntimeError(f"distributed training exited with code {code}; see the job log"))
+        shutil.rmtree(reports, ignore_errors=True)
+        if own_registry:
+            shutil.rmtree(registry, ignore_errors=True)
+
+
+def host_outcome(code: int, reports: Path, stops: list[int], failure_file: Path) -> int:
+    """This host's exit code from torchrun's and the ranks' reports; the failure file when it failed."""
+    failures = sorted((json.loads(p.read_text()) for p in reports.glob("failure.*")), key=lambda f: f["time"])
+    if failures:  # the first to fail is the cause; the others' errors (a peer gone, a SIGTERM) follow from it
+        replace_atomically(failure_file, lambda tmp: tmp.write_text(failures[0]["text"]))
+        return code or 1
+    stopped = stops + [signal.Signals[json.loads(p.read_text())["signal"]] for p in reports.glob("stopped.*")]
+    if stopped:  # also when a rank died of the request before it could act on it (still starting up)
+        return 128 + stopped[0]
+    if code != 0:
+        write_failure(failure_file, RuntimeError(f"distributed training exited with code {code}, and no process "
+                                                 f"reported an error of its own (killed?); see the job log"))
     return code
 
 
+def report_rank_failure(exc: BaseException) -> bool:
+    """A rank's error goes to the supervisor, which keeps the first; False when this is no rank (or it cannot)."""
+    reports = os.environ.get(RANK_REPORTS_ENV)
+    if not reports:
+        return False
+    try:
+        report_rank(Path(reports), "failure", {"time": time.time(), "text": failure_text(exc)})
+    except OSError:
+        return False
+    print(failure_summary(exc), file=sys.stderr, flush=True)
+    return True
+
+
+def report_rank(reports: Path, kind: str, fields: dict) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    replace_atomically(reports / f"{kind}.{rank}", lambda tmp: tmp.write_text(json.dumps({"rank": rank, **fields})))
+
+
+def failure_text(exc: BaseException) -> str:
+    """The error's summary first (SageMaker shows only the first 1024 characters), then the traceback."""
+    return failure_summary(exc) + "\n\n" + "".join(traceback.format_exception(exc))
+
+
+def failure_summary(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def write_failure(path: Path, exc: BaseException) -> None:
-    """The error's one-line summary first (SageMaker shows only the first 1024 characters), then the traceback."""
-    summary = f"{type(exc).__name__}: {exc}"
-    text = summary + "\n\n" + "".join(traceback.format_exception(exc))
-    print(summary, file=sys.stderr, flush=True)
+    text = failure_text(exc)
+    print(failure_summary(exc), file=sys.stderr, flush=True)
     try:
         replace_atomically(path, lambda tmp: tmp.write_text(text))
     except OSError as err:

@@ -23,6 +23,11 @@ from .errors import UnetsegError
 
 DEFAULT_TAG = "unetseg:latest"
 DEFAULT_REPOSITORY = "unetseg"
+# SageMaker runs the image on x86_64 hosts, and takes only a Docker image manifest v2 schema 2: an OCI index (what
+# BuildKit's default provenance attestations or the containerd image store push) or an OCI manifest fails at
+# CreateTrainingJob / CreateModel with "Unsupported manifest media type".
+PLATFORM = "linux/amd64"
+MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 # ECR's own rule for repositoryName (CreateRepository API reference), checked before any AWS or Docker call.
 _ECR_REPOSITORY = re.compile(r"(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)*[a-z0-9]+(?:[._-][a-z0-9]+)*")
 _IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # Docker's (and ECR's) rule for a tag
@@ -74,11 +79,12 @@ def docker_command() -> str:
     return exe
 
 
-def _stream(cmd: Sequence[str], out: Optional[IO[str]], input: Optional[str] = None, keep: int = 30) -> tuple[int, list[str]]:
+def _stream(cmd: Sequence[str], out: Optional[IO[str]], input: Optional[str] = None, keep: int = 30,
+            env: Optional[Mapping[str, str]] = None) -> tuple[int, list[str]]:
     """Run a docker command, echo its output line by line, and return its exit code and last lines."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
     if input is not None:
         assert proc.stdin is not None
         proc.stdin.write(input)
@@ -95,6 +101,43 @@ def _stream(cmd: Sequence[str], out: Optional[IO[str]], input: Optional[str] = N
 
 def _one_line(tail: Sequence[str], n: int = 3) -> str:
     return " | ".join(line.strip() for line in tail[-n:])[-600:] or "no output"
+
+
+def _long_options(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text))
+
+
+def build_command(docker: str, environ: Optional[Mapping[str, str]] = None) -> tuple[list[str], dict[str, str]]:
+    """The start of the build command line and its environment, from what this docker client offers (asked, not
+    guessed): buildx (BuildKit; `docker build` is its alias from Docker 23) or the classic builder.
+
+    Either way the result is one linux/amd64 image that pushes as a Docker v2 schema 2 manifest. With buildx: no
+    provenance or SBOM attestations (each would wrap the image in an OCI index), Docker media types, and the image
+    loaded into the engine's store (`--output type=docker`, which a docker-container builder needs too).
+    DOCKER_BUILDKIT=0 keeps the classic builder, as it does for `docker build`.
+    """
+    env = dict(os.environ if environ is None else environ)
+    buildx = env.get("DOCKER_BUILDKIT") != "0" and subprocess.run(
+        [docker, "buildx", "version"], capture_output=True).returncode == 0
+    cmd = [docker, "buildx", "build"] if buildx else [docker, "build"]
+    options = _long_options(subprocess.run([*cmd, "--help"], capture_output=True, text=True).stdout)
+    if "--force-rm" in options:  # the classic builder keeps a failed step's container otherwise
+        cmd.append("--force-rm")
+    if "--platform" in options:  # an Apple-silicon laptop would build linux/arm64 otherwise
+        cmd += ["--platform", PLATFORM]
+    if buildx:
+        env["BUILDX_NO_DEFAULT_ATTESTATIONS"] = "1"
+        cmd += [f"--{name}=false" for name in ("provenance", "sbom") if f"--{name}" in options]
+        cmd += ["--output", "type=docker,oci-mediatypes=false"]
+        if "--progress" in options:
+            cmd.append("--progress=plain")  # one line per step in logs, rather than a redrawn terminal
+    return cmd, env
+
+
+def containerd_image_store(docker: str) -> bool:
+    """Whether the engine keeps images in containerd's store, which pushes an image as it was built, index and all."""
+    proc = subprocess.run([docker, "info", "--format", "{{json .DriverStatus}}"], capture_output=True, text=True)
+    return "io.containerd.snapshotter" in proc.stdout
 
 
 def find_context() -> Optional[Path]:
@@ -182,14 +225,14 @@ def build_image(
         args["BASE_IMAGE"] = base_image
     if bake_encoders:
         args["BAKE_ENCODERS"] = " ".join(bake_encoders)
-    # --force-rm: the classic builder keeps a failed step's container otherwise, one more per failed build.
-    cmd = [docker_command(), "build", "--force-rm", "-f", str(dockerfile), "-t", tag]
+    cmd, env = build_command(docker_command())
+    cmd += ["-f", str(dockerfile), "-t", tag]
     for key, value in args.items():
         cmd += ["--build-arg", f"{key}={value}"]
     if network:
         cmd += ["--network", network]
     cmd.append(str(ctx))
-    rc, tail = _stream(cmd, out)
+    rc, tail = _stream(cmd, out, env=env)
     if rc != 0:
         raise ImageError(f"docker build of {tag} failed (exit {rc}): {_one_line(tail)}", tail)
     return tag
@@ -219,7 +262,11 @@ def push_to_registry(
     remote = f"{registry}/{repository}:{tag}"
     if subprocess.run([docker, "tag", local_tag, remote], capture_output=True).returncode != 0:
         raise ImageError(f"docker tag {local_tag} {remote} failed")
-    rc, tail = _stream([docker, "push", remote], out)
+    push = [docker, "push"]
+    if containerd_image_store(docker) and "--platform" in _long_options(
+            subprocess.run([docker, "push", "--help"], capture_output=True, text=True).stdout):
+        push += ["--platform", PLATFORM]  # the amd64 manifest alone, not the index the store may keep around it
+    rc, tail = _stream([*push, remote], out)
     if rc != 0:
         if any(_DENIED.search(line) for line in tail):
             raise ImageError(f"push to {remote} denied: {_one_line(tail, 1)} "

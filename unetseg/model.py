@@ -9,10 +9,13 @@ The artifact (the model dir, tarred by SageMaker to model.tar.gz) is three files
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
+import math
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -153,31 +156,54 @@ def save_artifact(model_dir: str | Path, state_dict: dict[str, torch.Tensor], co
     replace_atomically(model_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
 
 
-def _locate(path: str | Path, workdir: Path) -> Path:
+def _locate(path: str | Path, workdir: Path) -> tuple[Path, Optional[Path]]:
     """The folder holding config.json: `path` itself, or the extracted model.tar.gz (also one inside a folder, as
-    when SageMaker hands a model.tar.gz over as an input channel)."""
+    when SageMaker hands a model.tar.gz over as an input channel); and the archive it came from, if any."""
     text = str(path)
     if text.startswith("file://"):
         path = text[len("file://"):]
     elif text.startswith("s3://"):
         path = _download_s3(text, workdir)
     path = Path(path)
+    archive = None
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         archives = [path / "model.tar.gz"] if (path / "model.tar.gz").is_file() else sorted(path.glob("*.tar.gz"))
         if len(archives) == 1:
             path = archives[0]
-    if path.is_file() and tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            tar.extractall(workdir / "model", filter="data")
+    if path.is_file():
+        archive = path
+        _extract(path, workdir / "model")
         path = workdir / "model"
     if not path.exists():
         raise ArtifactError(f"{path}: no such model folder or model.tar.gz")
     if not (path / CONFIG_FILE).is_file():
         nested = [p.parent for p in path.glob(f"*/{CONFIG_FILE}")]
         if len(nested) != 1:
-            raise ArtifactError(f"{path}: not a unetseg model (no {CONFIG_FILE})")
+            raise ArtifactError(f"{archive or path}: not a unetseg model (no {CONFIG_FILE})")
         path = nested[0]
-    return path
+    return path, archive
+
+
+def _extract(archive: Path, target: Path) -> None:
+    """Extract a model.tar.gz, refusing the whole archive for one member that would land outside `target` (../,
+    absolute or outward links, devices: tarfile's "data" filter)."""
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except (OSError, EOFError, zlib.error):
+        is_tar = False
+    if not is_tar:
+        what = "an empty file" if archive.stat().st_size == 0 else "not a tar archive"
+        raise ArtifactError(f"{archive}: {what}; give a model folder or the model.tar.gz that training wrote")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+    except tarfile.FilterError as exc:
+        member = exc.tarinfo.name if getattr(exc, "tarinfo", None) is not None else "?"
+        raise ArtifactError(f"{archive}: unsafe member {member!r} ({exc}); nothing was used from this archive: "
+                            "use the model.tar.gz that training wrote") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ArtifactError(f"{archive}: truncated or corrupt model.tar.gz ({exc}); download or copy it "
+                            "again") from None
 
 
 def _download_s3(uri: str, workdir: Path) -> Path:
@@ -193,10 +219,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Se
     """Open a model folder, a model.tar.gz (local, file:// or s3://) written by unetseg training."""
     config, state, history = read_artifact(path)
     model = build_model(artifact_train_config(config), pretrained=False)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path}: weights do not match the architecture in {CONFIG_FILE}: {str(exc)[:300]}") from None
+    model.load_state_dict(state)  # read_artifact checked every name and shape
     return Segmenter(model, config, history, device)
 
 
@@ -230,21 +253,120 @@ def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tup
 
 
 def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], list]:
-    """The checked config, the weights and the history of a model folder or model.tar.gz (local, file://, s3://)."""
+    """The config, the weights and the history of a model folder or model.tar.gz (local, file://, s3://), checked as a
+    whole: every field that prediction reads, against the others and against the weights' names and shapes."""
     with tempfile.TemporaryDirectory(prefix="unetseg-model-") as tmp:
-        folder = _locate(path, Path(tmp))
+        folder, archive = _locate(path, Path(tmp))
+        name = (lambda file: f"{file} in {archive}") if archive else (lambda file: str(folder / file))
         try:
             config = json.loads((folder / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from None
-        if config.get("format") != FORMAT:
-            raise ArtifactError(f"{folder / CONFIG_FILE}: not a unetseg model config (format={config.get('format')!r})")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtifactError(f"{folder}: model format {config['format_version']} is newer than this unetseg "
-                                f"({__version__}) reads; upgrade unetseg")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{name(CONFIG_FILE)}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            found = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise ArtifactError(f"{name(CONFIG_FILE)}: not a unetseg model config (format={found!r})")
+        if not isinstance(config.get("format_version", 0), int) or config.get("format_version", 0) > FORMAT_VERSION:
+            raise ArtifactError(f"{archive or folder}: model format {config['format_version']} is newer than this "
+                                f"unetseg ({__version__}) reads; upgrade unetseg")
         if not (folder / WEIGHTS_FILE).is_file():
-            raise ArtifactError(f"{folder}: no {WEIGHTS_FILE}")
-        state = load_file(str(folder / WEIGHTS_FILE))
+            raise ArtifactError(f"{archive or folder}: no {WEIGHTS_FILE}")
+        try:
+            state = load_file(str(folder / WEIGHTS_FILE))  # safetensors: never a pickle
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every malformation
+            raise ArtifactError(f"{name(WEIGHTS_FILE)}: not a readable safetensors file ({str(exc)[:200]}); the "
+                                "artifact is damaged: copy it again from the model.tar.gz that training "
+                                "wrote") from None
         history_file = folder / HISTORY_FILE
-        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        try:
+            history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{name(HISTORY_FILE)}: not valid JSON ({exc})") from None
+        check_artifact(config, state, name)
     return config, state, history
+
+
+def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=lambda file: file) -> None:
+    """Raise one ArtifactError naming the first field of config.json that contradicts another or the weights.
+
+    A hand-edited config is otherwise believed: a std of 0 gives NaN probabilities and all-background masks, a
+    `classes` that differs from the weights mislabels every class, a stride of 0 fails deep inside prediction."""
+    where = name(CONFIG_FILE)
+
+    def bad(field: str, problem: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {field} {problem}; the file was edited or damaged: restore it from the "
+                             "model.tar.gz that training wrote")
+
+    hyperparameters = config.get("hyperparameters")
+    if not isinstance(hyperparameters, dict):
+        raise bad("'hyperparameters'", "is missing (it is what rebuilds the network)" if hyperparameters is None
+                  else f"is {type(hyperparameters).__name__}, not an object of hyperparameters")
+    try:
+        cfg = artifact_train_config(config)
+    except ConfigError as exc:
+        raise bad("'hyperparameters'", f"do not parse: {exc}") from None
+    for field in (*ARCHITECTURE_FIELDS, "classes"):
+        theirs = getattr(cfg, field)
+        if field not in config:
+            raise bad(f"'{field}'", "is missing")
+        if config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r}")
+    _check_list(bad, config, "class_names", cfg.classes, lambda v: isinstance(v, str), "a name (text)")
+    _check_list(bad, config, "class_colors", cfg.classes, _is_colour, "[r, g, b] with values 0..255")
+    if config.get("mask_mode") not in ("binary", "index", "palette"):
+        raise bad("'mask_mode'", f"is {config.get('mask_mode')!r}, not binary, index or palette")
+    shape = config.get("input")
+    if not isinstance(shape, dict):
+        raise bad("'input'", "is missing (it holds the stride that images are padded to)")
+    if shape.get("stride") != cfg.stride:
+        raise bad("'input.stride'", f"is {shape.get('stride')!r}, but encoder_depth={cfg.encoder_depth} needs "
+                                    f"{cfg.stride} (2**encoder_depth)")
+    _check_normalization(bad, config.get("normalization"), cfg.in_channels)
+    _check_weights(state, cfg, name(WEIGHTS_FILE))
+
+
+def _check_list(bad, config: dict, field: str, count: int, valid, what: str) -> None:
+    value = config.get(field)
+    if not isinstance(value, list) or len(value) != count:
+        raise bad(f"'{field}'", f"is {value!r}; it needs {count} entries, one per class (classes={count})")
+    wrong = [v for v in value if not valid(v)]
+    if wrong:
+        raise bad(f"'{field}'", f"has {wrong[0]!r}; each entry must be {what}")
+
+
+def _is_colour(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)
+
+
+def _check_normalization(bad, norm: Any, channels: int) -> None:
+    if not isinstance(norm, dict) or norm.get("mode") not in ("per_image", "mean_std"):
+        raise bad("'normalization'", f"is {norm!r}; expected mode per_image, or mean_std with a mean and std per "
+                                     "channel")
+    if norm["mode"] == "per_image":
+        return
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        values = norm.get(key)
+        numbers = isinstance(values, list) and all(type(v) in (int, float) for v in values)  # bool is no number
+        if not numbers or len(values) != channels or not all(math.isfinite(v) and v > low for v in values):
+            need = "numbers above 0" if key == "std" else "finite numbers"
+            raise bad(f"'normalization.{key}'", f"is {values!r}; it needs {channels} {need}, one per input channel")
+
+
+def _check_weights(state: dict[str, torch.Tensor], cfg: TrainConfig, where: str) -> None:
+    """Every tensor the config's architecture has, of the shape it has there, and finite."""
+    with torch.device("meta"):  # the architecture's names and shapes, without allocating it
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg, pretrained=False).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    differ = [f"{k} is {list(found[k])} there, {list(v)} here"
+              for k, v in expected.items() if k in found and found[k] != v]
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if differ or missing or extra:
+        details = differ[:2] + [f"missing {', '.join(missing[:3])}"] * bool(missing) + \
+            [f"unexpected {', '.join(extra[:3])}"] * bool(extra)
+        raise ArtifactError(f"{where}: the weights do not match the architecture in {CONFIG_FILE} ({cfg.arch}/"
+                            f"{cfg.encoder}, encoder_depth={cfg.encoder_depth}, in_channels={cfg.in_channels}, "
+                            f"classes={cfg.classes}): " + "; ".join(details))
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: tensor {key} holds NaN or infinite values; the weights are damaged (or "
+                                "training diverged): use another model")

@@ -2,23 +2,28 @@
 
 Per image `<stem>.png` (pixel values are class indices; viewers show the class colours), and on request
 `<stem>.npy` (float16 class probabilities, C x H x W) and `<stem>_overlay.png` (the mask blended on the image).
-Same-sized images are batched; large images are tiled (see Segmenter); decoding runs ahead in threads.
+Same-sized images are batched; large images are tiled (see Segmenter); decoding runs ahead in threads, at most two
+batches ahead, so memory stays bounded whatever the folder holds. An image that cannot be used (unreadable, over the
+size limit, the wrong channel count) does not stop the others: the good ones get their masks, and every bad one is
+named in one DataError at the end.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .codecs import encode_mask_png
 from .data.io import read_image
 from .data.scan import IMAGE_EXTENSIONS
-from .errors import DataError
+from .errors import DataError, OutputError, UsageError, write_failure_reason
 from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
@@ -35,12 +40,40 @@ def find_images(source: Path) -> list[Path]:
     return images
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The device `--device` names, checked here: a typo or a missing GPU is one message, not a CUDA traceback."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name}: not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return device
+    if device.type == "cpu" or (device.type == "mps" and torch.backends.mps.is_available()):
+        return device
+    raise UsageError(f"--device {name}: unetseg predicts on cpu, cuda or cuda:<index>")
+
+
 def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, probabilities: bool = False,
                   overlays: bool = False, tile: Optional[int] = None, batch_size: int = 8,
                   progress: Optional[bool] = None, tta: str = "none") -> list[Path]:
-    """Write one mask per image into `output`; returns the mask paths. `tta`: see Segmenter.predict."""
+    """Write one mask per image into `output`; returns the mask paths. `tta`: see Segmenter.predict.
+
+    Images that cannot be used are named together in one DataError, raised after the others' masks are written."""
     tta_views(tta)  # a bad mode fails before any image is read
-    output.mkdir(parents=True, exist_ok=True)
+    if batch_size < 1:
+        raise UsageError(f"batch_size={batch_size}: give a positive number")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot create the folder ({write_failure_reason(exc.errno, exc)})") from None
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise DataError(f"two input images share a name ({', '.join(sorted({s for s in stems if stems.count(s) > 1}))}); "
@@ -50,35 +83,85 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
         from tqdm import tqdm
 
         bar = tqdm(total=len(images), unit="image")
-    written = []
-    for chunk in _decoded_chunks(images, batch_size):
+    written: list[Path] = []
+    problems: list[str] = []
+    for chunk in _decoded_chunks(images, batch_size, model.in_channels, problems):
         for path, image, probs in _predict_chunk(model, chunk, tile, tta):
             mask = probs.argmax(0).astype(np.uint8)
             target = output / f"{path.stem}.png"
-            target.write_bytes(encode_mask_png(mask, model.class_colors))
+            _write(target, lambda t: t.write_bytes(encode_mask_png(mask, model.class_colors)))
             if probabilities:
-                np.save(output / f"{path.stem}.npy", probs.astype(np.float16), allow_pickle=False)
+                _write(output / f"{path.stem}.npy", lambda t: np.save(t, probs.astype(np.float16), allow_pickle=False))
             if overlays:
-                Image.fromarray(overlay(image, mask, model.class_colors)).save(output / f"{path.stem}_overlay.png")
+                _write(output / f"{path.stem}_overlay.png",
+                       lambda t: Image.fromarray(overlay(image, mask, model.class_colors)).save(t))
             written.append(target)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if problems:
+        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {len(images)} images could "
+                        "not be used:\n  " + "\n  ".join(problems))
     return written
 
 
-def _decoded_chunks(images: Sequence[Path], size: int) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    with ThreadPoolExecutor(4) as pool:  # decode the next images while the model runs
-        decoded = pool.map(lambda p: (p, read_image(p)), images)
+def _write(target: Path, write: Callable[[Path], object]) -> None:
+    """`write(target)`, or one OutputError naming the file (its partial content removed: it holds space, and a
+    half-written mask must not pass for a whole one)."""
+    try:
+        write(target)
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise OutputError(f"could not write {target}: {write_failure_reason(exc.errno, exc)}; free space or choose "
+                          "another --output") from None
+
+
+def _decoded_chunks(images: Sequence[Path], size: int, channels: int,
+                    problems: list[str]) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    """Chunks of `size` decoded images, decoded in threads at most two chunks ahead of the model. An image that
+    cannot be used goes to `problems` instead."""
+    pool = ThreadPoolExecutor(4)
+    todo, pending = iter(images), deque()
+
+    def refill() -> None:
+        while len(pending) < 2 * size:
+            path = next(todo, None)
+            if path is None:
+                return
+            pending.append(pool.submit(_load, path, channels))
+
+    try:
+        refill()
         chunk = []
-        for item in decoded:
-            chunk.append(item)
+        while pending:
+            path, image, problem = pending.popleft().result()
+            refill()
+            if problem is not None:
+                problems.append(problem)
+                continue
+            chunk.append((path, image))
             if len(chunk) == size:
                 yield chunk
                 chunk = []
         if chunk:
             yield chunk
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or an error: drop the images not yet started
+
+
+def _load(path: Path, channels: int) -> tuple[Path, Optional[np.ndarray], Optional[str]]:
+    try:
+        image = read_image(path)
+    except DataError as exc:
+        return path, None, str(exc)
+    if image.shape[2] != channels:
+        names = {1: "grayscale", 3: "RGB"}
+        found = image.shape[2]
+        return path, None, (f"{path}: the image has {found} channel(s) ({names.get(found, '?')}), but the model "
+                            f"takes {channels} ({names.get(channels, '?')}); convert it, e.g. with PIL's "
+                            f".convert('{'RGB' if channels == 3 else 'L'}')")
+    return path, image, None
 
 
 def _predict_chunk(model: Segmenter, chunk, tile: Optional[int], tta: str):

@@ -46,6 +46,15 @@ REALTIME_MAX_PAYLOAD_BYTES = 6 * 2**20  # InvokeEndpoint: 6 MB each way (6,291,4
 REALTIME_TIMEOUT_S = 60  # a real-time endpoint must answer within 60 s
 BATCH_MAX_PAYLOAD_MB = 100  # CreateTransformJob MaxPayloadInMB: at most 100
 ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
+BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeoutInSeconds: default 600 (at most 3600)
+ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
+
+# Stopping a job (spot reclaim, StopTrainingJob, MaxRuntime reached): SageMaker sends SIGTERM to the container's PID 1,
+# then SIGKILL this many seconds later.
+STOP_GRACE_S = 120
+# The folder where each process that must hear a stop request registers (unetseg/stop_registry.py). entry/init.py
+# (PID 1) creates it and hands its path down in this variable, and passes SIGTERM on to those processes only.
+STOP_REGISTRY_ENV = "UNETSEG_STOP_REGISTRY"
 
 
 @dataclass(frozen=True)

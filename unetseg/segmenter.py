@@ -7,6 +7,7 @@ towards each tile's edge, so that no seam shows where two tiles meet.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,8 +29,8 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.config = config
         self.history = history or []
-        # bf16 autocast on GPUs that have it: inference tolerates it, and it halves memory and time.
-        self.amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        # bf16 autocast on GPUs that compute it: inference tolerates it, and it halves memory and time.
+        self.amp = torch.bfloat16 if native_bf16(self.device) else None
 
     @property
     def class_names(self) -> list[str]:
@@ -155,6 +156,13 @@ def _blend_window(height: int, width: int, ramp: int, device) -> torch.Tensor:
     return edge(height)[:, None] * edge(width)[None, :]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: CUDA compute capability 8.0 (Ampere) or later. Training and serving
+    both decide by this. torch.cuda.is_bf16_supported() also counts emulation, which says yes on a T4 or V100 (g4dn,
+    p3), where cuDNN has no bf16 convolutions."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def prepare_input(batch_nhwc: torch.Tensor, norm: dict) -> torch.Tensor:
     """NHWC uint8/float batch (already on its device) to a normalized NCHW float tensor.
 
@@ -167,9 +175,17 @@ def prepare_input(batch_nhwc: torch.Tensor, norm: dict) -> torch.Tensor:
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         return (x - mean) / std
-    mean = torch.tensor(norm["mean"], device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(norm["std"], device=x.device).view(1, -1, 1, 1)
+    mean, std = _mean_std(tuple(norm["mean"]), tuple(norm["std"]), x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(1, C, 1, 1) tensors on `device`, built once: a tensor made from a list on a GPU is a host-to-device copy and a
+    sync, which at every step would stall the pipeline. Never inference tensors, whoever asks first: training uses
+    them too."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def as_hwc(image: np.ndarray, channels: int) -> np.ndarray:

@@ -9,7 +9,6 @@ so far, and stop; the next run with the same checkpoint dir continues exactly wh
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import signal
@@ -38,7 +37,7 @@ from .metrics import confusion, summarize
 from .metrics_log import SELECTION_METRIC, format_line
 from .model import (ARCHITECTURE_FIELDS, artifact_config, build_model, freeze_unused, load_matching,
                     normalization, read_init_model, save_artifact)
-from .segmenter import Segmenter, prepare_input
+from .segmenter import Segmenter, native_bf16, prepare_input
 from .visualize import prediction_grid
 
 # Changing these between runs makes a checkpoint unusable; changing the others (epochs, lr, ...) is allowed.
@@ -124,12 +123,11 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     state = checkpoint.load_state(paths.checkpoint_dir)
     if state is not None:
         check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore(state, model, optimizer, scheduler, scaler, say)
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
+        if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
+            partial.update(loss_sum=0.0, samples=0)
         say(f"resumed from {paths.checkpoint_dir / checkpoint.LAST}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
 
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
@@ -179,7 +177,10 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                 if cfg.log_every and step % cfg.log_every == 0:
                     say(format_line({"step_loss": loss.item()}, step=step, epoch=epoch + 1), flush=True)
                 if stop.agreed(ctx, step):
-                    partial.update(loss_sum=float(loss_sum), seconds=partial["seconds"] + time.perf_counter() - started)
+                    samples = torch.tensor(float(partial["samples"]), device=device)
+                    sums = all_reduce(torch.stack([loss_sum, samples]), ctx)
+                    partial.update(loss_sum=float(sums[0]), samples=int(sums[1]),
+                                   seconds=partial["seconds"] + time.perf_counter() - started)
                     if ctx.is_main:
                         checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch, batch_index + 1))
                     say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: checkpoint saved to "
@@ -190,7 +191,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
             train_seconds = partial["seconds"] + time.perf_counter() - started
             totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(partial["samples"]), device=device)]), ctx)
             metrics = {"train_loss": float(totals[0] / totals[1].clamp_min(1))}
-            metrics.update(evaluate(net, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last))
+            distributed.broadcast_buffers(model, ctx)
+            metrics.update(evaluate(model, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last))
             metrics.update(lr=scheduler.get_last_lr()[0], epoch_time=partial["seconds"] + time.perf_counter() - started,
                            images_per_sec=float(totals[1]) / max(train_seconds, 1e-9))
             history.append({"epoch": epoch + 1, "step": step, **metrics})
@@ -210,8 +212,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
             if stop.agreed(ctx, step, force=True):
                 raise Interrupted(stop.name)
     except Interrupted:
-        if ctx.is_main and history:
-            finish(cfg, paths, model, train_data, val_data, history, best, say)
+        if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
+            finish(cfg, paths, model, train_data, val_data, history, best, say, picture=False)
         distributed.barrier(ctx)
         return TrainResult(history, best, interrupted=stop.name)
     finally:
@@ -227,9 +229,11 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
 # --- pieces of the loop ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def evaluate(net, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
+def evaluate(model, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
              channels_last: bool) -> dict[str, float]:
-    net.eval()
+    """Metrics over every rank's validation shard. `model` is the bare model, not the DDP wrapper (see
+    distributed.broadcast_buffers): a shard may be empty when there are fewer images than processes."""
+    model.eval()
     matrix = torch.zeros(cfg.classes, cfg.classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
@@ -238,45 +242,57 @@ def evaluate(net, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: Di
         x = x if channels_last else x.contiguous()
         y = masks.to(device, non_blocking=True).long()
         with autocast():
-            logits = net(x)
+            logits = model(x)
         loss_sum += loss_fn(logits.float(), y) * len(images)
         count += len(images)
         matrix += confusion(logits.argmax(1), y, cfg.classes)
     all_reduce(matrix, ctx)
     totals = all_reduce(torch.stack([loss_sum, count]), ctx)
-    net.train()
+    model.train()
     return {"val_loss": float(totals[0] / totals[1].clamp_min(1)), **summarize(matrix.cpu(), cfg.resolved_class_names)}
 
 
-def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say) -> None:
-    """Rank 0: the best weights, config and history to the model dir; a picture of predictions to the output dir."""
+def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say,
+           picture: bool = True) -> None:
+    """Rank 0: the best weights, config and history to the model dir; then, with `picture`, a picture of
+    predictions to the output dir."""
     weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
     config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None)
     save_artifact(paths.model_dir, weights, config, history)
-    picture = paths.output_data_dir / "predictions.png"
-    try:
-        draw_predictions(model, weights, config, val_data, picture)
-    except Exception as exc:  # noqa: BLE001 - a picture is a convenience, never a reason to fail a trained job
-        say(f"could not draw {picture}: {exc}")
-        picture = None
+    drawn = paths.output_data_dir / "predictions.png" if picture else None
+    if drawn:
+        try:
+            draw_predictions(model, weights, config, val_data, drawn)
+        except Exception as exc:  # noqa: BLE001 - a picture is a convenience, never a reason to fail a trained job
+            say(f"could not draw {drawn}: {exc}")
+            drawn = None
     # No "name=value" here: SageMaker's metric regexes would read this summary as one more data point.
     say(f"best model: epoch {best.get('epoch')}, {SELECTION_METRIC} {best.get(SELECTION_METRIC, float('nan')):.4f}")
     say(f"model: {paths.model_dir} (model.safetensors, config.json)")
     say(f"metrics: {paths.model_dir / 'history.json'}")
-    if picture:
-        say(f"predictions: {picture}")
+    if drawn:
+        say(f"predictions: {drawn}")
+
+
+PICTURE_CROP = 256  # px: the picture shows each image's centre; the other ranks wait in a barrier while it is drawn
 
 
 def draw_predictions(model, weights, config: dict, data: CheckedDataset, path: Path, count: int = 4) -> None:
-    best_model = copy.deepcopy(model).cpu()
-    best_model.load_state_dict(weights)
-    segmenter = Segmenter(best_model, config, device="cpu")
+    """Predictions of the best weights on the centres of a few validation images, on the training device (training
+    is over: `model` takes the best weights)."""
+    model.load_state_dict(weights)
+    segmenter = Segmenter(model, config, device=next(model.parameters()).device)
     rows = []
     for index in range(min(count, len(data.samples))):
-        image, mask = data.load(index)
+        image, mask = centre_crop(*data.load(index), PICTURE_CROP)
         rows.append((image, mask, segmenter.predict(image)))
     path.parent.mkdir(parents=True, exist_ok=True)
     prediction_grid(rows, config["class_colors"]).save(path)
+
+
+def centre_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
+    return image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
 
 
 def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> tuple[CheckedDataset, CheckedDataset]:
@@ -308,9 +324,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device, say) -> Optional[torc
         if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
             say(f"amp={cfg.amp} applies to CUDA only; training in fp32 on {device.type}")
         return None
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"hyperparameter 'amp' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16 or auto")
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(device)):
+        if not native_bf16(device):
+            raise ConfigError(f"hyperparameter 'amp' = 'bf16': {torch.cuda.get_device_name(device)} has no bf16 "
+                              f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}, "
+                              f"8.0 needed); use fp16 or auto")
         return torch.bfloat16
     return torch.float16
 
@@ -377,6 +395,45 @@ def check_resumable(cfg: TrainConfig, saved_hps: dict, where: Path, say) -> None
         say(f"resuming with changed hyperparameters: {', '.join(changed)}")
 
 
+def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
+    """Load a checkpoint into the parts built for this run. What the run learnt (weights, optimizer moments, the
+    schedule's position, the grad scale) comes from the checkpoint; how this run trains (its hyperparameters, fused or
+    not, memory layout, precision) stays as built, so that each change check_resumable allows works."""
+    model.load_state_dict(state["model"])
+    adapted = []
+    saved = TrainConfig.from_hyperparameters(state["hyperparameters"]).optimizer
+    now = type(optimizer).__name__.lower()  # build_optimizer's classes carry the config's names
+    if saved != now:
+        adapted.append(f"the checkpoint's {saved} optimizer state does not fit {now}: {now} starts fresh")
+    else:
+        # The checkpoint's groups with this run's settings: load_state_dict places the state by them (fused AdamW keeps
+        # its step counts on the parameters' device) and would otherwise keep the checkpoint's fused, lr, decay...
+        groups = [(old, {k: v for k, v in new.items() if k != "params"})
+                  for old, new in zip(state["optimizer"]["param_groups"], optimizer.param_groups)]
+        optimizer.load_state_dict({**state["optimizer"], "param_groups": [{**old, **new} for old, new in groups]})
+        changed = sorted({f"{k}={new[k]} (was {old.get(k)})" for old, new in groups
+                          for k in ("fused", "foreach", "capturable") if k in new and old.get(k) != new[k]})
+        relaid = 0
+        for param, moments in optimizer.state.items():  # fused kernels read a parameter and its moments as flat memory
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                    relaid += 1
+        adapted += [f"optimizer {', '.join(changed)}"] if changed else []
+        adapted += [f"{relaid} optimizer tensors to the parameters' memory layout"] if relaid else []
+    base_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = base_lrs  # this run's peak learning rate, at the checkpoint's position in the schedule
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    if scaler.is_enabled() and not state["scaler"]:
+        adapted.append("a fresh grad scaler for fp16 (the checkpoint trained without one)")
+    else:
+        scaler.load_state_dict(state["scaler"])
+    if adapted:
+        say("resume adapted: " + "; ".join(adapted))
+
+
 class StopSignal:
     """SIGTERM (SageMaker stop, spot reclaim) and SIGINT (Ctrl-C) ask the loop to stop at a step boundary.
 
@@ -402,10 +459,11 @@ class StopSignal:
             return self.name is not None
         if not force and step % self.CHECK_EVERY:
             return False
-        flag = all_reduce(torch.tensor([1.0 if self.name else 0.0], device=ctx.device), ctx, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.name is None:
+        flag = torch.full((1,), 1.0 if self.name else 0.0, device=ctx.device)  # a fill, not a copy from the host
+        stop = bool(all_reduce(flag, ctx, op=torch.distributed.ReduceOp.MAX).item())  # the one sync, every 10 steps
+        if stop and self.name is None:
             self.name = "SIGTERM"  # another rank got it
-        return bool(flag.item())
+        return stop
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -90,9 +90,8 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
     def merged(local: dict[int, Any]) -> dict[int, Any]:
         return {i: v for part in everyone(local) for i, v in part.items()}
 
-    # Headers first: cheap, and they size the cache before any pixel is decoded.
-    with ThreadPoolExecutor(threads) as pool:
-        sizes = merged(dict(zip(mine, pool.map(lambda i: _header_sizes(samples[i]), mine))))
+    # Headers first: cheap, they size the cache before any pixel is decoded, and they refuse bombs undecoded.
+    sizes = merged(dict(zip(mine, _parallel(lambda i: _header_sizes(samples[i]), mine, threads))))
     readable = [i for i in range(len(samples)) if not isinstance(sizes[i], str)]
     per_rank = {}  # decoded bytes each rank would keep (16-bit bound); all ranks decide alike, on the largest share
     for i in readable:
@@ -105,8 +104,7 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
     # Then every pixel, also of files after a bad one: the error lists every problem at once.
     readable_set = set(readable)
     to_read = [i for i in mine if i in readable_set]
-    with ThreadPoolExecutor(threads) as pool:
-        read = dict(zip(to_read, pool.map(lambda i: _read(samples[i], cfg, keep), to_read)))
+    read = dict(zip(to_read, _parallel(lambda i: _read(samples[i], cfg, keep), to_read, threads)))
     pixels = {i: (f.image, f.mask) for i, f in read.items() if not isinstance(f, str)}
     facts = merged({i: f if isinstance(f, str) else f.without_pixels() for i, f in read.items()})
     problems = [sizes[i] if isinstance(sizes[i], str) else facts[i] for i in range(len(samples))
@@ -137,6 +135,16 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
         for i, (image, raw) in pixels.items():
             cached[i] = (image, codec.decode(raw, samples[i].mask))
     return CheckedDataset(list(samples), codec, class_pixels, [sizes[i] for i in range(len(samples))], cached)
+
+
+def _parallel(work: Callable[[int], Any], items: Sequence[int], threads: int) -> list[Any]:
+    """`work` over `items` in threads. On an exception (Ctrl-C included) the files not yet started are dropped at once:
+    a pool left to its `with` block would read every remaining file before the interrupt could end the process."""
+    pool = ThreadPoolExecutor(threads)
+    try:
+        return list(pool.map(work, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _header_sizes(sample: Sample) -> tuple[int, int] | str:

@@ -6,6 +6,9 @@ PNG images go through OpenCV: about 30% faster than PIL, and it keeps 16-bit col
 a PNG it cannot decode goes to PIL for a precise error. JPEG goes through PIL, which reports truncated files that
 OpenCV silently fills with grey. tifffile reads multi-channel and 16-bit TIFFs; masks go through PIL, which keeps
 palette indices.
+
+Every reader checks the size the file's header declares before decoding (see headers.py: UNETSEG_MAX_IMAGE_MB), so
+a few hundred bytes that claim 40000 x 40000 pixels cost a few hundred bytes, not gigabytes.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import DataError
+from .headers import Declared, check_declared, declared_file, max_image_bytes, open_failure
 
-Image.MAX_IMAGE_PIXELS = 1 << 31  # whole-slide and satellite tiles are large; decompression bombs are not our threat
 _TIFF = (".tif", ".tiff")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -25,6 +28,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 def read_image(path: str | Path) -> np.ndarray:
     """HxWxC uint8 or uint16 pixels."""
     path = Path(path)
+    _check_size(path)
     if path.suffix.lower() in _TIFF:
         array = _read_tiff(path)
     elif path.suffix.lower() == ".png":
@@ -37,6 +41,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """HxW integer labels (palette PNGs: their indices), or HxWx3 uint8 for RGB-coloured masks."""
     path = Path(path)
+    _check_size(path)
     with _open(path) as im:
         if im.mode in _ALPHA_MODES:
             raise DataError(f"{path}: mask has an alpha channel ({im.mode}); save it as a single-channel or RGB PNG")
@@ -56,30 +61,40 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding the pixels."""
-    with _open(Path(path), load=False) as im:
-        return im.height, im.width
+    """(height, width) from the file header, without decoding the pixels; checked against the size limit."""
+    declared = _check_size(Path(path))
+    return declared.height, declared.width
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
-class _open:
-    """Image.open that turns every decoding failure into a DataError naming the file."""
+def _check_size(path: Path) -> Declared:
+    """The file's declared size, refused (DataError) when over the limit or impossible for its byte count."""
+    # PIL warns above its own ceiling and refuses above twice it; ours is checked here, so PIL's must not be lower.
+    limit = max_image_bytes()
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    declared = declared_file(path)
+    try:
+        stored = path.stat().st_size
+    except OSError:
+        stored = None
+    check_declared(declared, str(path), stored)
+    return declared
 
-    def __init__(self, path: Path, load: bool = True):
-        self.path, self.load = path, load
+
+class _open:
+    """Image.open and load that turn every decoding failure into a DataError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
 
     def __enter__(self) -> Image.Image:
         try:
             self.im = Image.open(self.path)
-            if self.load:
-                self.im.load()
-        except FileNotFoundError:
-            raise DataError(f"{self.path}: file not found") from None
-        except UnidentifiedImageError:
-            raise DataError(f"{self.path}: not a readable image (unknown or corrupt format)") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{self.path}: unreadable or truncated image ({exc})") from None
+            self.im.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise open_failure(exc, self.path) from None
         return self.im
 
     def __exit__(self, *exc) -> None:

@@ -4,7 +4,10 @@
 - index: 0..C-1 are classes, 255 = ignore (excluded from loss and metrics);
 - palette: RGB colours mapped through `class_colors` (SageMaker Ground Truth semantic segmentation output).
 
-`auto` picks one for the whole dataset from the values seen, so that every file is read the same way.
+`auto` picks one for the whole dataset from the values seen, so that every file is read the same way. It never
+guesses per file: masks whose only value besides 0 is 255 (binary 0/255 masks, or index masks whose only label is
+ignore) next to masks with class indices 1.. (0/1 binary or index masks) can be read two ways, and one of them
+loses pixels, so that mix is refused with files of each kind named, until mask_mode says which reading is meant.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[S
         mode = "palette"
     else:
         union = set().union(*values_by_file.values()) if values_by_file else set()
+        _refuse_mixed_conventions(values_by_file, classes)
         mode = "binary" if classes == 2 and 255 in union and union <= {0, 255} else "index"
     gray_files = [p for p, v in values_by_file.items() if v and not isinstance(next(iter(v)), tuple)]
     if mode == "palette" and gray_files:
@@ -58,6 +62,31 @@ def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[S
     if mode != "palette" and rgb_files:
         raise DataError(f"{rgb_files[0]}: RGB colour mask, but mask_mode is {mode}; set class_colors (and mask_mode=palette)")
     return mode
+
+
+def _refuse_mixed_conventions(values_by_file: dict[Path, dict], classes: int) -> None:
+    """0/255 masks next to masks with class indices: binary reads 255 as foreground, index as ignore."""
+    full = sorted(p for p, v in values_by_file.items() if IGNORE_INDEX in v and set(v) <= {0, IGNORE_INDEX})
+    indexed = sorted(p for p, v in values_by_file.items() if any(0 < value < IGNORE_INDEX for value in v))
+    if not full or not indexed:
+        return
+    if classes == 2:
+        readings = ("mask_mode=binary reads 1 and 255 alike as the foreground; mask_mode=index reads 1 as the "
+                    "foreground and 255 as ignore (left out of loss and metrics)")
+    else:
+        readings = ("mask_mode=index reads 255 as ignore (left out of loss and metrics), so the 0/255 masks hold no "
+                    "class but background")
+    labels = "0 and 1" if classes == 2 else f"class indices 1..{classes - 1}"
+    raise DataError(
+        f"masks mix two conventions, and mask_mode=auto cannot tell which one is meant: {len(full)} mask(s) hold only "
+        f"0 and 255 ({_names(full)}); {len(indexed)} hold {labels} ({_names(indexed)}). {readings}. Set mask_mode "
+        "to the reading you mean, or save all masks one way"
+    )
+
+
+def _names(paths: Sequence[Path], limit: int = 5) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(str(p) for p in paths[:limit]) + more
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""The inference server's process setup, without a model: the GPU each gunicorn worker gets, and the limits (body size,
+request time) that follow the mode SageMaker runs the container in."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from unetseg import serving
+from unetseg.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB, BATCH_TIMEOUT_S,
+                                   REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S)
+
+
+class _Arbiter:
+    """What gunicorn's Arbiter shows the hooks: WORKERS, its live workers by pid."""
+
+    def __init__(self):
+        self.WORKERS: dict[int, object] = {}
+
+
+class _Worker:
+    def __init__(self, age: int):
+        self.age = age  # gunicorn numbers workers by spawn order, replacements included
+        self.pid = None
+
+
+def _spawn(arbiter: _Arbiter, hooks, age: int, pid: int) -> str:
+    """As Arbiter.spawn_worker does it: pre_fork in the master, then post_fork in the child (here: in this process,
+    whose environment the test restores). Returns the CUDA_VISIBLE_DEVICES the worker's torch would see."""
+    pre_fork, post_fork = hooks
+    worker = _Worker(age)
+    pre_fork(arbiter, worker)
+    worker.pid = pid
+    arbiter.WORKERS[pid] = worker
+    post_fork(arbiter, worker)
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_a_replacement_worker_takes_the_gpu_of_the_one_it_replaces(monkeypatch, workers):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    arbiter, hooks, gpus = _Arbiter(), serving.worker_hooks(gpus=2, workers=workers, cpus=8), 2
+    placed = {pid: _spawn(arbiter, hooks, age=pid, pid=pid) for pid in range(1, workers + 1)}
+    assert sorted(placed.values()) == sorted(str(i % gpus) for i in range(workers))  # spread evenly
+
+    # Workers die (OOM, a crash, gunicorn's timeout) and gunicorn spawns each a replacement, younger than all: the
+    # one on GPU 0 twice in a row (a request that keeps failing there), then one on GPU 1.
+    age = workers
+    for device in ("0", "0", "1"):
+        victim = next(pid for pid, gpu in placed.items() if gpu == device)
+        del placed[victim], arbiter.WORKERS[victim]
+        age += 1
+        placed[age] = _spawn(arbiter, hooks, age=age, pid=age)
+        assert placed[age] == device, f"worker {victim} ran on GPU {device}; its replacement went to {placed[age]}"
+        per_gpu = [list(placed.values()).count(str(g)) for g in range(gpus)]
+        assert per_gpu == [workers // gpus] * gpus, per_gpu  # never two workers' worth on one GPU, one idle
+    assert os.environ["OMP_NUM_THREADS"] == str(8 // workers)  # the CPU cores shared among the workers
+
+
+@pytest.mark.parametrize("environ, mode, body, timeout", [
+    ({}, "realtime", REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S),
+    ({"SAGEMAKER_BATCH": "true"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20, BATCH_TIMEOUT_S),
+    ({"SAGEMAKER_BATCH": "True", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}, "batch", 20 * 2**20, BATCH_TIMEOUT_S),
+    ({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20,
+     BATCH_TIMEOUT_S),  # 0: the job set no limit of its own; the service's 100 MB still holds
+    ({"UNETSEG_SERVING_MODE": "async"}, "async", ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S),
+    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "300", "UNETSEG_MAX_BODY_MB": "50"}, "realtime", 50 * 2**20, 300),
+])
+def test_limits_follow_the_mode(environ, mode, body, timeout):
+    limits = serving.server_limits(environ)
+    assert (limits.mode, limits.max_body_bytes, limits.timeout_s) == (mode, body, timeout)
+
+
+@pytest.mark.parametrize("environ, fragment", [
+    ({"UNETSEG_SERVING_MODE": "streaming"}, "UNETSEG_SERVING_MODE='streaming': use realtime, batch or async"),
+    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "1m"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='1m': a whole number of seconds"),
+    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "0"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='0': a whole number of seconds"),
+    ({"UNETSEG_MAX_BODY_MB": "-1"}, "UNETSEG_MAX_BODY_MB='-1': a positive number of megabytes"),
+    ({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "101"},
+     "SAGEMAKER_MAX_PAYLOAD_IN_MB='101': 0 to 100"),
+    ({"SAGEMAKER_BIND_TO_PORT": "http"}, "SAGEMAKER_BIND_TO_PORT='http': a port number"),
+])
+def test_a_bad_setting_is_named(environ, fragment):
+    with pytest.raises(serving.ServingConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as info:
+        serving.server_limits(environ)
+        serving.bind_port(None, environ)
+    assert "\n" not in str(info.value)
+
+
+def test_the_port_comes_from_sagemaker_bind_to_port():
+    assert serving.bind_port(None, {}) == 8080
+    assert serving.bind_port(None, {"SAGEMAKER_BIND_TO_PORT": "9123"}) == 9123  # an inference pipeline's container
+    assert serving.bind_port(8081, {"SAGEMAKER_BIND_TO_PORT": "9123"}) == 8081  # --port on the command line wins

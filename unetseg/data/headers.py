@@ -1,0 +1,174 @@
+"""What an image declares in its header, read without decoding a pixel, and the limit on one decoded image.
+
+A header can claim anything: a PNG of a hundred bytes may declare 40000 x 40000 pixels, and a decoder that trusts
+it allocates gigabytes before it finds the pixels missing. Every reader (the data check, training, `unetseg
+predict`, the server's decoder) checks the declared size here before decoding:
+
+- the limit: an image may decode to at most UNETSEG_MAX_IMAGE_MB MiB (height x width x channels x bytes per
+  sample), default 2048: e.g. 26000 x 26000 RGB or 46000 x 46000 grayscale at 8 bits. Whole-slide and satellite
+  images are welcome: raise it to what the machine's memory holds (the data check decodes a few files at once;
+  predict needs about 4 x (classes + 1) bytes per pixel on top of the image);
+- a file too small for what it declares is truncated or forged, whatever the limit: deflate packs at most 1032
+  bytes into 1, so a PNG cannot declare more than 1032 times its own size; an uncompressed TIFF holds its pixels
+  as they are.
+
+No torch, no OpenCV: the notebook's predictor and the server's decoder use it too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ConfigError, DataError, ImageTooLargeError
+
+MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"
+DEFAULT_MAX_IMAGE_MB = 2048
+DEFLATE_MAX_RATIO = 1032  # deflate codes a 258-byte match in at least 2 bits
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel in the compressed stream
+# PIL mode -> (channels, bytes per sample) as unetseg decodes it (palette images become RGB)
+_PIL_LAYOUT = {"1": (1, 1), "L": (1, 1), "P": (3, 1), "LA": (2, 1), "PA": (4, 1), "La": (2, 1), "RGB": (3, 1),
+               "YCbCr": (3, 1), "LAB": (3, 1), "HSV": (3, 1), "RGBA": (4, 1), "RGBa": (4, 1), "RGBX": (4, 1),
+               "CMYK": (4, 1), "I": (1, 4), "F": (1, 4), "I;16": (1, 2), "I;16B": (1, 2), "I;16L": (1, 2),
+               "I;16N": (1, 2)}
+
+
+@dataclass(frozen=True)
+class Declared:
+    """An image's size as its header states it."""
+
+    width: int
+    height: int
+    channels: int  # as decoded
+    sample_bytes: int
+    min_file_bytes: Optional[int] = None  # the least a file must hold to contain it, where the format bounds it
+    kind: str = "image"
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.width * self.height * self.channels * self.sample_bytes
+
+    def describe(self) -> str:
+        return f"{self.width}x{self.height} image ({self.channels} channel(s) of {8 * self.sample_bytes} bits)"
+
+
+def max_image_bytes() -> int:
+    """The largest decoded image unetseg reads, in bytes (UNETSEG_MAX_IMAGE_MB, read at each call)."""
+    text = os.environ.get(MAX_IMAGE_MB_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_MB << 20
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise ConfigError(f"{MAX_IMAGE_MB_ENV}={os.environ[MAX_IMAGE_MB_ENV]!r}: give the largest decoded image in "
+                          f"MiB, a number above 0 (default {DEFAULT_MAX_IMAGE_MB})")
+    return int(mib * 2**20)
+
+
+def check_declared(declared: Declared, name: str, stored_bytes: Optional[int] = None) -> None:
+    """Raise a DataError naming `name` when the file is too small for the image it declares, or the image is over the
+    limit (ImageTooLargeError, which says how to raise it)."""
+    if declared.min_file_bytes is not None and stored_bytes is not None and stored_bytes < declared.min_file_bytes:
+        raise DataError(f"{name}: its header declares a {declared.describe()}, which {stored_bytes:,} bytes of "
+                        f"{declared.kind} cannot hold (it needs at least {declared.min_file_bytes:,}): the file is "
+                        "truncated or its header forged")
+    limit = max_image_bytes()
+    if declared.decoded_bytes > limit:
+        needed = -(-declared.decoded_bytes // 2**20)
+        raise ImageTooLargeError(
+            f"{name}: its header declares a {declared.describe()} that decodes to {_mib(declared.decoded_bytes)}, over "
+            f"the limit of {_mib(limit)} for one image; if the image is real and this machine has the memory, raise "
+            f"the limit: {MAX_IMAGE_MB_ENV}={needed}"
+        )
+
+
+def declared_png(head: bytes) -> Optional[Declared]:
+    """From a PNG's first 33 bytes (signature and IHDR); None when they are not those of a PNG."""
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        return None  # the decoder names the malformation
+    samples = _PNG_CHANNELS[colour]
+    packed = height * (1 + -(-width * samples * depth // 8))  # the deflate stream: each row and its filter byte
+    channels = 3 if colour == 3 else samples  # a palette decodes to RGB
+    return Declared(width, height, channels, 2 if depth == 16 else 1, -(-packed // DEFLATE_MAX_RATIO), "PNG")
+
+
+def declared_pil(im: Image.Image) -> Declared:
+    """From an image PIL opened lazily (its header read, no pixel decoded)."""
+    channels, sample = _PIL_LAYOUT.get(im.mode, (len(im.getbands()), 1))
+    return Declared(im.width, im.height, channels, sample)
+
+
+def declared_file(path: Path) -> Declared:
+    """The declared size of an image file: PNG from its IHDR, TIFF from tifffile's reading of the IFD (every page
+    of the first series, as it decodes them), others from PIL's header parser. Raises DataError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    png = declared_png(head)
+    if png is not None:
+        return png
+    if path.suffix.lower() in (".tif", ".tiff"):
+        tiff = _declared_tiff(path)
+        if tiff is not None:
+            return tiff
+    try:
+        with Image.open(path) as im:
+            return declared_pil(im)
+    except Exception as exc:  # noqa: BLE001 - every way PIL fails becomes one message naming the file
+        raise open_failure(exc, path) from None
+
+
+def open_failure(exc: Exception, name: str | Path) -> DataError:
+    """The DataError for an exception PIL raised opening or decoding `name`."""
+    if isinstance(exc, Image.DecompressionBombError):  # PIL's own ceiling: above ours unless the limit was raised
+        return ImageTooLargeError(f"{name}: {_pil_bomb_text(exc)}")
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{name}: file not found")
+    if isinstance(exc, UnidentifiedImageError):
+        return DataError(f"{name}: not a readable image (unknown or corrupt format)")
+    return DataError(f"{name}: unreadable or truncated image ({exc})")
+
+
+def _pil_bomb_text(exc: Exception) -> str:
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    amount = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than PIL opens"
+    return (f"its header declares {amount}, over the limit of {_mib(max_image_bytes())} for one image; if the image "
+            f"is real and this machine has the memory, raise {MAX_IMAGE_MB_ENV}")
+
+
+def _declared_tiff(path: Path) -> Optional[Declared]:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page, series = tif.pages[0], tif.series[0]
+            itemsize = series.dtype.itemsize
+            total = math.prod(series.shape) * itemsize  # what tifffile.imread allocates: every page of the series
+            height, width = int(page.imagelength), int(page.imagewidth)
+            raw = page.compression == 1  # uncompressed: the file holds the first page's pixels as they are
+            page_bytes = math.prod(page.shape) * itemsize if raw else None
+    except Exception:  # noqa: BLE001 - no tifffile, or a TIFF it cannot parse: PIL reads the header instead
+        return None
+    channels = max(1, -(-int(total) // max(1, height * width * itemsize)))  # samples per pixel, pages included
+    return Declared(width, height, channels, itemsize, page_bytes, "uncompressed TIFF")
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:,.0f} MiB" if count >= 2**20 else f"{count / 2**20:.2f} MiB"
