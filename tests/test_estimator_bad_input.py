@@ -111,6 +111,21 @@ def _sixteen_bit_mask_values(root):
     return ["s00.png", "1000"]
 
 
+def _mixed_mask_conventions(root):
+    # 0/255 masks in validation/ next to 0/1 masks in train/: read as index masks, the 255s would become "ignore".
+    stripes = (np.arange(32 * 32).reshape(32, 32) % 2 * 255).astype(np.uint8)
+    for stem in ("s00", "s01"):
+        save(root / "validation" / "masks" / f"{stem}.png", stripes)
+    return ["masks mix two conventions", "validation/masks/s00.png", "train/masks/s00.png"]
+
+
+def _decompression_bomb(root):
+    from bombs import png_bomb
+
+    (root / "train" / "images" / "s01.png").write_bytes(png_bomb(40000, 40000))  # a few hundred bytes
+    return ["s01.png", "40000x40000"]
+
+
 def _several_bad_files(root):
     return _truncated(root) + _rgba_image(root) + _mask_value_out_of_range(root)
 
@@ -125,6 +140,8 @@ DATA_CASES = {
     "mask with an alpha channel": _mask_with_alpha,
     "RGB mask without class_colors": _rgb_mask_without_class_colors,
     "16-bit mask values": _sixteen_bit_mask_values,
+    "0/255 and 0/1 masks mixed across channels": _mixed_mask_conventions,
+    "a header that declares 40000 x 40000": _decompression_bomb,
     "several bad files, each named": _several_bad_files,
 }
 
