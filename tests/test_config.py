@@ -24,7 +24,8 @@ CONFIGS = [
     {"encoder_weights": None, "decoder_channels": [32, 16, 8], "encoder_depth": 3, "image_size": 64,
      "classes": 3, "class_names": ["bg", "cell", "123"], "channels_last": False, "compile": True, "lr": 1e-5},
     {"classes": 2, "class_colors": [[0, 0, 0], [255, 0, 0]], "mask_mode": "palette", "num_workers": 3,
-     "encoder": "123", "encoder_weights": "/opt/ml/input/data/weights/encoder.safetensors"},
+     "encoder": "mit_b2", "encoder_weights": "/opt/ml/input/data/weights/encoder.safetensors"},
+    {"encoder": "tu-convnext_tiny.fb_in22k", "encoder_weights": "imagenet"},
     {"classes": 3, "class_weights": [0.5, 2, 10], "loss": "ce"},
     {"class_weights": "auto"},
 ]
@@ -50,6 +51,12 @@ def test_sagemaker_string_forms_parse():
     assert TrainConfig.from_hyperparameters({"class_weights": "auto"}).class_weights == "auto"
     assert TrainConfig.from_hyperparameters({"class_weights": "1, 4.5"}).class_weights == [1.0, 4.5]  # a command line
     assert TrainConfig.from_hyperparameters({"class_weights": "None"}).class_weights is None
+
+
+def test_a_number_for_a_string_field_is_read_as_its_text():
+    # The training toolkit JSON-decodes "123" to 123 even for a string field: the encoder check sees the text.
+    with pytest.raises(ConfigError, match="hyperparameter 'encoder' = 123: not an encoder of segmentation-models"):
+        TrainConfig.from_hyperparameters({"encoder": 123})
 
 
 def test_keys_sagemaker_adds_are_ignored():
@@ -109,3 +116,62 @@ def test_config_does_not_import_torch():
     code = "import sys, unetseg.config, unetseg.metrics_log, unetseg.sagemaker_env, unetseg.data.scan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- encoder names: the torch-free list, tied to the installed segmentation-models-pytorch and timm ---------------
+
+def test_the_encoder_list_is_smps():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from unetseg.encoders import SMP_ENCODERS
+
+    assert sorted(SMP_ENCODERS) == sorted(smp.encoders.get_encoder_names())
+    for name, weights in SMP_ENCODERS.items():
+        assert weights == tuple(smp.encoders.encoders[name]["pretrained_settings"]), name
+
+
+def test_every_timm_model_name_is_accepted_after_tu():
+    timm = pytest.importorskip("timm")
+    from timm.models import _factory
+
+    from unetseg.encoders import TIMM_SOURCES, encoder_problem
+
+    names = set(timm.list_models()) | set(timm.list_models(pretrained=True))
+    assert len(names) > 1000
+    refused = [name for name in names if encoder_problem("tu-" + name)]
+    assert refused == []
+    assert set(TIMM_SOURCES) == set(_factory._MODEL_SOURCES) | set(_factory._MODEL_SOURCE_ALIASES)
+
+
+@pytest.mark.parametrize("name", ["timm-regnetx_002", "timm-res2net50_26w_4s", "timm-resnest14d",
+                                  "timm-mobilenetv3_large_100", "timm-gernet_s"])
+def test_names_smp_renames_to_timm_models_are_accepted(name):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from unetseg.encoders import encoder_problem
+
+    assert smp.encoders.is_equivalent_to_timm_universal(name) and encoder_problem(name) is None
+    assert not smp.encoders.is_equivalent_to_timm_universal("timm-convnext_tiny")
+    assert encoder_problem("timm-convnext_tiny") is not None
+
+
+@pytest.mark.parametrize("name", ["resnet43", "efficientnet_b4", "ResNet50", "mobilenet-v2", "unet",
+                                  "tu-ConvNeXt_Tiny", "tu-convnext tiny", "tu-", "tu-hf-hub:", "timm-convnext_tiny"])
+def test_names_refused_here_are_names_smp_refuses(name):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from unetseg.encoders import encoder_problem
+
+    assert encoder_problem(name) is not None
+    with pytest.raises((KeyError, RuntimeError, ValueError)):
+        smp.encoders.get_encoder(name, weights=None)
+
+
+@pytest.mark.parametrize("encoder, weights, fragment", [
+    ("resnext101_32x48d", "imagenet", "has no imagenet weights in segmentation-models-pytorch (it has instagram"),
+    ("dpn92", "imagenet", "choose an encoder with imagenet weights such as dpn"),
+    ("resnet34", "ImageNet", "did you mean 'imagenet'?"),
+    ("resnet34", "noisy-student", "use imagenet"),
+    ("efficientnet-b0", "advprop", "by the name 'imagenet' only"),
+])
+def test_encoder_weights_smp_cannot_give_are_refused(encoder, weights, fragment):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(encoder=encoder, encoder_weights=weights)
+    assert f"hyperparameter 'encoder_weights' = {weights!r}: " in str(info.value) and fragment in str(info.value)

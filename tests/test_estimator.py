@@ -80,8 +80,9 @@ def test_create_training_job_request_carries_every_setting(aws):
     assert "DebugRuleConfigurations" not in request
     assert "ProfilerRuleConfigurations" not in request
     assert request.get("ProfilerConfig", {"DisableProfiler": True}) == {"DisableProfiler": True}
-    # Only S3 listings and the job itself: no STS, IAM or telemetry.
-    assert set(aws.requests) == {"s3.ListObjectsV2", "sagemaker.CreateTrainingJob"}
+    # One look at the bucket, S3 listings and the job itself: no STS, IAM or telemetry.
+    assert set(aws.requests) == {"s3.HeadBucket", "s3.ListObjectsV2", "sagemaker.CreateTrainingJob"}
+    assert aws.requests.count("s3.HeadBucket") == 1  # data, output and checkpoints share the bucket
 
 
 def test_on_demand_job_has_no_spot_fields_and_fastfile_passes_through(aws):

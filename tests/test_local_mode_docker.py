@@ -172,7 +172,12 @@ def test_local_mode_failure_carries_the_failure_file(training_image, local_sessi
 
     data = make_demo_dataset(tmp_path / "data", kind="binary", train=4, validation=2, size=32)
     broken = sorted((data / "train" / "masks").iterdir())[1]
-    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG: the pairing preflight passes, decoding fails
+    # fit() reads every file before the container starts; a link to a file outside the folder bound into the
+    # container reads well here and is missing there.
+    outside = tmp_path / "elsewhere" / broken.name
+    outside.parent.mkdir()
+    broken.rename(outside)
+    broken.symlink_to(outside)
     est = estimator(training_image, local_session, tmp_path)
     with pytest.raises(RuntimeError) as info:  # the SDK's type, so existing handlers still catch it
         fit(est, data, capfd, job_name("bad"))

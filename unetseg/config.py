@@ -14,8 +14,9 @@ import types
 import typing
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .encoders import encoder_problem, encoder_weights_problem
 from .errors import ConfigError
 from .metrics_log import class_metric, metric_name_clashes
 from .sagemaker_env import TUNING_MARKER
@@ -114,8 +115,20 @@ class TrainConfig(BaseModel):
         return {key: _decode_value(cls.model_fields[key].annotation, value) if key in cls.model_fields else value
                 for key, value in data.items()}
 
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, encoder: str) -> str:
+        """smp refuses an unknown encoder only inside the container, after the instances have started."""
+        problem = encoder_problem(encoder)
+        if problem:
+            raise ValueError(problem)
+        return encoder
+
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":
+        weights_problem = encoder_weights_problem(self.encoder, self.encoder_weights)
+        if weights_problem:
+            raise ValueError(f"hyperparameter 'encoder_weights' = {self.encoder_weights!r}: {weights_problem}")
         stride = 2 ** self.encoder_depth
         if self.image_size % stride:
             raise ValueError(f"image_size={self.image_size} must be a multiple of 2**encoder_depth={stride}")

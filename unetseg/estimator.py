@@ -4,8 +4,10 @@ A real `sagemaker.estimator.Estimator` (attach, logs, HyperparameterTuner and de
 
 - validates hyperparameters with the same TrainConfig the container parses, and sends them in its string form;
 - sends a metric definition for every metric the training loop prints (metrics_log is the one vocabulary);
-- checks instance, runtime, spot, S3 and role settings before any AWS call (job_rules.JobSettingsError);
-- turns an S3 prefix or a local folder into the `train` / `validation` channels (fit_inputs), uploading local data;
+- checks instance, runtime, spot, S3, image and role settings before any AWS call (job_rules.JobSettingsError), and
+  before a job is created that every bucket it reads or writes exists in the job's region (one request per bucket);
+- turns an S3 prefix or a local folder into the `train` / `validation` channels (fit_inputs), checking local data as
+  the container will and then uploading it;
 - runs the SDK's local mode with today's Docker Compose (local_mode);
 - opens the trained artifact with `load_model()`;
 - serves it from the same image: `deploy()` returns a `UNetPredictor` (numpy in, numpy masks out) and
@@ -33,6 +35,7 @@ from .errors import ArtifactError
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
 from .metrics_log import all_metric_names, metric_definitions, per_class_names
+from .s3_upload import bucket_facts
 from .sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -125,6 +128,9 @@ class UNetEstimator(Estimator):
             None if image_uri or repository else (
                 f"no training image: pass image_uri=..., set ${IMAGE_URI_ENV}, or pass repository= (and tag=, "
                 "account=, region=) to use <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>"),
+            rules.image_uri_problem(image_uri, local=kind.local) if image_uri else None,
+            None if image_uri or not repository else rules.image_uri_problem(f"{repository}:{tag}", local=True,
+                                                                               name="repository:tag"),
             *rules.gpu_setting_problems(config, kind),
             *rules.hyperparameter_problems(config.to_hyperparameters()),
         ])
@@ -156,6 +162,8 @@ class UNetEstimator(Estimator):
             role = role or _role_from_sdk_config(session)
             rules.raise_if([rules.role_problem(role, local=False)])
         image_uri = image_uri or _ecr_image_uri(session, repository, tag, account, region)
+        if not kind.local:
+            rules.raise_if([rules.image_region_problem(image_uri, session.boto_region_name)])
 
         self._config = config
         self._kind = kind
@@ -166,6 +174,8 @@ class UNetEstimator(Estimator):
         self._extra_metric_definitions = [dict(d) for d in (metric_definitions or ())]
         self._metric_notice: tuple = ()
         self._file_output_root = _file_output_root(output_path, kind)
+        self._bucket_regions: dict[str, Optional[str]] = {}  # buckets found to exist, and their region
+        self._s3_client: Any = None
         _quiet_v2_notice(type(self).__name__)
 
         super().__init__(
@@ -254,9 +264,10 @@ class UNetEstimator(Estimator):
         resolver = InputResolver(
             local=self._kind.local,
             input_mode=self.input_mode,
-            s3_client=lambda: self.sagemaker_session.boto_session.client(
-                "s3", region_name=self.sagemaker_session.boto_region_name),
+            s3_client=self._s3,
             datasets_uri=self._datasets_uri,
+            config=self._config,
+            check_bucket=self._check_bucket,
         )
         channels = resolver.resolve(inputs, init_model=init_model)
         self._fit_volume_to(channels.file_mode_bytes)
@@ -297,6 +308,35 @@ class UNetEstimator(Estimator):
             self.output_path = f"{self._file_output_root.rstrip('/')}/{self._current_job_name}/"
         if self.use_spot_instances and not self._checkpoint_s3_uri_given:
             self.checkpoint_s3_uri = f"{self.output_path.rstrip('/')}/{self._current_job_name}/checkpoints"
+        for setting, uri in (("output_path", self.output_path), ("checkpoint_s3_uri", self.checkpoint_s3_uri)):
+            if isinstance(uri, str) and uri.startswith("s3://"):
+                self._check_bucket(setting, uri)
+
+    def _s3(self) -> Any:
+        if self._s3_client is None:
+            session = self.sagemaker_session
+            self._s3_client = session.boto_session.client("s3", region_name=session.boto_region_name)
+        return self._s3_client
+
+    def _check_bucket(self, setting: str, uri: str) -> None:
+        """The bucket of `uri` must exist and, for a SageMaker job, be in the job's region: SageMaker reads its data
+        and writes its output in its own region only, and fails a job otherwise after its instances have started.
+        One HeadBucket per bucket and estimator; a missing bucket is asked again (it may have been created since)."""
+        bucket, _ = rules.split_s3_uri(uri)
+        region = self.sagemaker_session.boto_region_name
+        if bucket not in self._bucket_regions:
+            facts = bucket_facts(self._s3(), bucket)
+            if not facts.exists:
+                raise JobSettingsError(f"{setting}={uri!r}: bucket {bucket!r} does not exist; correct the name, or "
+                                       f"create it (aws s3 mb s3://{bucket} --region {region})")
+            self._bucket_regions[bucket] = facts.region
+        found = self._bucket_regions[bucket]
+        if not self._kind.local and found and found != region:
+            raise JobSettingsError(
+                f"{setting}={uri!r}: bucket {bucket!r} is in {found}, but the job runs in {region}, and SageMaker "
+                f"reads and writes S3 in the job's region only (it would fail the job after starting its instances); "
+                f"use a bucket in {region} (aws s3 sync copies data across), or run the job in {found} "
+                f"(a sagemaker.Session whose boto3 session has region_name={found!r})")
 
     def _ensure_base_job_name(self) -> None:
         # The SDK's base (the image's repository name) names every job, model, endpoint and transform this estimator
@@ -392,7 +432,8 @@ class UNetEstimator(Estimator):
                     raise JobSettingsError(f"{name.lower().removeprefix('sagemaker_')}={value!r}: use a whole number "
                                            "of 1 or more")
                 environment[name] = str(int(value))
-        rules.raise_if(rules.environment_problems(environment))
+        rules.raise_if([*rules.environment_problems(environment),
+                        rules.image_uri_problem(image_uri, local=True) if image_uri is not None else None])
         model = super().create_model(role=role, image_uri=image_uri, predictor_cls=predictor_cls or UNetPredictor,
                                      vpc_config_override=vpc_config_override, env=environment or None, **kwargs)
         if model.name is None:  # else the Model names itself after the image's repository, which may hold _ or .

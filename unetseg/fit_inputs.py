@@ -1,9 +1,15 @@
 """Turn what a user hands to `fit()` into the `train` and `validation` channels the container reads.
 
 Accepted: an S3 prefix (finds `train/` and `validation/` or `val/` under it, or is itself a channel with `images/` and
-`masks/`), a local folder of the same layout (checked locally by `pair_channel`, then uploaded, or bound as file://
-in local mode), a single TrainingInput (the train channel), or a dict of channels whose values are any of these.
-Every problem is reported before a training job is created, naming the prefix or folder and what was found there.
+`masks/`), a local folder of the same layout, a single TrainingInput (the train channel), or a dict of channels whose
+values are any of these. Every problem is reported before a training job is created, naming the prefix, folder or
+file and what was found there.
+
+Local folders are checked as the container will check them before anything is sent (uploaded, or bound as file:// in
+local mode): paired by stem, then every file read by the engine's own data check (`data.checks.check_dataset`, which
+needs no torch) with the job's TrainConfig, all channels together so that one mask convention is decided from all
+files. The container caches decoded pixels; this check keeps none. Data already in S3 is checked by the container.
+Each bucket is checked (`check_bucket`) before the first request that reads or writes it.
 
 A third channel, `init_model`, carries a trained unetseg model to fine-tune from: an s3:// URI of a model.tar.gz
 (another job's `model_data`), a fitted UNetEstimator, or in local mode a local model.tar.gz or model folder.
@@ -13,19 +19,23 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .data.scan import pair_channel
+from .config import TrainConfig
+from .data.scan import Sample, pair_channel, split_holdout
 from .errors import DataError
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
-from .s3_upload import list_children, prefix_size, sync_folder
+from .s3_upload import is_object, list_children, prefix_size, progress_bar, sync_folder
 from .sagemaker_env import INIT_MODEL_CHANNEL
 
 TRAIN, VALIDATION = "train", "validation"
 CHANNELS = (TRAIN, VALIDATION, INIT_MODEL_CHANNEL)
 _VALIDATION_FOLDERS = ("validation", "val")
+CHECK_PROGRESS_DELAY_S = 1.0  # the data check's bar shows once a check has taken this long
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class InputResolver:
     input_mode: str
     s3_client: Callable[[], Any]  # made on first use: a local-mode run with local data needs no AWS client
     datasets_uri: Callable[[], str]  # s3://.../datasets/ where local folders are uploaded (resolved on first upload)
+    config: Optional[TrainConfig] = None  # the job's hyperparameters: local data is read with them (None: pairing only)
+    check_bucket: Callable[[str, str], None] = lambda setting, uri: None  # (setting, s3 URI): raises if unusable
     progress: bool = True
 
     def resolve(self, inputs: Any, init_model: Any = None) -> Channels:
@@ -71,10 +83,13 @@ class InputResolver:
     # --- S3 --------------------------------------------------------------------------------------------------------
     def _from_s3_prefix(self, uri: str) -> Channels:
         check_s3_uri("fit inputs", uri)
+        self.check_bucket("fit inputs", uri)
         bucket, key = split_s3_uri(uri)
         prefix = key if not key or key.endswith("/") else key + "/"
         folders, files = list_children(self.s3_client(), bucket, prefix)
         root = f"s3://{bucket}/{prefix}"
+        if not folders and not files:
+            self._refuse_object(uri)
         if TRAIN in folders:
             found = {TRAIN: root + "train/"}
             validation = _validation_folder(folders, root)
@@ -91,13 +106,22 @@ class InputResolver:
         return Channels({name: self._training_input(u) for name, u in found.items()},
                         sum(self._s3_bytes(u) for u in found.values()))
 
-    def _check_s3_channel(self, uri: str) -> None:
+    def _check_s3_channel(self, uri: str, given: Optional[str] = None) -> None:
         bucket, prefix = split_s3_uri(uri)
         folders, files = list_children(self.s3_client(), bucket, prefix)
+        if not folders and not files and given:
+            self._refuse_object(given)
         missing = [name + "/" for name in ("images", "masks") if name not in folders]
         if missing:
             raise DataError(f"{uri}: a channel needs images/ and masks/, missing {', '.join(missing)}; "
                             f"found {_listing(folders, files)}")
+
+    def _refuse_object(self, uri: str) -> None:
+        """An S3 URI of a file where a prefix (folder) is meant; said only once the prefix was found empty."""
+        bucket, key = split_s3_uri(uri)
+        if is_object(self.s3_client(), bucket, key):
+            raise DataError(f"{uri} is an object, not a prefix: pass the prefix (folder) that holds train/ (and "
+                            "validation/), or the one that holds a channel's images/ and masks/")
 
     def _s3_bytes(self, uri: str) -> int:
         if self.input_mode != "File":
@@ -133,14 +157,29 @@ class InputResolver:
             files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
             raise DataError(f"{folder}: expected train/ (and validation/) or images/ + masks/ in it; "
                             f"found {_listing(subfolders, files)}")
-        for sub in layout.values():
-            pair_channel(folder / sub)  # the preflight: every image has its mask, named by stem
+        paired = {channel: pair_channel(folder / sub) for channel, sub in layout.items()}  # every image has its mask
+        self._check_local_data(paired, validation_elsewhere=False, where=str(folder))
         if self.local:
             return Channels({name: (folder / sub).as_uri() for name, sub in layout.items()}, 0)
         return self._upload(folder, layout)
 
+    def _check_local_data(self, paired: Mapping[str, list[Sample]], *, validation_elsewhere: bool, where: str) -> None:
+        """Read every local file as the container will, before anything is sent; one DataError names each bad file."""
+        if self.config is None:
+            return
+        from .data.checks import check_dataset  # numpy and PIL, no torch: imported only for local data
+
+        if TRAIN in paired and VALIDATION not in paired and not validation_elsewhere:
+            split_holdout(paired[TRAIN], self.config.val_fraction, self.config.seed)  # at least two samples
+        samples = [sample for channel in paired.values() for sample in channel]
+        no_cache = self.config.replace(cache_images="off")  # the container caches decoded pixels; the notebook must not
+        with progress_bar(len(samples), f"check {where}", self.progress, unit="file",
+                          delay=CHECK_PROGRESS_DELAY_S) as bar:
+            check_dataset(_CountedReads(samples, bar.update), no_cache)
+
     def _upload(self, folder: Path, layout: Mapping[str, str], name: Optional[str] = None) -> Channels:
         target = self.datasets_uri().rstrip("/") + "/" + _s3_safe(name or folder.name) + "/"
+        self.check_bucket("output_path (where local data is uploaded)", target)
         bucket, prefix = split_s3_uri(target)
         subfolders = [sub for sub in layout.values() if sub]
         report = sync_folder(self.s3_client(), folder, bucket, prefix, subfolders=subfolders or None,
@@ -164,12 +203,14 @@ class InputResolver:
             value = value.get("S3DataSource", {}).get("S3Uri", value)
         if isinstance(value, TrainingInput):
             _refuse_sharding(INIT_MODEL_CHANNEL, value)
+            self._check_training_input_bucket(INIT_MODEL_CHANNEL, value)
             return value
         if not isinstance(value, (str, os.PathLike)):
             raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path or a fitted estimator")
         text = os.fspath(value)
         if text.startswith("s3://"):
             check_s3_uri("init_model", text)
+            self.check_bucket("init_model", text)
             bucket, key = split_s3_uri(text)
             found = self.s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0)
             if not found:
@@ -195,6 +236,14 @@ class InputResolver:
                             f"{', '.join(CHANNELS)}")
         if TRAIN not in inputs:
             raise DataError(f"fit() inputs {sorted(inputs)} have no 'train' channel")
+        # Local folders first, all together: their problems need no request, and one mask convention spans them.
+        folders = {name: self._local_path(os.fspath(value)) for name, value in inputs.items()
+                   if name != INIT_MODEL_CHANNEL and isinstance(value, (str, os.PathLike))
+                   and not os.fspath(value).startswith("s3://")}
+        paired = {name: pair_channel(folder) for name, folder in folders.items()}
+        if paired:
+            self._check_local_data(paired, validation_elsewhere=VALIDATION in inputs,
+                                   where=", ".join(str(folder) for folder in folders.values()))
         channels: dict[str, Any] = {}
         total = 0
         for name, value in inputs.items():
@@ -206,18 +255,19 @@ class InputResolver:
                     raise JobSettingsError(f"channel {name!r} has input_mode={mode!r}; use 'File' or 'FastFile' "
                                            "(the container reads image files, not a Pipe stream)")
                 _refuse_sharding(name, value)
+                self._check_training_input_bucket(name, value)
                 channels[name] = value
             elif isinstance(value, FileSystemInput):
                 channels[name] = value
             elif isinstance(value, str) and value.startswith("s3://"):
                 check_s3_uri(f"fit inputs[{name!r}]", value)
+                self.check_bucket(f"fit inputs[{name!r}]", value)
                 uri = value if value.endswith("/") else value + "/"
-                self._check_s3_channel(uri)
+                self._check_s3_channel(uri, given=value)
                 channels[name] = self._training_input(uri)
                 total += self._s3_bytes(uri)
             elif isinstance(value, (str, os.PathLike)):
-                folder = self._local_path(os.fspath(value))
-                pair_channel(folder)
+                folder = folders[name]  # paired and checked above
                 if self.local:
                     channels[name] = folder.as_uri()
                 else:
@@ -228,6 +278,37 @@ class InputResolver:
                 raise DataError(f"channel {name!r}: {type(value).__name__} is not an s3:// URI, local folder or "
                                 "TrainingInput")
         return Channels(channels, total)
+
+    def _check_training_input_bucket(self, name: str, value: Any) -> None:
+        uri = value.config.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")
+        if isinstance(uri, str) and uri.startswith("s3://"):
+            check_s3_uri(f"channel {name!r}", uri)
+            self.check_bucket(f"channel {name!r}", uri)
+
+
+class _CountedReads(Sequence):
+    """The samples handed to check_dataset, counting for the progress bar: the check looks at each sample twice,
+    first its header, then its pixels, so a sample's second look is one file decoded. Only the bar depends on this."""
+
+    def __init__(self, samples: list[Sample], advance: Callable[[int], Any]):
+        self._samples, self._advance = samples, advance
+        self._looks = [0] * len(samples)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int):
+            with self._lock:
+                self._looks[index] += 1
+                second = self._looks[index] == 2
+            if second:
+                self._advance(1)
+        return self._samples[index]
+
+    def __iter__(self) -> Any:
+        return iter(self._samples)
 
 
 def _refuse_sharding(name: str, value: Any) -> None:

@@ -120,6 +120,10 @@ _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)(?:/(?P<key>.*))?$")
 # Bucket naming rules: 3-63 characters of lower-case letters, digits, dots and hyphens, starting and ending with a
 # letter or digit.
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+# Reserved prefixes (S3 user guide, "General purpose bucket naming rules"). The reserved suffixes are not refused: an
+# access point alias (-s3alias, --ol-s3) or a directory bucket (--x-s3) stands where a bucket name does.
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+$")
 # Names of jobs, models, endpoints (configs) and transform jobs; the service matches the whole name.
 _RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
@@ -128,6 +132,16 @@ TUNING_JOB_NAME_LIMIT = 32
 DEFAULT_BASE_NAME = "unetseg"
 # The SDK's split of an image URI into [registry/path/]repository[:tag] (sagemaker.utils.base_name_from_image).
 _IMAGE_REPOSITORY = re.compile(r"^(.+/)?([^:/]+)(:[^:]+)?$")
+# An image reference as Docker reads one (github.com/distribution/reference, regexp.go): [host[:port]/]path[:tag]
+# [@sha256:hex]; the path's components are lower case. SageMaker's own model only caps TrainingImage at 255.
+IMAGE_URI_LIMIT = 255  # AlgorithmSpecification.TrainingImage and ContainerDefinition.Image max length
+_IMAGE_HOST_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_IMAGE_HOST_PORT = re.compile(rf"^(?:{_IMAGE_HOST_PART}(?:\.{_IMAGE_HOST_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?$")
+_IMAGE_PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_IMAGE_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")  # the digests ECR and Docker registries give
+# ECR registries, <account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]: the image must be in the job's region.
+_ECR_HOST = re.compile(r"^(?P<account>[^.]+)\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?$")
 _ENV_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
@@ -383,6 +397,11 @@ def s3_uri_problem(name: str, uri: Any) -> Optional[str]:
     if not _S3_BUCKET.match(bucket) or ".." in bucket:
         return (f"{name}={uri!r}: {bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, dots and "
                 "hyphens, starting and ending with a letter or digit)")
+    if _IP_ADDRESS.match(bucket):
+        return f"{name}={uri!r}: {bucket!r} is formatted as an IP address, which no bucket name may be"
+    reserved = next((prefix for prefix in _RESERVED_BUCKET_PREFIXES if bucket.startswith(prefix)), None)
+    if reserved:
+        return f"{name}={uri!r}: {bucket!r} starts with {reserved!r}, which S3 reserves; no bucket is named so"
     if "//" in (match["key"] or ""):
         return f"{name}={uri!r} has an empty path segment ('//'); SageMaker would write to a different key than meant"
     if len(uri) > 1024:
@@ -439,6 +458,61 @@ def job_name_problem(name: str, value: Any, max_length: int = RESOURCE_NAME_LIMI
         return (f"{name}={value!r}: SageMaker names are 1 to {max_length} letters, digits and hyphens, starting and "
                 "ending with a letter or digit (no underscores or dots)")
     return None
+
+
+def image_uri_problem(image_uri: Any, *, local: bool, name: str = "image_uri") -> Optional[str]:
+    """Why SageMaker (or Docker, in local mode) could not pull `image_uri`, or None. Only the form is checked here;
+    `image_region_problem` checks an ECR image's region once the session's is known."""
+    if not isinstance(image_uri, str) or not image_uri:
+        return (f"{name}={image_uri!r} must be an image reference such as "
+                "111122223333.dkr.ecr.<region>.amazonaws.com/unetseg:1.0")
+    shown = f"{name}={image_uri!r}"
+    if image_uri != image_uri.strip():
+        return f"{shown} begins or ends with whitespace; an image reference has none"
+    if "://" in image_uri:
+        return f"{shown}: give the image reference without a scheme, e.g. {image_uri.split('://', 1)[1]!r}"
+    if len(image_uri) > IMAGE_URI_LIMIT:
+        return f"{shown} is {len(image_uri)} characters; SageMaker takes image references of up to {IMAGE_URI_LIMIT}"
+    reference, at, digest = image_uri.partition("@")
+    if at and not _IMAGE_DIGEST.match(digest):
+        return (f"{shown}: {digest!r} is not an image digest; expected @sha256: and 64 lower-case hexadecimal digits "
+                "(docker images --digests shows it)")
+    components = reference.split("/")
+    host = components[0] if len(components) > 1 and (
+        "." in components[0] or ":" in components[0] or components[0] == "localhost") else None
+    path = components[1:] if host else components
+    last, colon, tag = path[-1].partition(":")
+    path = path[:-1] + [last]
+    if host is not None and not _IMAGE_HOST_PORT.match(host):
+        return f"{shown}: {host!r} is not a registry host[:port]"
+    bad = [part for part in path if not _IMAGE_PATH_COMPONENT.match(part)]
+    if bad:
+        lower = "/".join(path).lower()
+        hint = (f" (did you mean {lower!r}?)" if all(_IMAGE_PATH_COMPONENT.match(p) for p in lower.split("/"))
+                else "")
+        return (f"{shown}: the repository {'/'.join(path)!r} is not valid{hint}: repository names are lower-case "
+                "letters and digits, separated by single '/', and '.', '_', '__' or '-' within a component")
+    if colon and not _IMAGE_TAG.match(tag):
+        return (f"{shown}: the tag {tag!r} is not valid: 1 to 128 letters, digits, '_', '.' and '-', not starting "
+                "with '.' or '-'")
+    if host is None and not local:
+        return (f"{shown} names no registry: SageMaker pulls training images from Amazon ECR (push it with "
+                "`unetseg image build --push`, which prints <account>.dkr.ecr.<region>.amazonaws.com/<repository>:"
+                "<tag>); an image on this machine only runs in local mode (instance_type='local')")
+    ecr = _ECR_HOST.match(host or "")
+    if host and ".dkr.ecr" in host and (not ecr or not re.fullmatch(r"\d{12}", ecr["account"])):
+        return (f"{shown}: {host!r} is not an ECR registry; expected <12-digit account>.dkr.ecr.<region>.amazonaws.com")
+    return None
+
+
+def image_region_problem(image_uri: str, region: Optional[str]) -> Optional[str]:
+    """Why a SageMaker job in `region` could not pull this ECR image, or None: the job pulls from its own region."""
+    ecr = _ECR_HOST.match(image_uri.split("/", 1)[0])
+    if ecr is None or region is None or ecr["region"] == region:
+        return None
+    return (f"image_uri={image_uri!r} is in ECR's {ecr['region']} registry, but the job runs in {region}, where "
+            f"SageMaker would fail to pull it after starting the instances; push the image to {region} "
+            f"(unetseg image build --push --region {region}), or run the job in {ecr['region']}")
 
 
 def base_name_from_image(image_uri: str) -> str:

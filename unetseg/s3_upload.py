@@ -1,4 +1,4 @@
-"""Mirror a local dataset folder to an S3 prefix, and read what lies under a prefix.
+"""Mirror a local dataset folder to an S3 prefix, read what lies under a prefix, and find where a bucket is.
 
 The prefix is a mirror that unetseg owns (`<output_path>/datasets/<name>/`): files unchanged since the last upload
 are skipped (same size and MD5 as the object's ETag), and objects that no longer exist locally are deleted, because a
@@ -35,6 +35,40 @@ class UploadReport:
     skipped: int
     deleted: int
     total_bytes: int
+
+
+@dataclass(frozen=True)
+class BucketFacts:
+    exists: bool
+    region: Optional[str]  # None where S3 did not say (a bucket this account may not list)
+
+
+def bucket_facts(s3_client: Any, bucket: str) -> BucketFacts:
+    """Whether `bucket` exists and its region, in one HeadBucket request. S3 names the region in the
+    x-amz-bucket-region header also when it answers 301 (another region) or 403 (not ours to list)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        answer = s3_client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        meta = exc.response.get("ResponseMetadata", {})
+        status, code = meta.get("HTTPStatusCode"), exc.response.get("Error", {}).get("Code")
+        if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
+            return BucketFacts(False, None)
+        if status in (301, 400, 403):
+            return BucketFacts(True, meta.get("HTTPHeaders", {}).get("x-amz-bucket-region"))
+        raise
+    return BucketFacts(True, answer.get("BucketRegion")
+                       or answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region"))
+
+
+def is_object(s3_client: Any, bucket: str, key: str) -> bool:
+    """Whether `key` is an object (a file), as opposed to a prefix or nothing; asked by listing, which the caller's
+    other requests need permission for anyway."""
+    if not key or key.endswith("/"):
+        return False
+    found = s3_client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents", ())
+    return bool(found) and found[0]["Key"] == key
 
 
 def list_objects(s3_client: Any, bucket: str, prefix: str) -> Iterator[S3Object]:
@@ -80,7 +114,7 @@ def sync_folder(s3_client: Any, folder: Path, bucket: str, prefix: str, *,
                 bucket, prefix, len(to_upload), upload_bytes / 1e6, len(wanted) - len(to_upload), len(stale))
 
     if to_upload:
-        bar = _progress_bar(upload_bytes, f"upload to s3://{bucket}/{prefix}", progress)
+        bar = progress_bar(upload_bytes, f"upload to s3://{bucket}/{prefix}", progress)
         with bar, ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             futures = [pool.submit(s3_client.upload_file, str(path), bucket, key, Callback=bar.update)
                        for key, path in to_upload]
@@ -110,7 +144,8 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, description: str, enabled: bool) -> Any:
+def progress_bar(total: int, description: str, enabled: bool, *, unit: str = "B", delay: float = 0.0) -> Any:
+    """A tqdm bar of `total` bytes (unit "B") or items; `delay`: seconds before it shows (a quick task shows none)."""
     if not enabled:
         return _NoBar()
     try:
@@ -120,5 +155,5 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Any:
     # Shown in a terminal or a Jupyter kernel (tqdm.auto draws a widget there when ipywidgets is installed, text
     # otherwise); hidden in CI logs, where a bar redrawn with \r is noise.
     shown = sys.stderr.isatty() or "ipykernel" in sys.modules
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=not shown,
-                leave=True)
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, unit=unit, desc=description, disable=not shown, leave=True, delay=delay, **scale)
