@@ -6,8 +6,8 @@ the training toolkit would ignore SIGTERM (the kernel drops default-action signa
 does not forward signals anyway, so the training process would never get the chance to checkpoint.
 
 Who gets a signal: the command itself (the toolkit, which dies of it, or the server) and every process registered
-in the stop registry (unetseg/stop_registry.py: the training process; under torchrun, each rank and the supervisor),
-including those that register after the request came. Never the others: a DataLoader worker signalled by anyone but
+in the stop registry (unetseg/container/stop_registry.py: the training process; under torchrun, each rank and the
+supervisor), including those that register after the request came. Never the others: a DataLoader worker signalled by anyone but
 its parent makes the training process fail instead of checkpointing. As PID 1 it reaps orphans and exits only when
 every process is gone, so a training process that outlives the toolkit still finishes writing its checkpoint.
 """
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from unetseg import stop_registry
+from unetseg.container import stop_registry
 
 POLL_S = 0.2  # how often it looks for ended processes and for processes that registered after a stop request
 

@@ -37,13 +37,13 @@ from PIL import Image
 
 from bombs import declared_gib, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from support import TINY, make_channel, random_pair, save, write_pair
-from unetseg import codecs
+from unetseg.contract import codecs
 from unetseg.cli import main as cli
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
 from unetseg.data.checks import check_dataset
 from unetseg.data.io import read_image, read_mask
 from unetseg.data.scan import pair_channel
-from unetseg.errors import ArtifactError, DataError, UnetsegError
+from unetseg.contract.errors import ArtifactError, DataError, UnetsegError
 
 CFG = TrainConfig(encoder_weights=None, image_size=32)
 PY = sys.executable
@@ -353,7 +353,7 @@ def test_an_explicit_validation_folder_settles_it(tmp_path):
     ({"train": "t", "training": "u"}, ("'train'", "'training'")),
 ])
 def test_two_channels_for_one_role_are_refused_in_the_container(channels, named):
-    from unetseg.entrypoint import pick_channels
+    from unetseg.container.training_job import pick_channels
 
     with pytest.raises(DataError) as info:
         pick_channels({k: Path(v) for k, v in channels.items()})

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from unetseg.cli import main, parse_hyperparameters
-from unetseg.errors import UnetsegError
+from unetseg.contract.errors import UnetsegError
 
 
 def test_hyperparameter_forms():

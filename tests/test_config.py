@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from unetseg.config import TrainConfig
-from unetseg.errors import ConfigError
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import ConfigError
 
 
 def toolkit_decode(hps: dict[str, str]) -> dict:
@@ -113,7 +113,7 @@ def test_replace_revalidates():
 
 
 def test_config_does_not_import_torch():
-    code = "import sys, unetseg.config, unetseg.metrics_log, unetseg.sagemaker_env, unetseg.data.scan; print('torch' in sys.modules)"
+    code = "import sys, unetseg.contract.config, unetseg.contract.metrics_log, unetseg.contract.sagemaker_env, unetseg.data.scan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -122,7 +122,7 @@ def test_config_does_not_import_torch():
 
 def test_the_encoder_list_is_smps():
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from unetseg.encoders import SMP_ENCODERS
+    from unetseg.contract.encoders import SMP_ENCODERS
 
     assert sorted(SMP_ENCODERS) == sorted(smp.encoders.get_encoder_names())
     for name, weights in SMP_ENCODERS.items():
@@ -133,7 +133,7 @@ def test_every_timm_model_name_is_accepted_after_tu():
     timm = pytest.importorskip("timm")
     from timm.models import _factory
 
-    from unetseg.encoders import TIMM_SOURCES, encoder_problem
+    from unetseg.contract.encoders import TIMM_SOURCES, encoder_problem
 
     names = set(timm.list_models()) | set(timm.list_models(pretrained=True))
     assert len(names) > 1000
@@ -146,7 +146,7 @@ def test_every_timm_model_name_is_accepted_after_tu():
                                   "timm-mobilenetv3_large_100", "timm-gernet_s"])
 def test_names_smp_renames_to_timm_models_are_accepted(name):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from unetseg.encoders import encoder_problem
+    from unetseg.contract.encoders import encoder_problem
 
     assert smp.encoders.is_equivalent_to_timm_universal(name) and encoder_problem(name) is None
     assert not smp.encoders.is_equivalent_to_timm_universal("timm-convnext_tiny")
@@ -157,7 +157,7 @@ def test_names_smp_renames_to_timm_models_are_accepted(name):
                                   "tu-ConvNeXt_Tiny", "tu-convnext tiny", "tu-", "tu-hf-hub:", "timm-convnext_tiny"])
 def test_names_refused_here_are_names_smp_refuses(name):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from unetseg.encoders import encoder_problem
+    from unetseg.contract.encoders import encoder_problem
 
     assert encoder_problem(name) is not None
     with pytest.raises((KeyError, RuntimeError, ValueError)):

@@ -17,10 +17,10 @@ import pytest
 from conftest import BUCKET, IMAGE, REGION, ROLE
 
 from unetseg import TrainConfig
-from unetseg.errors import ArtifactError, ConfigError
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
-from unetseg.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.contract.errors import ArtifactError, ConfigError
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.metrics_log import SELECTION_METRIC, metric_definitions
 
 
 def make(aws, **overrides):
@@ -141,14 +141,14 @@ def test_a_job_named_after_an_image_with_underscores_and_dots_is_valid(aws):
     ("registry.example.com/team/seg@sha256:" + "0" * 64, "seg-sha256"),
 ])
 def test_base_names_from_image_names(image, base):
-    from unetseg.job_rules import base_name_from_image
+    from unetseg.client.job_rules import base_name_from_image
 
     assert base_name_from_image(image) == base
 
 
 def test_the_container_checkpoints_where_checkpoint_local_path_says(aws, tmp_path):
     # SageMaker syncs CheckpointConfig.LocalPath with S3; a container writing elsewhere loses every spot restart.
-    from unetseg.sagemaker_env import TrainingEnv
+    from unetseg.contract.sagemaker_env import TrainingEnv
 
     put_dataset(aws, "ds/")
     est = make(aws, use_spot_instances=True, checkpoint_local_path="/opt/ml/my-checkpoints",
@@ -279,15 +279,15 @@ def test_volume_grows_to_fit_a_file_mode_dataset(aws):
 def test_a_file_mode_dataset_larger_than_the_nvme_storage_is_refused(aws, monkeypatch):
     # ml.g5.xlarge has 250 GB of NVMe instance storage, which SageMaker uses instead of an EBS volume; it refuses a
     # larger VolumeSizeInGB, and a File-mode copy of more would fill the disk.
-    import unetseg.fit_inputs
+    import unetseg.client.fit_inputs
 
     put_dataset(aws, "ds/")
-    monkeypatch.setattr(unetseg.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 100 * 2**30)  # 2 channels
+    monkeypatch.setattr(unetseg.client.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 100 * 2**30)  # 2 channels
     with pytest.raises(JobSettingsError, match=r"ml.g5.xlarge has 250 GB of NVMe instance storage.*FastFile"):
         make(aws, instance_type="ml.g5.xlarge").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
     assert "sagemaker.CreateTrainingJob" not in aws.requests
     make(aws, instance_type="ml.g5.xlarge", input_mode="FastFile").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
-    monkeypatch.setattr(unetseg.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 80 * 2**30)
+    monkeypatch.setattr(unetseg.client.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 80 * 2**30)
     make(aws, instance_type="ml.g5.xlarge").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
     assert [body["ResourceConfig"]["VolumeSizeInGB"] for body in aws.bodies["CreateTrainingJob"]] == [30, 210]
 
@@ -340,7 +340,7 @@ def sagemaker_instance_types(*shapes: str) -> list[str]:
 
 
 def test_instance_types_on_arm_hosts_are_refused():
-    from unetseg.job_rules import parse_instance_type
+    from unetseg.client.job_rules import parse_instance_type
 
     ec2 = ec2_instance_types()
     described = [t for t in sagemaker_instance_types() if t[3:] in ec2]
@@ -357,7 +357,7 @@ def test_instance_types_on_arm_hosts_are_refused():
 
 
 def test_the_gpu_table_matches_ec2():
-    from unetseg.job_rules import GPU_FAMILIES
+    from unetseg.client.job_rules import GPU_FAMILIES
 
     ec2 = ec2_instance_types()
     for instance_type in sagemaker_instance_types():
@@ -370,7 +370,7 @@ def test_the_gpu_table_matches_ec2():
 
 
 def test_the_instance_storage_table_matches_ec2():
-    from unetseg.job_rules import instance_storage_gb
+    from unetseg.client.job_rules import instance_storage_gb
 
     ec2 = ec2_instance_types()
     checked = 0

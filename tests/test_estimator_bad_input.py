@@ -20,9 +20,9 @@ from conftest import BUCKET, IMAGE, REGION, ROLE
 from PIL import Image
 from support import make_channel, random_pair, save, write_pair
 
-from unetseg.errors import ConfigError, DataError
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
+from unetseg.contract.errors import ConfigError, DataError
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
 
 OTHER_REGION = "eu-west-1"
 EU_BUCKET = "unetseg-test-eu-bucket"
@@ -256,7 +256,7 @@ def test_the_check_keeps_no_pixels_and_a_good_folder_is_uploaded(aws, tmp_path, 
 
 
 def test_a_long_check_shows_a_progress_bar(aws, tmp_path, monkeypatch, capsys):
-    from unetseg import fit_inputs
+    from unetseg.client import fit_inputs
 
     monkeypatch.setattr(fit_inputs, "CHECK_PROGRESS_DELAY_S", 0)  # else shown only once a check takes a second
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -475,7 +475,7 @@ def test_image_references_sagemaker_takes_pass(aws, image_uri):
 def test_the_length_limit_is_sagemakers():
     import botocore.session
 
-    from unetseg.job_rules import IMAGE_URI_LIMIT
+    from unetseg.client.job_rules import IMAGE_URI_LIMIT
 
     shapes = botocore.session.get_session().get_service_model("sagemaker")
     assert shapes.shape_for("AlgorithmImage").metadata["max"] == IMAGE_URI_LIMIT  # TrainingImage

@@ -8,9 +8,9 @@ from sagemaker.parameter import CategoricalParameter, ContinuousParameter, Integ
 from sagemaker.tuner import HyperparameterTuner
 
 from unetseg import TrainConfig
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
-from unetseg.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.metrics_log import SELECTION_METRIC, metric_definitions
 
 HPS = {"classes": 3, "epochs": 30, "class_names": ["bg", "nucleus", "membrane"]}
 RANGES = {"lr": ContinuousParameter(1e-4, 1e-2, scaling_type="Logarithmic"), "batch_size": IntegerParameter(4, 32)}

@@ -20,13 +20,13 @@ from PIL import Image
 from readiness import first_answer
 from support import free_port
 
-from unetseg import codecs
+from unetseg.contract import codecs
 from unetseg.cli import main as cli
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
 from unetseg.model import load_model
-from unetseg.sagemaker_env import ASYNC_MAX_PAYLOAD_BYTES, REALTIME_MAX_PAYLOAD_BYTES
+from unetseg.contract.sagemaker_env import ASYNC_MAX_PAYLOAD_BYTES, REALTIME_MAX_PAYLOAD_BYTES
 from unetseg.segmenter import _starts
-from unetseg.serving import InferenceApp
+from unetseg.container.serving import InferenceApp
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
 
@@ -239,8 +239,9 @@ def test_concurrent_requests_over_http(app, trained):
 
 
 def start_server(model_dir, env: dict, *args: str) -> subprocess.Popen:
-    """`python -m unetseg.serving` (what the image's `serve` runs): gunicorn and its workers, logging to a pipe."""
-    return subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(model_dir),
+    """`python -m unetseg.container.serving` (what the image's `serve` runs): gunicorn and its workers, logging to a
+    pipe."""
+    return subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
                              "--host", "127.0.0.1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 

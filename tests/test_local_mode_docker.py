@@ -34,7 +34,7 @@ import pytest
 
 from docker_support import (LOCAL_NETWORK, docker, network_info, opt_ml_tree)
 from support import TINY
-from unetseg.metrics_log import EPOCH_METRICS, parse_line, regex_for
+from unetseg.contract.metrics_log import EPOCH_METRICS, parse_line, regex_for
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -76,7 +76,7 @@ def local_session(local_network, tmp_path_factory):
 
 
 def estimator(image: str, session, tmp_path: Path, **kwargs):
-    from unetseg.estimator import UNetEstimator
+    from unetseg.client.estimator import UNetEstimator
 
     return UNetEstimator(image_uri=image, instance_type="local", sagemaker_session=session,
                          hyperparameters=kwargs.pop("hyperparameters", HPS), environment=ONE_THREAD,
@@ -168,7 +168,7 @@ def test_local_mode_two_containers_train_one_model_with_ddp(training_image, loca
 # --- 3. a dataset that only the container finds broken --------------------------------------------------------------
 
 def test_local_mode_failure_carries_the_failure_file(training_image, local_session, tmp_path, capfd):
-    from unetseg.local_mode import LocalTrainingError
+    from unetseg.client.local_mode import LocalTrainingError
 
     data = make_demo_dataset(tmp_path / "data", kind="binary", train=4, validation=2, size=32)
     broken = sorted((data / "train" / "masks").iterdir())[1]

@@ -1,8 +1,8 @@
 """The client half of inference: UNetPredictor's serializer and deserializer against the real server, and the
 requests UNetEstimator.deploy() / transformer() send.
 
-- Wire formats: the bytes ImageSerializer produces go through the real `unetseg.serving.InferenceApp` (called as a
-  WSGI app, or behind the SDK's own `Predictor.predict` with a botocore hook answering InvokeEndpoint), and
+- Wire formats: the bytes ImageSerializer produces go through the real `unetseg.container.serving.InferenceApp`
+  (called as a WSGI app, or behind the SDK's own `Predictor.predict` with a botocore hook answering InvokeEndpoint), and
   MaskDeserializer turns the response into what `Segmenter.predict` / `predict_proba` give for the same image.
 - Requests: under moto, the CreateModel / CreateEndpointConfig / CreateEndpoint and CreateTransformJob bodies.
 - Local mode (slow): `deploy(instance_type="local")` and a local batch transform through the SDK's real local-mode
@@ -30,11 +30,11 @@ import pytest
 from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
 
-from unetseg import codecs
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
-from unetseg.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer, decode_response,
-                               request_options)
+from unetseg.contract import codecs
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.client.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer,
+                                      decode_response, request_options)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["background", "disc", "square"]
@@ -48,7 +48,7 @@ def artifact(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from support import TINY
 
-    from unetseg.config import TrainConfig
+    from unetseg.contract.config import TrainConfig
     from unetseg.model import artifact_config, build_model, save_artifact
 
     cfg = TrainConfig(**TINY, classes=3, class_names=CLASS_NAMES)
@@ -64,7 +64,7 @@ def artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(artifact):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     app = InferenceApp(str(artifact[0]), device="cpu")
     assert app.model is not None, app.load_error
@@ -273,7 +273,7 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
 # --- real-time payload limits: 6 MB each way, checked before sending ------------------------------------------------
 
 def test_a_request_over_the_realtime_limit_is_refused_before_sending(app):
-    from unetseg.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
+    from unetseg.contract.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
 
     sent: list[dict] = []
     predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), content_type=codecs.NPY)
@@ -490,7 +490,7 @@ def test_deploy_and_transformer_import_no_torch():
             import strict_aws  # SageMaker's own request validation, as in every moto-backed test
             boto3.setup_default_session(region_name="us-east-1")
             strict_aws.install(boto3.DEFAULT_SESSION.events)
-            from unetseg.estimator import UNetEstimator
+            from unetseg.client.estimator import UNetEstimator
             s3 = boto3.client("s3", region_name="us-east-1")
             s3.create_bucket(Bucket={BUCKET!r})
             for channel in ("train", "validation"):
@@ -552,7 +552,7 @@ FAKE_DOCKER = textwrap.dedent("""\
 SERVER = textwrap.dedent("""\
     import os, signal, sys
     from wsgiref.simple_server import WSGIRequestHandler, make_server
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, *args):

@@ -1,11 +1,11 @@
 import json
 from pathlib import Path
 
-from unetseg.entrypoint import pick_channels
-from unetseg.sagemaker_env import TrainingEnv
+from unetseg.container.training_job import pick_channels
+from unetseg.contract.sagemaker_env import TrainingEnv
 
 import pytest
-from unetseg.errors import DataError
+from unetseg.contract.errors import DataError
 
 
 def test_reads_the_toolkit_environment(tmp_path):

@@ -41,9 +41,9 @@ from PIL import Image
 from bombs import PNG_SIGNATURE, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from readiness import first_answer
 from support import TINY, free_port
-from unetseg import codecs
-from unetseg.config import TrainConfig
-from unetseg.sagemaker_env import CUSTOM_ATTRIBUTES_MAX_CHARS
+from unetseg.contract import codecs
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.sagemaker_env import CUSTOM_ATTRIBUTES_MAX_CHARS
 
 # The stated bound, as for the data check and predict (tests/test_bad_input.py): on bombs a worker peaks at most
 # 256 MiB above its peak serving good images, and under 1.5 GiB in all.
@@ -70,7 +70,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     app = InferenceApp(str(model_dir), device="cpu", max_body_bytes=2**20)
     assert app.model is not None, app.load_error
@@ -320,7 +320,7 @@ def test_a_bomb_is_refused_from_its_header(app, case):
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(model_dir):
     """A real deflate bomb (a valid PNG of zeros, 48 MB decoded from a 50 kB body) under the decoded-size limit
     (UNETSEG_MAX_IMAGE_MB) but over the server's pixel limit: 413 from the IHDR, nothing decoded."""
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     small = InferenceApp(str(model_dir), device="cpu", max_pixels=1_000_000)
     body = real_png_bomb(4000, 4000)
@@ -475,7 +475,7 @@ def test_the_body_read_stops_at_the_deadline(model_dir):
     from gunicorn.http.body import Body, LengthReader
     from gunicorn.http.unreader import SocketUnreader
 
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     timed = InferenceApp(str(model_dir), device="cpu", timeout_s=2)
     server, client = socket.socketpair()
@@ -530,8 +530,8 @@ class _Broken:
 # =================================================================================================================
 
 def start_server(model_dir: Path, port: int, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(model_dir), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
                                             "SAGEMAKER_MODEL_SERVER_WORKERS": "1", **env})
 
@@ -732,7 +732,7 @@ BAD_SETTINGS = {
 
 @pytest.mark.parametrize("name, value", [(name, value) for name, values in BAD_SETTINGS.items() for value in values])
 def test_a_bad_setting_is_named_by_ping_and_every_request(model_dir, monkeypatch, caplog, name, value):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     monkeypatch.setenv(name, value)
     app = InferenceApp(str(model_dir), device="cpu")  # no exception: the worker lives, and says why it is unhealthy
@@ -744,7 +744,7 @@ def test_a_bad_setting_is_named_by_ping_and_every_request(model_dir, monkeypatch
 
 
 def test_good_settings_are_taken(model_dir, monkeypatch):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     for name, value in {"UNETSEG_MAX_BODY_MB": "0.5", "UNETSEG_MAX_PIXELS": "64e6", "UNETSEG_MAX_IMAGE_MB": "100",
                         "SAGEMAKER_MODEL_SERVER_TIMEOUT": "30", "SAGEMAKER_MODEL_SERVER_WORKERS": "2",

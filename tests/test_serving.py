@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from unetseg import serving
-from unetseg.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB, BATCH_TIMEOUT_S,
-                                   REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S)
+from unetseg.container import serving
+from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB,
+                                            BATCH_TIMEOUT_S, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S)
 
 
 class _Arbiter:

@@ -17,17 +17,17 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .codecs import TTA_MODES
-from .config import TrainConfig
-from .errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.codecs import TTA_MODES
+from .contract.config import TrainConfig
+from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["image"]:  # build and push the container image: its own argument parser
-        from . import image
+        from .client import docker_image
 
-        return _guarded(lambda: image.main(argv[1:]))
+        return _guarded(lambda: docker_image.main(argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):

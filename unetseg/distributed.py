@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .sagemaker_env import TrainingEnv
+from .contract.sagemaker_env import TrainingEnv
 
 DEFAULT_MASTER_PORT = 29500
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .data.masks import IGNORE_INDEX
-from .metrics_log import class_metric
+from .contract.metrics_log import class_metric
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:

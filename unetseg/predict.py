@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .codecs import encode_mask_png
+from .contract.codecs import encode_mask_png
 from .data.io import read_image
 from .data.scan import IMAGE_EXTENSIONS
-from .errors import DataError, OutputError, UsageError, write_failure_reason
+from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
 from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 

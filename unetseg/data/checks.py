@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..errors import DataError
+from ..contract.config import TrainConfig
+from ..contract.errors import DataError
 from .io import image_size, read_image, read_mask
 from .masks import MaskCodec, mask_values, resolve_mode, squeeze_gray
 from .scan import MAX_LISTED, Sample

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import DataError
+from ..contract.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")  # lossless only: JPEG smears class boundaries into new values

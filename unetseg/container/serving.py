@@ -1,7 +1,7 @@
 """The SageMaker inference contract from the training image: `docker run <image> serve`.
 
 HTTP on port 8080 (or SAGEMAKER_BIND_TO_PORT, which an inference pipeline sets): GET /ping (200 once the model is
-loaded, 500 with the reason when it failed to load or a setting is bad), POST /invocations (see unetseg.codecs for the
+loaded, 500 with the reason when it failed to load or a setting is bad), POST /invocations (see unetseg.contract.codecs for the
 formats), GET /execution-parameters (batch transform). The model comes from /opt/ml/model (SageMaker extracts
 model.tar.gz there). gunicorn runs one worker per GPU, or a few on a CPU instance, each loading the model once;
 requests inside a worker take turns on the model. Errors the client caused get a 4xx with a one-line reason in JSON;
@@ -18,7 +18,7 @@ headers, or stops reading its answer, for as long as the time limit loses its co
 Settings by environment, all read and checked by read_settings: SAGEMAKER_MODEL_SERVER_WORKERS,
 SAGEMAKER_MODEL_SERVER_TIMEOUT (seconds; default by mode), UNETSEG_SERVING_MODE (realtime, batch or async; default
 batch under SAGEMAKER_BATCH, else realtime), UNETSEG_MAX_BODY_MB (default by mode), UNETSEG_MAX_PIXELS (height x width,
-default 64 million), UNETSEG_MAX_IMAGE_MB (decoded bytes of one image, data/headers.py), UNETSEG_MODEL_DIR,
+default 64 million), UNETSEG_MAX_IMAGE_MB (decoded bytes of one image, contract/image_headers.py), UNETSEG_MODEL_DIR,
 UNETSEG_TTA (the test-time augmentation of requests that name none; batch transform cannot send custom attributes).
 A bad value does not stop the server: it is one line in the log at start, and /ping answers 500 naming it, so the
 endpoint never turns healthy on a guessed value.
@@ -43,12 +43,12 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from . import codecs
-from .errors import ConfigError
-from .sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB, BATCH_TIMEOUT_S,
+from ..contract import codecs
+from ..contract.errors import ConfigError
+from ..contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB, BATCH_TIMEOUT_S,
                             CUSTOM_ATTRIBUTES_MAX_CHARS, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S)
 
-log = logging.getLogger("unetseg.serving")
+log = logging.getLogger("unetseg.container.serving")  # not __name__: `python -m` runs it as __main__
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080  # SageMaker's; an inference pipeline names another in SAGEMAKER_BIND_TO_PORT
@@ -135,7 +135,7 @@ _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "
 
 def read_settings() -> ServerSettings:
     """The server's settings from os.environ, each checked here, and only here."""
-    from .data.headers import max_image_bytes
+    from ..contract.image_headers import max_image_bytes
 
     read = _Reader(os.environ)
     named = read.get("UNETSEG_SERVING_MODE", _one_of(MODES), "use realtime, batch or async")
@@ -154,7 +154,7 @@ def read_settings() -> ServerSettings:
     tta = read.get("UNETSEG_TTA", _one_of(codecs.TTA_MODES), f"use one of {', '.join(codecs.TTA_MODES)}", "none")
     workers = read.get("SAGEMAKER_MODEL_SERVER_WORKERS", _whole(1), "a whole number of workers, 1 or more")
     port = read.get("SAGEMAKER_BIND_TO_PORT", _whole(1, 65535), "a port number (1-65535)", DEFAULT_PORT)
-    try:  # read by the decoder at each request (data/headers.py); checked here so that a bad one is named at start
+    try:  # read by the decoder at each request (image_headers.py); checked here so that a bad one is named at start
         max_image_bytes()
     except ConfigError as exc:
         read.problems.append(str(exc))
@@ -207,7 +207,7 @@ class InferenceApp:
         self.max_pixels = max_pixels or settings.max_pixels
         self.timeout_s = timeout_s or settings.timeout_s
         try:
-            from .model import load_model
+            from ..model import load_model
 
             self.model = load_model(model_dir, device=device)
             # Every forward pass (a tile batch, a TTA orientation) first checks the request's deadline.

@@ -24,7 +24,7 @@ import re
 import shutil
 import subprocess
 
-from .errors import UnetsegError
+from ..contract.errors import UnetsegError
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from .config import TrainConfig
-from .errors import ConfigError
-from .sagemaker_env import CHECKPOINT_DIR_ENV
+from ..contract.config import TrainConfig
+from ..contract.errors import ConfigError
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV
 
 
 class JobSettingsError(ConfigError):
@@ -551,7 +551,7 @@ def environment_problems(environment: Any) -> list[str]:
     not_str = [key for key, value in environment.items() if not isinstance(value, str)]
     if not_str:
         problems.append(f"environment values must be strings; not for {not_str}")
-    from .codecs import TTA_MODES
+    from ..contract.codecs import TTA_MODES
 
     tta = environment.get("UNETSEG_TTA")
     if isinstance(tta, str) and tta.strip().lower() not in TTA_MODES:

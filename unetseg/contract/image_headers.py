@@ -27,7 +27,7 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ConfigError, DataError, ImageTooLargeError
+from .errors import ConfigError, DataError, ImageTooLargeError
 
 MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"
 DEFAULT_MAX_IMAGE_MB = 2048

@@ -30,13 +30,13 @@ from sagemaker.estimator import Estimator
 from sagemaker.vpc_utils import VPC_CONFIG_DEFAULT as _VPC_CONFIG_DEFAULT
 
 from . import job_rules as rules
-from .config import TrainConfig
-from .errors import ArtifactError
+from ..contract.config import TrainConfig
+from ..contract.errors import ArtifactError
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
-from .metrics_log import all_metric_names, metric_definitions, per_class_names
+from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
 from .s3_upload import bucket_facts
-from .sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class UNetEstimator(Estimator):
         model is loaded.
         """
         model_data = self.trained_model_data("load_model()")
-        from .model import load_model as open_artifact  # the engine: imports torch
+        from ..model import load_model as open_artifact  # the engine: imports torch
 
         if local_dir is not None:
             Path(local_dir).mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .config import TrainConfig
-from .data.scan import Sample, pair_channel, split_holdout
-from .errors import DataError
+from ..contract.config import TrainConfig
+from ..data.scan import Sample, pair_channel, split_holdout
+from ..contract.errors import DataError
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
 from .s3_upload import is_object, list_children, prefix_size, progress_bar, sync_folder
-from .sagemaker_env import INIT_MODEL_CHANNEL
+from ..contract.sagemaker_env import INIT_MODEL_CHANNEL
 
 TRAIN, VALIDATION = "train", "validation"
 CHANNELS = (TRAIN, VALIDATION, INIT_MODEL_CHANNEL)
@@ -167,7 +167,7 @@ class InputResolver:
         """Read every local file as the container will, before anything is sent; one DataError names each bad file."""
         if self.config is None:
             return
-        from .data.checks import check_dataset  # numpy and PIL, no torch: imported only for local data
+        from ..data.checks import check_dataset  # numpy and PIL, no torch: imported only for local data
 
         if TRAIN in paired and VALIDATION not in paired and not validation_elsewhere:
             split_holdout(paired[TRAIN], self.config.val_fraction, self.config.seed)  # at least two samples

@@ -4,7 +4,7 @@
 module under torchrun and supervises it; each worker (rank) then runs `main()` again and trains.
 
 Stopping (SIGTERM): the training process, and under torchrun each rank and the supervisor, register in the stop
-registry (unetseg/stop_registry.py), so that PID 1 signals them and not their DataLoader workers. A stop exits with
+registry (stop_registry.py), so that PID 1 signals them and not their DataLoader workers. A stop exits with
 128 + the signal and writes no failure file. Under torchrun the ranks report their stop and their failures to the
 supervisor through files, which then reports for the host: a stop as a stop, a failure as the error of the rank that
 failed first (not torchrun's summary, and not another rank's "connection closed" that followed it).
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import stop_registry
-from .atomic import replace_atomically
-from .errors import DataError
-from .sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
+from ..atomic import replace_atomically
+from ..contract.errors import DataError
+from ..contract.sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
 
 TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
 FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
@@ -43,7 +43,7 @@ def main() -> int:
     with stop_registry.registered(stop_registry.folder()):
         try:
             if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: decide how many processes this host runs
-                from .distributed import procs_per_host, torchrun_command
+                from ..distributed import procs_per_host, torchrun_command
 
                 command = torchrun_command(env, procs_per_host(env), module=__name__)
                 if command:
@@ -60,8 +60,8 @@ def main() -> int:
 
 
 def run(env: TrainingEnv) -> int:
-    from .config import TrainConfig
-    from .training import RunPaths, train
+    from ..contract.config import TrainConfig
+    from ..training import RunPaths, train
 
     cfg = TrainConfig.from_hyperparameters(env.hyperparameters)
     train_dir, val_dir = pick_channels(env.channels)

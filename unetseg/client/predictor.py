@@ -7,7 +7,7 @@
     probs = predictor.predict_proba(image)          # (C, H, W) float32 class probabilities
     summary = predictor.predict_json(image)         # {"pixel_counts": {...}, "mask": (H, W) uint8, ...}
 
-The wire formats are unetseg.codecs', the same module the server (unetseg.serving) decodes and encodes with:
+The wire formats are unetseg.contract.codecs', the same module the server (unetseg.container.serving) decodes and encodes with:
 requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG, probabilities
 as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as application/json.
 
@@ -30,10 +30,10 @@ from sagemaker.predictor import Predictor
 from sagemaker.serializers import BaseSerializer
 from sagemaker.transformer import Transformer
 
-from . import codecs
+from ..contract import codecs
 from . import job_rules as rules
-from .errors import UnetsegError
-from .sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
+from ..contract.errors import UnetsegError
+from ..contract.sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
 
 LOCAL_OUTPUT_DIR = "unetseg-output"  # as UNetEstimator's local mode: ./unetseg-output/<job name>/
 _EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
