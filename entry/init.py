@@ -7,9 +7,10 @@ does not forward signals anyway, so the training process would never get the cha
 
 Who gets a signal: the command itself (the toolkit, which dies of it, or the server) and every process registered
 in the stop registry (unetseg/container/stop_registry.py: the training process; under torchrun, each rank and the
-supervisor), including those that register after the request came. Never the others: a DataLoader worker signalled by anyone but
-its parent makes the training process fail instead of checkpointing. As PID 1 it reaps orphans and exits only when
-every process is gone, so a training process that outlives the toolkit still finishes writing its checkpoint.
+supervisor), including those that register after the request came. Never the others: a DataLoader worker signalled by
+anyone but its parent makes the training process fail instead of checkpointing. As PID 1 it reaps orphans and exits
+only when every process is gone, so a training process that outlives the toolkit still finishes writing its
+checkpoint.
 """
 
 import contextlib

@@ -14,6 +14,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+# What only the engine may import: a notebook's client and the contract import none of them (tests/test_layers.py).
+ENGINE_ONLY_MODULES = ("torch", "torchvision", "segmentation_models_pytorch", "timm", "albumentations", "cv2")
+
 # A small, fast model for CPU tests: resnet18 stem + 2 stages, a three-level decoder, 32-64 px crops.
 TINY = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8], "encoder_weights": None,
         "image_size": 32, "batch_size": 4, "augment": "light", "lr": 0.003}

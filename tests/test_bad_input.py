@@ -37,13 +37,13 @@ from PIL import Image
 
 from bombs import declared_gib, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from support import TINY, make_channel, random_pair, save, write_pair
-from unetseg.contract import codecs
 from unetseg.cli import main as cli
+from unetseg.contract import codecs
 from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import ArtifactError, DataError, UnetsegError
 from unetseg.data.checks import check_dataset
 from unetseg.data.io import read_image, read_mask
 from unetseg.data.scan import pair_channel
-from unetseg.contract.errors import ArtifactError, DataError, UnetsegError
 
 CFG = TrainConfig(encoder_weights=None, image_size=32)
 PY = sys.executable

@@ -11,8 +11,8 @@ import torch
 import process_tree
 from support import REPO, TINY, free_port, sagemaker_tree
 from unetseg.contract.config import TrainConfig
-from unetseg.metrics import confusion, summarize
 from unetseg.contract.metrics_log import SELECTION_METRIC
+from unetseg.metrics import confusion, summarize
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.slow
@@ -100,8 +100,8 @@ def test_torchrun_gives_the_ranks_sagemakers_grace_period_before_it_kills_them(t
     # allows 120 s between its SIGTERM and its SIGKILL. What the supervisor launches must ask for more than 30 s, and
     # less than SageMaker's 120 s, so that the supervisor can still report before SageMaker's SIGKILL.
     from unetseg.container import training_job
-    from unetseg.distributed import torchrun_command
     from unetseg.contract.sagemaker_env import STOP_GRACE_S, TrainingEnv
+    from unetseg.distributed import torchrun_command
 
     launched = {}
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import BUCKET, IMAGE, REGION, ROLE
+from support import ENGINE_ONLY_MODULES
 
 from unetseg import TrainConfig
-from unetseg.contract.errors import ArtifactError, ConfigError
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ArtifactError, ConfigError
 from unetseg.contract.metrics_log import SELECTION_METRIC, metric_definitions
 
 
@@ -492,7 +493,7 @@ def test_import_and_construction_do_not_import_torch(tmp_path):
                             sagemaker_session=sagemaker.Session(default_bucket={BUCKET!r}),
                             hyperparameters={{"classes": 3}})
         est.set_hyperparameters(epochs=3)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "segmentation_models_pytorch"))
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {ENGINE_ONLY_MODULES!r})
         assert not heavy, heavy
         print("ok")
     """)

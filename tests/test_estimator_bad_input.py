@@ -20,9 +20,9 @@ from conftest import BUCKET, IMAGE, REGION, ROLE
 from PIL import Image
 from support import make_channel, random_pair, save, write_pair
 
-from unetseg.contract.errors import ConfigError, DataError
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ConfigError, DataError
 
 OTHER_REGION = "eu-west-1"
 EU_BUCKET = "unetseg-test-eu-bucket"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import BUCKET, IMAGE, ROLE
 
-from unetseg.contract.errors import ConfigError, DataError
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ConfigError, DataError
 
 BASE = dict(image_uri=IMAGE, role=ROLE, instance_type="ml.g5.xlarge")
 

@@ -20,13 +20,13 @@ from PIL import Image
 from readiness import first_answer
 from support import free_port
 
-from unetseg.contract import codecs
 from unetseg.cli import main as cli
-from unetseg.contract.config import TrainConfig
-from unetseg.model import load_model
-from unetseg.contract.sagemaker_env import ASYNC_MAX_PAYLOAD_BYTES, REALTIME_MAX_PAYLOAD_BYTES
-from unetseg.segmenter import _starts
 from unetseg.container.serving import InferenceApp
+from unetseg.contract import codecs
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.sagemaker_env import ASYNC_MAX_PAYLOAD_BYTES, REALTIME_MAX_PAYLOAD_BYTES
+from unetseg.model import load_model
+from unetseg.segmenter import _starts
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
 

@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
+from support import ENGINE_ONLY_MODULES
 
-from unetseg.contract import codecs
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.client.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer,
                                       decode_response, request_options)
+from unetseg.contract import codecs
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["background", "disc", "square"]
@@ -503,7 +504,7 @@ def test_deploy_and_transformer_import_no_torch():
             predictor.serializer.serialize(np.zeros((16, 16, 3), np.uint8))
             est.transformer(instance_type="ml.c5.xlarge", output_path="s3://{BUCKET}/o/").transform(
                 "s3://{BUCKET}/images/", wait=False, logs=False)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "segmentation_models_pytorch"))
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {ENGINE_ONLY_MODULES!r})
         assert not heavy, heavy
         print("ok")
     """)

@@ -530,10 +530,11 @@ class _Broken:
 # =================================================================================================================
 
 def start_server(model_dir: Path, port: int, env: dict) -> subprocess.Popen:
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+               **env}
     return subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
-                                            "SAGEMAKER_MODEL_SERVER_WORKERS": "1", **env})
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=environ)
 
 
 def stop_server(proc: subprocess.Popen) -> str:

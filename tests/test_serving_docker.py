@@ -45,8 +45,8 @@ from PIL import Image
 from readiness import NotReady, first_answer
 from support import TINY, free_port
 
-from unetseg.contract import codecs
 from unetseg.client.predictor import decode_response
+from unetseg.contract import codecs
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from support import REPO, TINY, free_port, run_entry, sagemaker_tree, write_pair
 from unetseg.contract.config import TrainConfig
-from unetseg.metrics import confusion, summarize
 from unetseg.contract.metrics_log import EPOCH_METRICS, SELECTION_METRIC, metric_definitions, parse_line
+from unetseg.metrics import confusion, summarize
 from unetseg.model import load_model
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train

@@ -29,14 +29,14 @@ from typing import Any, Mapping, Optional, Sequence
 from sagemaker.estimator import Estimator
 from sagemaker.vpc_utils import VPC_CONFIG_DEFAULT as _VPC_CONFIG_DEFAULT
 
-from . import job_rules as rules
 from ..contract.config import TrainConfig
 from ..contract.errors import ArtifactError
+from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
+from . import job_rules as rules
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
-from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
 from .s3_upload import bucket_facts
-from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..contract.config import TrainConfig
-from ..data.scan import Sample, pair_channel, split_holdout
 from ..contract.errors import DataError
+from ..contract.sagemaker_env import INIT_MODEL_CHANNEL
+from ..data.scan import Sample, pair_channel, split_holdout
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
 from .s3_upload import is_object, list_children, prefix_size, progress_bar, sync_folder
-from ..contract.sagemaker_env import INIT_MODEL_CHANNEL
 
 TRAIN, VALIDATION = "train", "validation"
 CHANNELS = (TRAIN, VALIDATION, INIT_MODEL_CHANNEL)

@@ -7,9 +7,10 @@
     probs = predictor.predict_proba(image)          # (C, H, W) float32 class probabilities
     summary = predictor.predict_json(image)         # {"pixel_counts": {...}, "mask": (H, W) uint8, ...}
 
-The wire formats are unetseg.contract.codecs', the same module the server (unetseg.container.serving) decodes and encodes with:
-requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG, probabilities
-as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as application/json.
+The wire formats are unetseg.contract.codecs', the same module the server (unetseg.container.serving) decodes and
+encodes with: requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG,
+probabilities as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as
+application/json.
 
 A real-time endpoint carries at most 6 MB each way (sagemaker_env.REALTIME_MAX_PAYLOAD_BYTES). The predictor refuses
 before sending a request body over it, and a request whose answer is known to be over it (probabilities: float16,
@@ -31,9 +32,9 @@ from sagemaker.serializers import BaseSerializer
 from sagemaker.transformer import Transformer
 
 from ..contract import codecs
-from . import job_rules as rules
 from ..contract.errors import UnetsegError
 from ..contract.sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
+from . import job_rules as rules
 
 LOCAL_OUTPUT_DIR = "unetseg-output"  # as UNetEstimator's local mode: ./unetseg-output/<job name>/
 _EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from sagemaker.parameter import CategoricalParameter, ParameterRange
 from sagemaker.tuner import HyperparameterTuner
 
-from . import job_rules as rules
 from ..contract.config import TrainConfig
 from ..contract.errors import ConfigError
-from .job_rules import JobSettingsError
 from ..contract.metrics_log import SELECTION_METRIC
+from . import job_rules as rules
+from .job_rules import JobSettingsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .estimator import UNetEstimator

@@ -1,8 +1,8 @@
 """The SageMaker inference contract from the training image: `docker run <image> serve`.
 
 HTTP on port 8080 (or SAGEMAKER_BIND_TO_PORT, which an inference pipeline sets): GET /ping (200 once the model is
-loaded, 500 with the reason when it failed to load or a setting is bad), POST /invocations (see unetseg.contract.codecs for the
-formats), GET /execution-parameters (batch transform). The model comes from /opt/ml/model (SageMaker extracts
+loaded, 500 with the reason when it failed to load or a setting is bad), POST /invocations (see contract/codecs.py for
+the formats), GET /execution-parameters (batch transform). The model comes from /opt/ml/model (SageMaker extracts
 model.tar.gz there). gunicorn runs one worker per GPU, or a few on a CPU instance, each loading the model once;
 requests inside a worker take turns on the model. Errors the client caused get a 4xx with a one-line reason in JSON;
 anything else a 500 that names no internals (the traceback goes to the endpoint's log).

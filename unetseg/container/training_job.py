@@ -24,10 +24,10 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from . import stop_registry
 from ..atomic import replace_atomically
 from ..contract.errors import DataError
 from ..contract.sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
+from . import stop_registry
 
 TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
 FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason

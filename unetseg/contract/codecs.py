@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .image_headers import Declared, check_declared, declared_pil, declared_png
 from .errors import DataError, ImageTooLargeError
+from .image_headers import Declared, check_declared, declared_pil, declared_png
 
 PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
 REQUEST_TYPES = (PNG, JPEG, NPY)

@@ -53,7 +53,7 @@ CUSTOM_ATTRIBUTES_MAX_CHARS = 1024  # InvokeEndpoint CustomAttributes: at most 1
 # Stopping a job (spot reclaim, StopTrainingJob, MaxRuntime reached): SageMaker sends SIGTERM to the container's PID 1,
 # then SIGKILL this many seconds later.
 STOP_GRACE_S = 120
-# The folder where each process that must hear a stop request registers (unetseg/container/stop_registry.py). entry/init.py
+# The folder where each process that must hear a stop request registers (container/stop_registry.py). entry/init.py
 # (PID 1) creates it and hands its path down in this variable, and passes SIGTERM on to those processes only.
 STOP_REGISTRY_ENV = "UNETSEG_STOP_REGISTRY"
 
