@@ -349,8 +349,8 @@ def test_an_explicit_validation_folder_settles_it(tmp_path):
 
 
 @pytest.mark.parametrize("channels, named", [
-    ({"train": "t", "val": "a", "validation": "b"}, ("'val'", "'validation'")),
-    ({"train": "t", "training": "u"}, ("'train'", "'training'")),
+    ({"train": "t", "val": "a", "validation": "b"}, ("val/", "validation/")),
+    ({"train": "t", "training": "u"}, ("train/", "training/")),
 ])
 def test_two_channels_for_one_role_are_refused_in_the_container(channels, named):
     from unetseg.container.training_job import pick_channels

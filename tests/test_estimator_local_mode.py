@@ -21,7 +21,8 @@ import pytest
 import yaml
 from conftest import IMAGE, recording_boto_session
 
-from unetseg import TrainConfig, local_mode
+from unetseg import TrainConfig
+from unetseg.client import local_mode
 from unetseg.client.estimator import UNetEstimator
 from unetseg.synthetic import make_demo_dataset
 

@@ -38,11 +38,15 @@ def test_falls_back_to_the_opt_ml_files(tmp_path):
 
 
 def test_channel_names():
-    assert pick_channels({"train": "a", "validation": "b"}) == ("a", "b")
-    assert pick_channels({"training": "a", "val": "b"}) == ("a", "b")
-    assert pick_channels({"cells": "a"}) == ("a", None)
-    with pytest.raises(DataError, match=r"'train'.*\['x', 'y'\]"):
-        pick_channels({"x": "a", "y": "b"})
+    a, b, m = Path("/in/a"), Path("/in/b"), Path("/in/m")
+    assert pick_channels({"train": a, "validation": b}) == (a, b)
+    assert pick_channels({"training": a, "val": b, "init_model": m}) == (a, b)
+    assert pick_channels({"images": Path("/in/images"), "masks": Path("/in/masks")}) == (Path("/in"), None)
+    # A lone channel of another name is refused, as the same folder would be by fit() and `unetseg train`: it may be
+    # a folder of channels (a dataset root one level up) as well as a channel.
+    for channels, found in (({"x": a, "y": b}, "x/, y/"), ({"cells": a}, "cells/")):
+        with pytest.raises(DataError, match=rf"expected train/ .* found {found}"):
+            pick_channels(channels)
 
 
 def test_a_tuning_trial_keeps_its_checkpoints_under_its_job_name(tmp_path):

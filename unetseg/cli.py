@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
 from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,20 +120,17 @@ def parse_hyperparameters(tokens: Sequence[str]) -> dict[str, str]:
 
 
 def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optional[Path]]:
-    """A folder with train/ (and validation/ or val/) is a dataset root; a folder with images/ is the training channel.
-    Either reading of an ambiguous folder would silently ignore data, so it is refused."""
-    if not (data / "train").is_dir():
-        return data, validation
-    if (data / "images").is_dir():
-        raise UsageError(f"--data {data}: holds both images/ (a dataset channel) and train/ (a folder of channels); "
-                         f"give --data {data / 'train'}, or move one of them away")
-    if validation is None:
-        found = [data / name for name in ("validation", "val") if (data / name).is_dir()]
-        if len(found) > 1:
-            raise UsageError(f"--data {data}: both validation/ and val/ are there; keep one, or choose one with "
-                             f"--validation {found[0]}")
-        validation = found[0] if found else None
-    return data / "train", validation
+    """The training and validation folders of --data, read as fit() and the container read a dataset root
+    (contract/layout.py); --validation names the validation folder itself, so validation/ and val/ in --data are
+    then left alone."""
+    if not data.is_dir():
+        return data, validation  # the data check says it is not there
+    folders, files = folder_names(data)
+    if validation is not None:
+        folders = [name for name in folders if name not in VALIDATION_FOLDERS]
+    layout = read_layout(folders, f"--data {data}", files)
+    found = data / layout.validation if layout.validation else None
+    return data / layout.train, validation or found
 
 
 def _train(args, extra: Sequence[str]) -> int:
@@ -246,10 +244,10 @@ def _demo(args, _extra) -> int:
     from .synthetic import demo_hyperparameters, make_demo_dataset
 
     data = make_demo_dataset(args.output / "data", kind=args.kind)
-    print(f"synthetic {args.kind} dataset: {data} (train/, validation/)")
+    print(f"synthetic {args.kind} dataset: {data} ({TRAIN_CHANNEL}/, {VALIDATION_CHANNEL}/)")
     cfg = TrainConfig(**demo_hyperparameters(args.kind), epochs=args.epochs)
     shutil.rmtree(args.output / "run", ignore_errors=True)  # a fresh run each time: its checkpoint would resume
-    return _run_training(cfg, data / "train", data / "validation", args.output / "run")
+    return _run_training(cfg, data / TRAIN_CHANNEL, data / VALIDATION_CHANNEL, args.output / "run")
 
 
 def _demo_data(args, _extra) -> int:

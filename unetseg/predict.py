@@ -24,6 +24,7 @@ from .contract.codecs import encode_mask_png
 from .data.io import read_image
 from .data.scan import IMAGE_EXTENSIONS
 from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
+from .contract.layout import IMAGES
 from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
@@ -33,7 +34,7 @@ def find_images(source: Path) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise DataError(f"{source}: no such image or folder")
-    folder = source / "images" if (source / "images").is_dir() else source
+    folder = source / IMAGES if (source / IMAGES).is_dir() else source
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not images:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")

@@ -32,7 +32,8 @@ from sagemaker.vpc_utils import VPC_CONFIG_DEFAULT as _VPC_CONFIG_DEFAULT
 from ..contract.config import TrainConfig
 from ..contract.errors import ArtifactError
 from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
-from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
+from ..contract.layout import INIT_MODEL_CHANNEL
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV
 from . import job_rules as rules
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError

@@ -26,10 +26,10 @@ from typing import Optional
 
 from ..atomic import replace_atomically
 from ..contract.errors import DataError
-from ..contract.sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
+from ..contract.layout import IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, read_layout
+from ..contract.sagemaker_env import STOP_GRACE_S, TrainingEnv
 from . import stop_registry
 
-TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
 FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
 RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
 # torchrun SIGKILLs the ranks this long after it SIGTERMs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default). Stops
@@ -81,20 +81,17 @@ def run(env: TrainingEnv) -> int:
 
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
-    channels = {name: path for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
-    for role, names in (("training", TRAIN_CHANNELS), ("validation", VALIDATION_CHANNELS)):
-        given = [n for n in names if n in channels]
-        if len(given) > 1:  # using one would silently drop the other
-            raise DataError(f"two {role} channels, " + " and ".join(repr(n) for n in given) +
-                            f"; send one: which of them holds the {role} data is not clear")
-    train = next((channels[n] for n in TRAIN_CHANNELS if n in channels), None)
-    if train is None and len(channels) == 1:
-        train = next(iter(channels.values()))
-    if train is None:
-        raise DataError(f"no training data: expected a channel named 'train' (or 'validation' beside it); "
-                        f"this job has {sorted(channels) or 'no channels'}")
-    val = next((channels[n] for n in VALIDATION_CHANNELS if n in channels), None)
-    return train, val
+    """The training and validation folders among the job's channels, read as fit() and `unetseg train` read a dataset
+    root (contract/layout.py): the channels are the folders of /opt/ml/input/data."""
+    data = {name: Path(path) for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
+    layout = read_layout(data, "the job's input channels")
+    if layout.train == "":  # channels named images and masks: their folder is the one channel
+        root = {data[IMAGES].parent, data[MASKS].parent}
+        if len(root) != 1:
+            raise DataError(f"the job's channels {IMAGES!r} and {MASKS!r} are in different folders ({sorted(root)}); "
+                            f"send one channel {TRAIN_CHANNEL!r} holding {IMAGES}/ and {MASKS}/")
+        return root.pop(), None
+    return data[layout.train], data[layout.validation] if layout.validation else None
 
 
 def supervise(command: list[str], failure_file: Path) -> int:

@@ -37,7 +37,6 @@ from typing import Any, Mapping, Optional
 
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
-INIT_MODEL_CHANNEL = "init_model"  # an input channel holding a trained unetseg model.tar.gz to fine-tune from
 CHECKPOINT_DIR_ENV = "UNETSEG_CHECKPOINT_DIR"  # where checkpoints go instead of <root>/checkpoints
 
 # Payload and time limits of SageMaker inference, which only the real service enforces (the SDK and moto do not):
