@@ -22,6 +22,7 @@ from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.errors import ArtifactError, ConfigError
 from unetseg.contract.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.contract.sagemaker_env import CHECKPOINT_DIR_ENV, IMAGE_URI_ENV, OPT_ML_ENV
 
 
 def make(aws, **overrides):
@@ -158,14 +159,14 @@ def test_the_container_checkpoints_where_checkpoint_local_path_says(aws, tmp_pat
     request = aws.sent("CreateTrainingJob")
     assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/unetseg/{request['TrainingJobName']}/checkpoints",
                                            "LocalPath": "/opt/ml/my-checkpoints"}
-    container = TrainingEnv.from_environ({**request["Environment"], "UNETSEG_OPT_ML": str(tmp_path)})
+    container = TrainingEnv.from_environ({**request["Environment"], OPT_ML_ENV: str(tmp_path)})
     assert container.checkpoint_dir == Path(request["CheckpointConfig"]["LocalPath"])
     assert request["Environment"]["NCCL_DEBUG"] == "WARN"
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"checkpoint_local_path": "checkpoints"}, "an absolute path"),
-    ({"checkpoint_local_path": "/ck", "environment": {"UNETSEG_CHECKPOINT_DIR": "/other"}}, "UNETSEG_CHECKPOINT_DIR"),
+    ({"checkpoint_local_path": "/ck", "environment": {CHECKPOINT_DIR_ENV: "/other"}}, CHECKPOINT_DIR_ENV),
     ({"checkpoint_local_path": "/ck", "use_spot_instances": False}, "needs checkpoint_s3_uri"),
 ])
 def test_a_checkpoint_local_path_the_container_cannot_honour_is_refused(aws, kwargs, message):
@@ -232,7 +233,7 @@ def test_default_output_path_without_a_bucket_is_resolved_at_fit(aws):
 
 
 def test_image_uri_from_environment(aws, monkeypatch):
-    monkeypatch.setenv("UNETSEG_IMAGE_URI", "222233334444.dkr.ecr.us-east-1.amazonaws.com/seg:env")
+    monkeypatch.setenv(IMAGE_URI_ENV, "222233334444.dkr.ecr.us-east-1.amazonaws.com/seg:env")
     est = make(aws, image_uri=None)
     assert est.training_image_uri() == "222233334444.dkr.ecr.us-east-1.amazonaws.com/seg:env"
     assert aws.requests == []

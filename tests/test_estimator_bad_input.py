@@ -23,6 +23,7 @@ from support import make_channel, random_pair, save, write_pair
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.errors import ConfigError, DataError
+from unetseg.contract.sagemaker_env import IMAGE_URI_ENV
 
 OTHER_REGION = "eu-west-1"
 EU_BUCKET = "unetseg-test-eu-bucket"
@@ -490,6 +491,6 @@ def test_local_mode_takes_a_local_image_name_and_checks_its_form(tmp_path):
 
 
 def test_an_image_from_the_environment_is_checked(aws, monkeypatch):
-    monkeypatch.setenv("UNETSEG_IMAGE_URI", f"{ECR}/unetseg:latest ")
+    monkeypatch.setenv(IMAGE_URI_ENV, f"{ECR}/unetseg:latest ")
     with pytest.raises(JobSettingsError, match="image_uri=.*whitespace"):
         make(aws, image_uri=None)

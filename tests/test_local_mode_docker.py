@@ -35,6 +35,7 @@ import pytest
 from docker_support import (LOCAL_NETWORK, docker, network_info, opt_ml_tree)
 from support import TINY
 from unetseg.contract.metrics_log import EPOCH_METRICS, parse_line, regex_for
+from unetseg.contract.sagemaker_env import PROCS_PER_HOST_ENV
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -249,7 +250,7 @@ def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, 
     straight = tmp_path / "straight"
     shutil.copytree(spot, straight)  # the same tree, before anything ran on it
     tag = uuid.uuid4().hex[:8]
-    env = {"UNETSEG_PROCS_PER_HOST": str(procs)}
+    env = {PROCS_PER_HOST_ENV: str(procs)}
 
     started = time.monotonic()
     code, log = run_train(training_image, straight, f"unetseg-ci-straight-{tag}", env=env)

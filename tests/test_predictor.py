@@ -36,6 +36,7 @@ from unetseg.client.job_rules import JobSettingsError
 from unetseg.client.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer,
                                       decode_response, request_options)
 from unetseg.contract import codecs
+from unetseg.contract.sagemaker_env import MAX_BODY_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_WORKERS_ENV, TTA_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["background", "disc", "square"]
@@ -331,11 +332,11 @@ def test_deploy_creates_model_config_and_endpoint_with_the_training_image(aws):
     assert model_data == f"s3://{BUCKET}/unetseg/{est.latest_training_job.name}/output/model.tar.gz"
 
     predictor = est.deploy(instance_type="ml.c5.xlarge", endpoint_name="cells", wait=False,
-                           model_server_workers=2, env={"UNETSEG_MAX_PIXELS": "20000000"})
+                           model_server_workers=2, env={MAX_PIXELS_ENV: "20000000"})
     model = aws.sent("CreateModel")
     assert model["PrimaryContainer"] == {
         "Image": IMAGE, "ModelDataUrl": model_data,
-        "Environment": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "UNETSEG_MAX_PIXELS": "20000000"}}
+        "Environment": {MODEL_SERVER_WORKERS_ENV: "2", MAX_PIXELS_ENV: "20000000"}}
     assert model["ExecutionRoleArn"] == ROLE
     config = aws.sent("CreateEndpointConfig")
     assert config["ProductionVariants"] == [{
@@ -423,14 +424,14 @@ def test_transformer_runs_a_folder_of_images(aws):
 def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
     est = trained_estimator(aws)
     transformer = est.transformer(2, "ml.c5.2xlarge", accept=codecs.JSON, output_path=f"s3://{BUCKET}/out/",
-                                  max_payload=20, env={"UNETSEG_MAX_BODY_MB": "20", "UNETSEG_TTA": "flip"})
+                                  max_payload=20, env={MAX_BODY_MB_ENV: "20", TTA_ENV: "flip"})
     transformer.transform(f"s3://{BUCKET}/images/", wait=False, logs=False)
     transformer.transform(f"s3://{BUCKET}/photos/", content_type="image/jpeg", wait=False, logs=False)
     first, second = aws.bodies["CreateTransformJob"]
     assert first["TransformInput"]["ContentType"] == "image/png"
     assert second["TransformInput"]["ContentType"] == "image/jpeg"
     assert first["TransformOutput"]["Accept"] == codecs.JSON
-    assert (first["MaxPayloadInMB"], first["Environment"]) == (20, {"UNETSEG_MAX_BODY_MB": "20", "UNETSEG_TTA": "flip"})
+    assert (first["MaxPayloadInMB"], first["Environment"]) == (20, {MAX_BODY_MB_ENV: "20", TTA_ENV: "flip"})
     assert first["TransformResources"] == {"InstanceCount": 2, "InstanceType": "ml.c5.2xlarge"}
 
 
@@ -446,7 +447,7 @@ def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
      "model_server_workers=0"),
     (lambda est: est.deploy(instance_type="ml.c5.xlarge", env={"1BAD": "x"}), JobSettingsError, "1BAD"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/",
-                                 env={"UNETSEG_TTA": "rot90"}), JobSettingsError, "UNETSEG_TTA='rot90'"),
+                                 env={TTA_ENV: "rot90"}), JobSettingsError, "UNETSEG_TTA='rot90'"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path="/tmp/x"), JobSettingsError,
      "output_path"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(

@@ -33,7 +33,8 @@ from ..contract.config import TrainConfig
 from ..contract.errors import ArtifactError
 from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
 from ..contract.layout import INIT_MODEL_CHANNEL
-from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV
+from ..contract.sagemaker_env import (CHECKPOINT_DIR_ENV, IMAGE_URI_ENV, MODEL_SERVER_TIMEOUT_ENV,
+                                      MODEL_SERVER_WORKERS_ENV)
 from . import job_rules as rules
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
@@ -41,7 +42,6 @@ from .s3_upload import bucket_facts
 
 logger = logging.getLogger(__name__)
 
-IMAGE_URI_ENV = "UNETSEG_IMAGE_URI"
 OUTPUT_PREFIX = "unetseg"  # s3://<default bucket>/[<session prefix>/]unetseg/ when no output_path is given
 LOCAL_OUTPUT_DIR = "unetseg-output"  # local mode's default output folder, under the current directory
 DEFAULT_VOLUME_GB = 30
@@ -426,8 +426,8 @@ class UNetEstimator(Estimator):
         from .predictor import UNetPredictor
 
         environment = dict(env or {})
-        for name, value in (("SAGEMAKER_MODEL_SERVER_WORKERS", model_server_workers),
-                            ("SAGEMAKER_MODEL_SERVER_TIMEOUT", model_server_timeout)):
+        for name, value in ((MODEL_SERVER_WORKERS_ENV, model_server_workers),
+                            (MODEL_SERVER_TIMEOUT_ENV, model_server_timeout)):
             if value is not None:
                 if not _is_positive_int(value):
                     raise JobSettingsError(f"{name.lower().removeprefix('sagemaker_')}={value!r}: use a whole number "

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import ConfigError
-from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, TTA_ENV
 
 
 class JobSettingsError(ConfigError):
@@ -553,9 +553,10 @@ def environment_problems(environment: Any) -> list[str]:
         problems.append(f"environment values must be strings; not for {not_str}")
     from ..contract.codecs import TTA_MODES
 
-    tta = environment.get("UNETSEG_TTA")
+    tta = environment.get(TTA_ENV)
     if isinstance(tta, str) and tta.strip().lower() not in TTA_MODES:
-        problems.append(f"UNETSEG_TTA={tta!r}: the server's default test-time augmentation is one of {', '.join(TTA_MODES)}")
+        problems.append(f"{TTA_ENV}={tta!r}: the server's default test-time augmentation is one of "
+                        f"{', '.join(TTA_MODES)}")
     return problems
 
 

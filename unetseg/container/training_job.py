@@ -27,11 +27,10 @@ from typing import Optional
 from ..atomic import replace_atomically
 from ..contract.errors import DataError
 from ..contract.layout import IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, read_layout
-from ..contract.sagemaker_env import STOP_GRACE_S, TrainingEnv
+from ..contract.sagemaker_env import RANK_REPORTS_ENV, STOP_GRACE_S, TrainingEnv
 from . import stop_registry
 
 FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
-RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
 # torchrun SIGKILLs the ranks this long after it SIGTERMs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default). Stops
 # no longer pass through torchrun, but it still ends the other ranks when one fails, and a rank may be writing then:
 # give them SageMaker's grace period, less the time this supervisor needs to report before SageMaker's SIGKILL.
@@ -47,10 +46,10 @@ def main() -> int:
 
                 command = torchrun_command(env, procs_per_host(env), module=__name__)
                 if command:
-                    if len(env.hosts) > 1 and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
+                    if len(env.hosts) > 1 and env.network_interface:
                         # Multi-host: NCCL and gloo pick an interface by guessing; SageMaker names the right one.
                         for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
-                            os.environ.setdefault(var, os.environ["SM_NETWORK_INTERFACE_NAME"])
+                            os.environ.setdefault(var, env.network_interface)
                     return supervise(command, env.failure_file)
             return run(env)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file

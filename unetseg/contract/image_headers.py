@@ -28,8 +28,8 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ConfigError, DataError, ImageTooLargeError
+from .sagemaker_env import MAX_IMAGE_MB_ENV
 
-MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"
 DEFAULT_MAX_IMAGE_MB = 2048
 DEFLATE_MAX_RATIO = 1032  # deflate codes a 258-byte match in at least 2 bits
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
