@@ -22,6 +22,7 @@ import sys
 import time
 
 from unetseg.container import stop_registry
+from unetseg.contract.sagemaker_env import stopped_exit_code
 
 POLL_S = 0.2  # how often it looks for ended processes and for processes that registered after a stop request
 
@@ -68,7 +69,7 @@ def main() -> int:
         shutil.rmtree(registry, ignore_errors=True)
     if code is None:
         code = 1
-    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+    return code if code >= 0 else stopped_exit_code(-code)  # killed by signal N
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import ast
 import io
 import json
 import re
+import signal
 import tokenize
 from pathlib import Path
 
@@ -173,3 +174,11 @@ def test_the_names_are_sagemakers():
             env.SERVING_MODEL_DIR_ENV, env.IMAGE_URI_ENV, env.CHECKPOINT_DIR_ENV) == (
         "UNETSEG_MAX_IMAGE_MB", "UNETSEG_SERVING_MODE", "UNETSEG_MAX_BODY_MB", "UNETSEG_MAX_PIXELS", "UNETSEG_TTA",
         "UNETSEG_MODEL_DIR", "UNETSEG_IMAGE_URI", "UNETSEG_CHECKPOINT_DIR")
+
+
+def test_a_stop_exits_128_plus_the_signal():
+    # One rule for PID 1 (a signal number from waitpid), the training job and `unetseg train` (a signal's name).
+    from unetseg.contract.sagemaker_env import stopped_exit_code
+
+    assert stopped_exit_code("SIGTERM") == stopped_exit_code(signal.SIGTERM) == stopped_exit_code(15) == 143
+    assert stopped_exit_code("SIGINT") == 130

@@ -10,7 +10,6 @@ import errno
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
 from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
 from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
+from .contract.sagemaker_env import stopped_exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -159,7 +159,7 @@ def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], ou
                           "resumes from the last checkpoint written") from None
     if result.interrupted:
         print(f"interrupted; resume with the same command and --output {output}", file=sys.stderr)
-        return 128 + signal.Signals[result.interrupted]
+        return stopped_exit_code(result.interrupted)
     return 0
 
 

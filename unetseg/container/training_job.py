@@ -27,10 +27,9 @@ from typing import Optional
 from ..atomic import replace_atomically
 from ..contract.errors import DataError
 from ..contract.layout import IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, read_layout
-from ..contract.sagemaker_env import RANK_REPORTS_ENV, STOP_GRACE_S, TrainingEnv
+from ..contract.sagemaker_env import RANK_REPORTS_ENV, STOP_GRACE_S, TrainingEnv, stopped_exit_code
 from . import stop_registry
 
-FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
 # torchrun SIGKILLs the ranks this long after it SIGTERMs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default). Stops
 # no longer pass through torchrun, but it still ends the other ranks when one fails, and a rank may be writing then:
 # give them SageMaker's grace period, less the time this supervisor needs to report before SageMaker's SIGKILL.
@@ -76,7 +75,7 @@ def run(env: TrainingEnv) -> int:
         # workers included, while they may still be finishing: a rank that stopped cleanly exits 0 and says why.
         report_rank(Path(reports), "stopped", {"signal": result.interrupted})
         return 0
-    return 128 + signal.Signals[result.interrupted]
+    return stopped_exit_code(result.interrupted)
 
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
@@ -131,7 +130,7 @@ def host_outcome(code: int, reports: Path, stops: list[int], failure_file: Path)
         return code or 1
     stopped = stops + [signal.Signals[json.loads(p.read_text())["signal"]] for p in reports.glob("stopped.*")]
     if stopped:  # also when a rank died of the request before it could act on it (still starting up)
-        return 128 + stopped[0]
+        return stopped_exit_code(stopped[0])
     if code != 0:
         write_failure(failure_file, RuntimeError(f"distributed training exited with code {code}, and no process "
                                                  f"reported an error of its own (killed?); see the job log"))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -87,9 +88,18 @@ BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeout
 ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
 CUSTOM_ATTRIBUTES_MAX_CHARS = 1024  # InvokeEndpoint CustomAttributes: at most 1024 visible ASCII characters
 
+# A failed job writes its error to <output dir>/failure; SageMaker shows this many characters of it as FailureReason.
+FAILURE_REASON_LIMIT = 1024
+
 # Stopping a job (spot reclaim, StopTrainingJob, MaxRuntime reached): SageMaker sends SIGTERM to the container's PID 1,
 # then SIGKILL this many seconds later.
 STOP_GRACE_S = 120
+
+
+def stopped_exit_code(sig: int | str) -> int:
+    """How a run stopped by signal `sig` (its number, or its name: "SIGTERM") exits: 128 + the number, as a shell
+    reports a process killed by it. PID 1, the training job and `unetseg train` answer a stop alike."""
+    return 128 + int(signal.Signals[sig] if isinstance(sig, str) else sig)
 # The folder where each process that must hear a stop request registers (container/stop_registry.py). entry/init.py
 # (PID 1) creates it and hands its path down in this variable, and passes SIGTERM on to those processes only.
 STOP_REGISTRY_ENV = "UNETSEG_STOP_REGISTRY"
