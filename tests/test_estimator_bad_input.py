@@ -23,7 +23,7 @@ from support import make_channel, random_pair, save, write_pair
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.errors import ConfigError, DataError
-from unetseg.contract.sagemaker_env import IMAGE_URI_ENV
+from unetseg.contract.sagemaker_env import IMAGE_URI_ENV, MAX_IMAGE_MB_ENV
 
 OTHER_REGION = "eu-west-1"
 EU_BUCKET = "unetseg-test-eu-bucket"
@@ -494,3 +494,38 @@ def test_an_image_from_the_environment_is_checked(aws, monkeypatch):
     monkeypatch.setenv(IMAGE_URI_ENV, f"{ECR}/unetseg:latest ")
     with pytest.raises(JobSettingsError, match="image_uri=.*whitespace"):
         make(aws, image_uri=None)
+
+
+# --- the image size limit: the job's, not the notebook's -------------------------------------------------------------
+# The container reads UNETSEG_MAX_IMAGE_MB from the job's environment, so the notebook's check of the data it sends
+# must too: a job that raised the limit for whole slides was refused in the notebook (where the variable is unset),
+# and one that lowered it passed the notebook, was uploaded, and failed in the container.
+
+def test_a_job_that_raises_the_size_limit_is_not_refused_by_the_notebooks(aws, tmp_path, monkeypatch):
+    root = folder(tmp_path)  # 32 x 32 RGB images: 3 KiB decoded each
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, "0.001")  # the notebook's own limit (1 KiB) is not the job's
+    make(aws, environment={MAX_IMAGE_MB_ENV: "1"}).fit(str(root), wait=False, logs=False)
+    assert aws.sent("CreateTrainingJob")["Environment"] == {MAX_IMAGE_MB_ENV: "1"}
+
+
+def test_without_a_limit_of_its_own_the_job_has_the_default_whatever_the_notebook_sets(aws, tmp_path, monkeypatch):
+    root = folder(tmp_path)
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, "0.001")
+    make(aws).fit(str(root), wait=False, logs=False)
+    assert aws.sent("CreateTrainingJob")
+
+
+def test_a_job_that_lowers_the_size_limit_is_refused_in_the_notebook(aws, tmp_path):
+    root = folder(tmp_path)
+    with pytest.raises(DataError) as info:  # one error for all files, each refused as ImageTooLargeError
+        make(aws, environment={MAX_IMAGE_MB_ENV: "0.001"}).fit(str(root), wait=False, logs=False)
+    message = str(info.value)
+    assert "s00.png" in message and f"environment={{'{MAX_IMAGE_MB_ENV}': '1'}}" in message, message
+    assert aws.requests == [] and aws.s3_keys() == []
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "nan"])
+def test_a_bad_size_limit_in_the_jobs_environment_is_refused_before_any_request(aws, value):
+    with pytest.raises(JobSettingsError, match=f"{MAX_IMAGE_MB_ENV}={value!r}"):
+        make(aws, environment={MAX_IMAGE_MB_ENV: value})
+    assert aws.requests == []

@@ -269,6 +269,7 @@ class UNetEstimator(Estimator):
             datasets_uri=self._datasets_uri,
             config=self._config,
             check_bucket=self._check_bucket,
+            environment=self.environment or {},
         )
         channels = resolver.resolve(inputs, init_model=init_model)
         self._fit_volume_to(channels.file_mode_bytes)

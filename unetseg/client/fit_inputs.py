@@ -21,12 +21,13 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import DataError
+from ..contract.image_headers import job_limit
 from ..contract.layout import (CHANNELS, IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, VALIDATION_CHANNEL,
                                folder_names, listing, read_layout)
 from ..data.scan import Sample, pair_channel, split_holdout
@@ -50,6 +51,7 @@ class InputResolver:
     datasets_uri: Callable[[], str]  # s3://.../datasets/ where local folders are uploaded (resolved on first upload)
     config: Optional[TrainConfig] = None  # the job's hyperparameters: local data is read with them (None: pairing only)
     check_bucket: Callable[[str, str], None] = lambda setting, uri: None  # (setting, s3 URI): raises if unusable
+    environment: Mapping[str, str] = field(default_factory=dict)  # the job's: its image size limit, for instance
     progress: bool = True
 
     def resolve(self, inputs: Any, init_model: Any = None) -> Channels:
@@ -159,9 +161,9 @@ class InputResolver:
             split_holdout(paired[TRAIN_CHANNEL], self.config.val_fraction, self.config.seed)  # at least two samples
         samples = [sample for channel in paired.values() for sample in channel]
         no_cache = self.config.replace(cache_images="off")  # the container caches decoded pixels; the notebook must not
-        with progress_bar(len(samples), f"check {where}", self.progress, unit="file",
-                          delay=CHECK_PROGRESS_DELAY_S) as bar:
-            check_dataset(_CountedReads(samples, bar.update), no_cache)
+        with job_limit(self.environment), progress_bar(len(samples), f"check {where}", self.progress, unit="file",
+                                                       delay=CHECK_PROGRESS_DELAY_S) as bar:
+            check_dataset(_CountedReads(samples, bar.update), no_cache)  # as the job's container will read the files
 
     def _upload(self, folder: Path, layout: Mapping[str, str], name: Optional[str] = None) -> Channels:
         target = self.datasets_uri().rstrip("/") + "/" + _s3_safe(name or folder.name) + "/"

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import ConfigError
-from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, TTA_ENV
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, MAX_IMAGE_MB_ENV, TTA_ENV
 
 
 class JobSettingsError(ConfigError):
@@ -552,8 +552,14 @@ def environment_problems(environment: Any) -> list[str]:
     not_str = [key for key, value in environment.items() if not isinstance(value, str)]
     if not_str:
         problems.append(f"environment values must be strings; not for {not_str}")
-    from ..contract.codecs import TTA_MODES
+    from ..contract.codecs import TTA_MODES  # numpy and PIL: imported only when there is an environment to check
+    from ..contract.image_headers import max_image_bytes
 
+    if isinstance(environment.get(MAX_IMAGE_MB_ENV), str):
+        try:
+            max_image_bytes(environment)  # the container would refuse it at start (training) or serve no request
+        except ConfigError as exc:
+            problems.append(str(exc))
     tta = environment.get(TTA_ENV)
     if isinstance(tta, str) and tta.strip().lower() not in TTA_MODES:
         problems.append(f"{TTA_ENV}={tta!r}: the server's default test-time augmentation is one of "
