@@ -177,8 +177,8 @@ def packaged_context(target: Path) -> Path:
     package = Path(__file__).resolve().parents[1]
     try:
         entry = Path(str(importlib.resources.files("unetseg.entry")))
-    except ModuleNotFoundError:  # imported from a bare source tree (PYTHONPATH) rather than installed
-        entry = package / "entry"
+    except ModuleNotFoundError:  # a source tree on PYTHONPATH, not installed: entry/ lies beside the package
+        entry = package.parent / "entry"
     missing = [name for name in (*_ENTRY_FILES, "constraints.txt") if not (entry / name).is_file()]
     if missing:
         raise ImageError(f"no build context: {entry} lacks {', '.join(missing)}; reinstall unetseg, or build "
