@@ -542,14 +542,15 @@ def _namespace_prefix() -> list[str]:
 
 
 def run_with_mounts(mounts: list[tuple[Path, str]], argv: list[str], listing: Path | None = None,
-                    timeout: int = 300) -> subprocess.CompletedProcess:
-    """The CLI in a mount namespace where each (folder, options) is a tmpfs (e.g. "size=20m", "ro"); afterwards
-    the names in `listing` are printed to stdout (the tmpfs is gone once the namespace ends)."""
+                    timeout: int = 300, command: list[str] | None = None, env: dict | None = None
+                    ) -> subprocess.CompletedProcess:
+    """The CLI (or `command`) in a mount namespace where each (folder, options) is a tmpfs (e.g. "size=20m", "ro");
+    afterwards the names in `listing` are printed to stdout (the tmpfs is gone once the namespace ends)."""
     prefix = _namespace_prefix()
     script = " && ".join(f"mount -t tmpfs -o {opts} tmpfs '{folder}'" for folder, opts in mounts)
-    command = " ".join(f"'{a}'" for a in [PY, "-m", "unetseg.cli", *map(str, argv)])
+    command = " ".join(f"'{a}'" for a in command or [PY, "-m", "unetseg.cli", *map(str, argv)])
     script += f"; {command}; rc=$?; " + (f"ls -A '{listing}'; " if listing else "") + "exit $rc"
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**(env or os.environ), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -572,8 +573,79 @@ def test_disk_full_names_the_file_and_leaves_no_partial_file(tiny_dataset, tmp_p
     done = run_with_mounts([(run / where, f"size={size}")], ["train", "--data", tiny_dataset, "--output", run,
                                                              *_tiny_args(num_workers=2)], listing=run / where)
     err = assert_clean_exit(done, str(run / where / target), "no space left")
-    assert ".tmp." not in done.stdout, done.stdout  # the partial file was removed: the space is free again
+    assert f"error: disk full writing {run / where / target}: no space left on device" in err, err
+    # The partial files (the temporary file, the copy beside the target) were removed: the space is free again.
+    assert ".tmp." not in done.stdout and ".partial" not in done.stdout, done.stdout
     assert "resume" in err or where == "model"
+
+
+@pytest.mark.slow  # starts the real command in a child process
+@pytest.mark.parametrize("where, size, target", [
+    ("checkpoints", "60m", "last.pt"),  # staged in $TMPDIR, copied beside it: the copy fails
+    ("model", "20m", "model.safetensors"),  # written beside it: the write fails
+])
+def test_disk_full_in_the_container_is_the_failure_file_first_line(tiny_dataset, tmp_path, where, size, target):
+    # SageMaker shows the failure file's first 1024 characters as the job's FailureReason: the file and the reason
+    # must be there, not a torch or safetensors traceback.
+    from support import sagemaker_tree
+
+    root = tmp_path / "ml"
+    env = sagemaker_tree(root, {**TINY, "epochs": 1, "num_workers": 2},
+                         {"train": tiny_dataset / "train", "validation": tiny_dataset / "validation"})
+    (root / where).mkdir(parents=True)
+    done = run_with_mounts([(root / where, f"size={size}")], [], listing=root / where, env=env,
+                           command=[PY, str(Path(__file__).resolve().parents[1] / "entry" / "train.py")])
+    assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
+    first = (root / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith(f"disk full writing {root / where / target}: no space left on device"), first
+    # The folder after the failure (listed last): finished files only, no temporary file or partial copy.
+    assert ".partial" not in done.stdout and ".tmp." not in done.stdout, done.stdout[-2000:]
+
+
+ATOMIC_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys, tempfile, torch
+from pathlib import Path
+from unetseg import checkpoint
+from unetseg.model import save_artifact
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+folder, tempfile.tempdir = Path(sys.argv[1]), sys.argv[2]
+weights = {"w": torch.zeros(1 << 19)}  # 2 MiB
+for name, save in (("last.pt", lambda: checkpoint.save_state(folder, {"model": weights})),
+                   ("best.safetensors", lambda: checkpoint.save_best(folder, weights)),
+                   ("model.safetensors", lambda: save_artifact(folder / "model", weights, {}, []))):
+    try:
+        save()
+        print(json.dumps({"name": name, "raised": None}))
+    except Exception as exc:
+        print(json.dumps({"name": name, "raised": type(exc).__name__, "oserror": isinstance(exc, OSError),
+                          "errno": getattr(exc, "errno", None), "text": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_every_file_write_fails_with_one_error_naming_the_file_and_leaves_no_partial_file(tmp_path, staged):
+    # torch.save says "unexpected pos" and safetensors "os error 27": a file size limit (EFBIG) behaves as a quota does
+    # and needs no privileges. Staged: the checkpoint's temporary file lives on another folder ($TMPDIR).
+    import errno
+
+    folder, staging = tmp_path / "checkpoints", tmp_path / ("staging" if staged else "checkpoints")
+    staging.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([PY, "-c", ATOMIC_UNDER_A_FILE_SIZE_LIMIT, str(folder), str(staging)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["name"]: r for r in map(json.loads, done.stdout.splitlines())}
+    for name, target in (("last.pt", folder / "last.pt"), ("best.safetensors", folder / "best.safetensors"),
+                         ("model.safetensors", folder / "model" / "model.safetensors")):
+        result = results[name]
+        assert result["raised"] == "WriteFailed" and result["oserror"] and result["errno"] == errno.EFBIG, result
+        assert result["text"].startswith(f"file too large writing {target}"), result
+        assert result["text"].endswith(": file too large (a file size limit applies)"), result
+        # Where the failed write was, when not beside the file: the staging folder is the one to make room in.
+        via = f"(through its temporary copy in {staging})"
+        assert (via in result["text"]) == (staged and name != "model.safetensors"), result
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers  # no temporary file, no partial copy: the space is free again
 
 
 @pytest.mark.slow  # starts the real command in a child process

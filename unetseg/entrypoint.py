@@ -12,6 +12,7 @@ failed first (not torchrun's summary, and not another rank's "connection closed"
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import stop_registry
-from .atomic import replace_atomically
+from .atomic import WriteFailed, replace_atomically
 from .errors import DataError
 from .sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
 
@@ -166,6 +167,10 @@ def failure_text(exc: BaseException) -> str:
 
 
 def failure_summary(exc: BaseException) -> str:
+    if isinstance(exc, WriteFailed):  # "disk full writing /opt/ml/checkpoints/last.pt: ...": the file and the reason
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return f"{exc}" + ("; give the job a larger volume (UNetEstimator volume_size, in GB) and start it again: "
+                           "with a checkpoint location it resumes from the last checkpoint written" if full else "")
     return f"{type(exc).__name__}: {exc}"
 
 
