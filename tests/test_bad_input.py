@@ -525,6 +525,65 @@ def test_predict_decodes_only_a_bounded_number_of_images_ahead(model_dir, tmp_pa
     assert max(ahead) <= 3 * 2, ahead  # this chunk and two more
 
 
+def test_the_data_check_decodes_in_parallel_only_up_to_a_byte_budget(tmp_path, monkeypatch):
+    # It decoded up to 8 files at once: near the size limit for one image (2 GiB by default) that was 16 GiB in
+    # flight. The decoded bytes in flight, known from the headers, now stay within that limit (one file over it still
+    # decodes, alone). 12 samples of 3 MiB image + 1 MiB mask, a 6 MiB limit: one sample at a time, not 8.
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_pair(tmp_path, f"s{i:02d}", rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8),
+                   np.zeros((1024, 1024), np.uint8))
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "6")
+
+    def peak_mib(threads: int) -> float:
+        tracemalloc.start()  # numpy's (and so OpenCV's) arrays report to tracemalloc
+        try:
+            checked = check_dataset(pair_channel(tmp_path), CFG.replace(cache_images="off"), threads=threads)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(checked.samples) == 12 and checked.cached is None
+        return peak / 2**20
+
+    alone, parallel = peak_mib(threads=1), peak_mib(threads=8)  # one file's decoding (with its buffers), then 8 threads
+    assert parallel < 1.5 * alone, f"{parallel:.0f} MiB with 8 threads, {alone:.0f} MiB decoding one sample at a time"
+
+
+def test_predict_decodes_ahead_only_up_to_a_byte_budget(model_dir, tmp_path, monkeypatch):
+    # Two batches ahead is 16 images at the default batch size: 32 GiB of images near the size limit. The decoded
+    # bytes not yet predicted stay within the limit for one image (plus the image that goes over it).
+    import threading
+
+    import unetseg.predict as predict
+    from unetseg.model import load_model
+
+    folder = images_folder(tmp_path / "in", count=12, size=512)  # 768 KiB each, decoded
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "2")
+    lock, held, peak = threading.Lock(), [0], [0]
+    real_read, real_chunk = predict.read_image, predict._predict_chunk
+
+    def reading(path):
+        image = real_read(path)
+        with lock:
+            held[0] += image.nbytes
+            peak[0] = max(peak[0], held[0])
+        return image
+
+    def predicting(model, chunk, *args, **kwargs):
+        time.sleep(0.05)  # a slow model: decoding must not run through the whole folder meanwhile
+        yield from real_chunk(model, chunk, *args, **kwargs)
+        with lock:
+            held[0] -= sum(image.nbytes for _, image in chunk)
+
+    monkeypatch.setattr(predict, "read_image", reading)
+    monkeypatch.setattr(predict, "_predict_chunk", predicting)
+    written = predict.predict_files(load_model(model_dir, device="cpu"), sorted(folder.iterdir()), tmp_path / "out",
+                                    progress=False)
+    assert len(written) == 12 and held[0] == 0
+    image_bytes = 512 * 512 * 3
+    assert peak[0] <= (2 << 20) + image_bytes, f"{peak[0] / image_bytes:.0f} images decoded and not yet predicted"
+
+
 # =================================================================================================================
 # 3. Tracebacks where a message belongs
 # =================================================================================================================
