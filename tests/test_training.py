@@ -284,3 +284,27 @@ def test_resuming_refuses_another_model_and_names_changed_hyperparameters(tmp_pa
     with pytest.raises(ConfigError) as info:
         check_resumable(TrainConfig(**{**TINY, "classes": 3}), saved, tmp_path, said.append)
     assert f"{tmp_path / 'last.pt'} was trained with a different model (classes: 2 there, 3 now)" in str(info.value)
+
+
+def test_the_resume_position_is_exact_on_unchanged_data_and_re_expressed_in_epochs_otherwise():
+    from unetseg.training import resume_position
+
+    data = {"train": {"images": 32, "files": "aaaa"}, "validation": {"images": 8, "files": "bbbb"},
+            "steps_per_epoch": 8, "processes": 1}
+    state = {"epoch": 2, "batch": 0, "step": 16, "data": data}
+    said = []
+    assert resume_position(state, data, 4, said.append) == (2, 0, 16) and said == []  # nothing changed: exact
+    assert resume_position({**state, "batch": 3, "step": 19}, data, 4, said.append) == (2, 3, 19) and said == []
+    assert resume_position({k: v for k, v in state.items() if k != "data"}, data, 4, said.append) == (2, 0, 16)
+
+    # Two processes now: 4 steps an epoch. At an epoch boundary the position is exact in epochs: step 2 x 4.
+    assert resume_position(state, {**data, "steps_per_epoch": 4, "processes": 2}, 4, said.append) == (2, 0, 8)
+    assert said[-1] == ("resuming with changes since the checkpoint: 1 processes then, 2 now; steps per epoch 8 -> 4: "
+                        "the learning-rate schedule continues from the same point of training (50% done), step 8 "
+                        "(was 16)")
+    # Other files, as many: the position stays, and it is said; another validation set: the best epoch is old news.
+    other = {**data, "train": {"images": 32, "files": "cccc"}, "validation": {"images": 9, "files": "dddd"}}
+    assert resume_position({**state, "batch": 5, "step": 21}, other, 4, said.append) == (2, 5, 21)
+    assert "the 32 training images are not the same files" in said[-1]
+    assert "8 validation images then, 9 now (the best epoch so far was scored on the old ones)" in said[-1]
+

@@ -99,6 +99,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     val_loader = DataLoader(SegmentationDataset(val_data), batch_size=val_batch_size(cfg, val_data),
                             sampler=ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size), **loader_args)
     steps_per_epoch = sampler.batches_per_epoch
+    trained_on = {"train": train_data.fingerprint(), "validation": val_data.fingerprint(),
+                  "steps_per_epoch": steps_per_epoch, "processes": ctx.world_size}
 
     # --- model, optimizer, schedule ---------------------------------------------------------------------------
     model = build_model(cfg, pretrained=not resuming and init_state is None)
@@ -123,8 +125,9 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     state = checkpoint.load_state(paths.checkpoint_dir)
     if state is not None:
         check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
+        start_epoch, start_batch, step = resume_position(state, trained_on, cfg.epochs, say)
+        state["scheduler"] = {**state["scheduler"], "last_epoch": step}  # the schedule's position: the step
         restore(state, model, optimizer, scheduler, scaler, say)
-        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
         if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
             partial.update(loss_sum=0.0, samples=0)
@@ -137,7 +140,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     def snapshot(epoch: int, batch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "history": history,
-                "best": best, "partial": partial, "hyperparameters": cfg.to_hyperparameters()}
+                "best": best, "partial": partial, "hyperparameters": cfg.to_hyperparameters(), "data": trained_on}
 
     say(f"training {cfg.arch}/{cfg.encoder} for {cfg.epochs} epochs x {steps_per_epoch} steps on "
         f"{ctx.world_size} x {device.type}, batch {cfg.batch_size} per process, "
@@ -395,6 +398,49 @@ def check_resumable(cfg: TrainConfig, saved_hps: dict, where: Path, say) -> None
         say(f"resuming with changed hyperparameters: {', '.join(changed)}")
 
 
+def resume_position(state: dict, now: dict, epochs: int, say) -> tuple[int, int, int]:
+    """(epoch, batch within it, optimizer step) at which a run resumed from `state` continues; `now` is this run's
+    record of its data (see `trained_on`). One line says what changed since the checkpoint.
+
+    On the same data, steps per epoch and processes: exactly where the checkpoint stopped. The learning-rate schedule
+    is a function of the step, built for this run's steps per epoch; resumed at the old step after these changed (the
+    training set shrank or grew, another batch_size or process count), it had passed its end (lr=0 for the rest of
+    training) or had much of it still ahead. So the position is re-expressed in epochs: the run continues at the same
+    fraction of training, the step renumbered as epoch x steps per epoch + batch. Inside an epoch this cannot be
+    exact: the epoch's order over the new data is another one, so its rest is the new order's rest from the same
+    fraction on, which may repeat some images of the epoch and leave out others; the epochs after it are whole.
+    Other files with the same count, or another validation set, keep the position: they are said, as the run is then
+    no replay of an uninterrupted one, and the best epoch so far was scored on the old validation images."""
+    epoch, batch, step = state["epoch"], state["batch"], state["step"]
+    then = state.get("data")
+    if then is None:  # written before checkpoints recorded their data: nothing to compare with
+        return epoch, batch, step
+    changes = []
+    for role, noun, note in (("train", "training", ""),
+                             ("validation", "validation", " (the best epoch so far was scored on the old ones)")):
+        old, new = then[role], now[role]
+        if old["images"] != new["images"]:
+            changes.append(f"{old['images']} {noun} images then, {new['images']} now{note}")
+        elif old["files"] != new["files"]:
+            changes.append(f"the {new['images']} {noun} images are not the same files (names or sizes differ){note}")
+    if then["processes"] != now["processes"]:
+        changes.append(f"{then['processes']} processes then, {now['processes']} now")
+    before, after = then["steps_per_epoch"], now["steps_per_epoch"]
+    if before != after:
+        moved = round(batch * after / before)
+        done = (epoch + batch / before) / max(1, epochs)
+        change = (f"steps per epoch {before} -> {after}: the learning-rate schedule continues from the same point of "
+                  f"training ({done:.0%} done), step {epoch * after + moved} (was {step})")
+        if batch:
+            change += (f", batch {moved} of {after} of epoch {epoch + 1} (was {batch} of {before}); the rest of this "
+                       "epoch follows the new data's order, so it may repeat some of its images and leave out others")
+        changes.append(change)
+        batch, step = moved, epoch * after + moved
+    if changes:
+        say("resuming with changes since the checkpoint: " + "; ".join(changes))
+    return epoch, batch, step
+
+
 def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
     """Load a checkpoint into the parts built for this run. What the run learnt (weights, optimizer moments, the
     schedule's position, the grad scale) comes from the checkpoint; how this run trains (its hyperparameters, fused or
@@ -426,6 +472,7 @@ def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
     scheduler.base_lrs = base_lrs  # this run's peak learning rate, at the checkpoint's position in the schedule
     for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what an epoch without a step logs
     if scaler.is_enabled() and not state["scaler"]:
         adapted.append("a fresh grad scaler for fp16 (the checkpoint trained without one)")
     else:
