@@ -4,10 +4,12 @@ Four classes, each with more cases than the issue lists:
 - silent data loss: masks that mix conventions, a hand-edited config.json that contradicts the weights, two
   validation folders (or channels) at once;
 - untrusted sizes: decompression bombs made from headers (PNG with a valid IHDR CRC, TIFF, JPEG, .npy), refused
-  before decoding, with the peak memory of the real command measured in a child process;
-- tracebacks where a message belongs: disk full and read-only outputs, Ctrl-C during the data check, broken and
-  unsafe model archives, bad arguments, unreadable images in a folder. Each is one message naming the file or
-  value, exit code 2, no traceback;
+  before decoding, with the peak memory of the real command measured in a child process; parallel decoding (the
+  data check, predict's read-ahead) bounded by bytes, not by files;
+- tracebacks where a message belongs: disk full and read-only outputs (also in the container, where the failure
+  file's first line says it), Ctrl-C during the data check (also in the container, where it is a stop), damaged
+  checkpoints, broken and unsafe model archives (also as the init model of a job), bad arguments, unreadable images
+  in a folder. Each is one message naming the file or value, exit code 2, no traceback;
 - the limit itself: a real image over it gets a message that says how to raise it, and raising it works.
 
 Tiny images and a tiny untrained model: the whole file runs in under two minutes on two shared CPU cores (about 100 s
@@ -795,6 +797,173 @@ def test_ctrl_c_during_the_data_check_is_one_line(tmp_path):
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert_clean_exit(done, "interrupted")
     assert "data:" not in out  # stopped in the data check, not after it
+
+
+@pytest.mark.slow  # starts the real container entry in a child process
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_the_data_check_in_the_container_is_a_stop_not_a_failure(tmp_path, sig):
+    # `docker run` passes Ctrl-C to PID 1 as SIGINT, SageMaker stops with SIGTERM: either is a stop, also before
+    # training starts (the data check of a large dataset takes minutes): exit 128 + the signal, no failure file.
+    from support import REPO, sagemaker_tree
+
+    root = make_channel(tmp_path / "data", count=300, size=16)
+    fifo = root / "masks" / "s150.png"
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it blocks until the test writes: the data check is surely under way
+    env = sagemaker_tree(tmp_path / "ml", {**TINY, "epochs": 1}, {"train": root})
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    # The training toolkit's part: it has no handler for either signal and dies of it (Python's own SIGINT handler,
+    # with its KeyboardInterrupt traceback, is the stand-in's, not the toolkit's).
+    toolkit = [PY, "-c", "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                         "sys.exit(subprocess.call(sys.argv[1:]))"]
+    proc = subprocess.Popen([PY, str(REPO / "entry" / "init.py"), *toolkit, PY, str(REPO / "entry" / "train.py")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _interrupt_when_the_fifo_is_read(proc, fifo, sig)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    failure = tmp_path / "ml" / "output" / "failure"
+    assert not failure.exists(), failure.read_text()[:3000]
+    assert "Traceback" not in err and "data:" not in out, err[-3000:]
+
+
+def _interrupt_when_the_fifo_is_read(proc: subprocess.Popen, fifo: Path, sig: int) -> tuple[str, str]:
+    def serve_reader() -> bool:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return False
+        os.write(writer, b"not a png")
+        os.close(writer)
+        return True
+
+    deadline = time.monotonic() + 120
+    while not serve_reader():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    while proc.poll() is None and time.monotonic() < deadline:
+        serve_reader()
+        time.sleep(0.02)
+    return proc.communicate(timeout=60)
+
+
+# --- a bad init model in the container --------------------------------------------------------------------------------
+
+@pytest.mark.slow  # starts the real container entry in a child process
+@pytest.mark.parametrize("kind", ["truncated", "other-architecture", "two-archives"])
+def test_a_bad_init_model_channel_is_the_failure_file_first_line_before_the_data_check(model_dir, tmp_path, kind):
+    # The archive checks themselves (NaN weights, unsafe members, edited configs) are probed in-process above; here
+    # the container's answer: the failure file's first line, before a data check that would fail too.
+    from support import run_entry, sagemaker_tree
+
+    channel = tmp_path / "init"
+    channel.mkdir()
+    archive = tar_of(model_dir, channel / "model.tar.gz")
+    hps, named = {**TINY, "epochs": 1}, str(archive)
+    if kind == "truncated":
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    elif kind == "other-architecture":
+        hps["encoder_depth"] = 4
+        named = "encoder_depth"
+    else:  # two archives, neither model.tar.gz: which one is meant is not clear
+        shutil.copy(archive, channel / "a.tar.gz")
+        archive.rename(channel / "b.tar.gz")
+        named = str(channel)
+    data = make_channel(tmp_path / "data", count=2, size=32)
+    (data / "masks" / "s00.png").write_bytes(b"broken")  # the init model's error must come first
+    done = run_entry(sagemaker_tree(tmp_path / "ml", hps, {"train": data, "init_model": channel}))
+    assert done.returncode == 1, done.stderr[-3000:]
+    first = (tmp_path / "ml" / "output" / "failure").read_text().splitlines()[0]
+    assert named in first and "s00.png" not in first and "Traceback" not in first, first
+
+
+# --- a checkpoint folder that holds something else than a whole checkpoint -----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset, run folder) of a finished one-epoch TINY run: checkpoints/last.pt and best.safetensors."""
+    root = tmp_path_factory.mktemp("trained")
+    make_channel(root / "data" / "train", count=4, size=32)
+    make_channel(root / "data" / "validation", count=2, size=32, seed=1)
+    done = run_cli(["train", "--data", root / "data", "--output", root / "run", *_tiny_args()])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "data", root / "run"
+
+
+def _damage_last(transform):
+    def damage(folder: Path) -> Path:
+        path = folder / "last.pt"
+        path.write_bytes(transform(path.read_bytes()))
+        return path
+    return damage
+
+
+def _drop_field(field: str):
+    def damage(folder: Path) -> Path:
+        import torch
+
+        state = torch.load(folder / "last.pt", weights_only=True)
+        del state[field]
+        torch.save(state, folder / "last.pt")
+        return folder / "last.pt"
+    return damage
+
+
+def _damage_best(folder: Path) -> Path:
+    path = folder / "best.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+DAMAGED_CHECKPOINTS = {
+    "truncated": (_damage_last(lambda data: data[: len(data) // 2]), "last.pt"),
+    "empty": (_damage_last(lambda data: b""), "last.pt"),
+    "text": (_damage_last(lambda data: b"not a checkpoint\n" * 20), "last.pt"),
+    "pickle": (_damage_last(lambda data: pickle.dumps({"model": object})), "last.pt"),  # never unpickled
+    "no-partial": (_drop_field("partial"), "last.pt"),  # another version's layout
+    "no-model": (_drop_field("model"), "last.pt"),
+    "best-truncated": (_damage_best, "best.safetensors"),
+}
+
+
+@pytest.mark.slow  # trains a model (once, for the module)
+@pytest.mark.parametrize("kind", DAMAGED_CHECKPOINTS)
+def test_a_damaged_checkpoint_is_named_before_training_resumes(trained_run, tmp_path, capsys, kind):
+    data, trained = trained_run
+    run = shutil.copytree(trained, tmp_path / "run")
+    damage, name = DAMAGED_CHECKPOINTS[kind]
+    damaged = damage(run / "checkpoints")
+    err = cli_error(capsys, ["train", "--data", data, "--output", run, *_tiny_args(epochs=2)])
+    assert str(damaged) in err and "fresh" in err, err
+    assert name in err and "epoch=" not in capsys.readouterr().out
+
+
+@pytest.mark.slow  # trains a model (once, for the module)
+def test_a_damaged_checkpoint_in_the_container_is_the_failure_file_first_line(trained_run, tmp_path):
+    from support import run_entry, sagemaker_tree
+
+    data, trained = trained_run
+    env = sagemaker_tree(tmp_path / "ml", {**TINY, "epochs": 2}, {"train": data / "train",
+                                                                  "validation": data / "validation"})
+    shutil.copytree(trained / "checkpoints", tmp_path / "ml" / "checkpoints")
+    damaged = _damage_last(lambda data: data[: len(data) // 2])(tmp_path / "ml" / "checkpoints")
+    done = run_entry(env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    first = (tmp_path / "ml" / "output" / "failure").read_text().splitlines()[0]
+    assert str(damaged) in first and "checkpoint" in first and "PytorchStreamReader" not in first, first
+
+
+@pytest.mark.slow  # trains a model (once, for the module)
+def test_an_init_model_that_a_resume_does_not_use_is_said(trained_run, tmp_path, capsys):
+    # A checkpoint wins over --init-model (a spot restart must not start over from the init model); the user who
+    # gives one and sees a resume must be told that it was not used.
+    data, trained = trained_run
+    run = shutil.copytree(trained, tmp_path / "run")
+    code = cli(["train", "--data", str(data), "--output", str(run), "--init-model", str(trained / "model"),
+                *_tiny_args(epochs=2)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    said = [line for line in out.splitlines() if str(trained / "model") in line]
+    assert len(said) == 1 and "not used" in said[0] and "resum" in said[0], out[-3000:]
 
 
 # --- model artifacts: broken, unsafe, not what they claim ----------------------------------------------------------

@@ -54,6 +54,14 @@ def main() -> int:
                             os.environ.setdefault(var, os.environ["SM_NETWORK_INTERFACE_NAME"])
                     return supervise(command, env.failure_file)
             return run(env)
+        except KeyboardInterrupt:  # SIGINT (docker run's Ctrl-C) outside the training loop, which handles its own
+            print("stopped by SIGINT outside the training loop (e.g. in the data check): no checkpoint written now; "
+                  "the next run continues from the last one, if any", file=sys.stderr, flush=True)
+            reports = os.environ.get(RANK_REPORTS_ENV)
+            if reports:  # a stop, as run() reports it: exit 0 so that torchrun does not take it for a failure
+                report_rank(Path(reports), "stopped", {"signal": "SIGINT"})
+                return 0
+            return 128 + signal.SIGINT
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
             if not report_rank_failure(exc):
                 write_failure(env.failure_file, exc)

@@ -84,10 +84,14 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = autocast_dtype(cfg, device, say)
     channels_last = cfg.channels_last and device.type == "cuda"
-    # A checkpoint (this run, resumed) wins over init_model; either makes pretrained encoder weights moot.
-    # The init model is read and checked before the data: a wrong path should not wait for a long data check.
-    resuming = checkpoint.exists(paths.checkpoint_dir)
+    # A checkpoint (this run, resumed) wins over init_model; either makes pretrained encoder weights moot. Both are
+    # read and checked before the data: a wrong path or a damaged checkpoint should not wait for a long data check.
+    state = checkpoint.load_state(paths.checkpoint_dir)
+    resuming = state is not None
     init_state = read_init_model(paths.init_model, cfg) if paths.init_model is not None and not resuming else None
+    if resuming and paths.init_model is not None:
+        say(f"init model {paths.init_model} not used: resuming from {paths.checkpoint_dir / checkpoint.LAST}, which "
+            "holds what this run has trained so far")
 
     # --- data -----------------------------------------------------------------------------------------------
     train_data, val_data = load_datasets(cfg, paths, ctx, say)
@@ -128,11 +132,11 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     # --- resume -----------------------------------------------------------------------------------------------
     start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
     partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
-    state = checkpoint.load_state(paths.checkpoint_dir)
     if state is not None:
         check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
         start_epoch, start_batch, step = resume_position(state, trained_on, cfg.epochs, say)
         state["scheduler"] = {**state["scheduler"], "last_epoch": step}  # the schedule's position: the step
+        checkpoint.restore_rng(state)
         restore(state, model, optimizer, scheduler, scaler, say)
         history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
         if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
