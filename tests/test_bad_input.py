@@ -4,10 +4,12 @@ Four classes, each with more cases than the issue lists:
 - silent data loss: masks that mix conventions, a hand-edited config.json that contradicts the weights, two
   validation folders (or channels) at once;
 - untrusted sizes: decompression bombs made from headers (PNG with a valid IHDR CRC, TIFF, JPEG, .npy), refused
-  before decoding, with the peak memory of the real command measured in a child process;
-- tracebacks where a message belongs: disk full and read-only outputs, Ctrl-C during the data check, broken and
-  unsafe model archives, bad arguments, unreadable images in a folder. Each is one message naming the file or
-  value, exit code 2, no traceback;
+  before decoding, with the peak memory of the real command measured in a child process; parallel decoding (the
+  data check, predict's read-ahead) bounded by bytes, not by files;
+- tracebacks where a message belongs: disk full and read-only outputs (also in the container, where the failure
+  file's first line says it), Ctrl-C during the data check (also in the container, where it is a stop), damaged
+  checkpoints, broken and unsafe model archives (also as the init model of a job), bad arguments, unreadable images
+  in a folder. Each is one message naming the file or value, exit code 2, no traceback;
 - the limit itself: a real image over it gets a message that says how to raise it, and raising it works.
 
 Tiny images and a tiny untrained model: the whole file runs in under two minutes on two shared CPU cores (about 100 s
@@ -526,6 +528,65 @@ def test_predict_decodes_only_a_bounded_number_of_images_ahead(model_dir, tmp_pa
     assert max(ahead) <= 3 * 2, ahead  # this chunk and two more
 
 
+def test_the_data_check_decodes_in_parallel_only_up_to_a_byte_budget(tmp_path, monkeypatch):
+    # It decoded up to 8 files at once: near the size limit for one image (2 GiB by default) that was 16 GiB in
+    # flight. The decoded bytes in flight, known from the headers, now stay within that limit (one file over it still
+    # decodes, alone). 12 samples of 3 MiB image + 1 MiB mask, a 6 MiB limit: one sample at a time, not 8.
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_pair(tmp_path, f"s{i:02d}", rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8),
+                   np.zeros((1024, 1024), np.uint8))
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "6")
+
+    def peak_mib(threads: int) -> float:
+        tracemalloc.start()  # numpy's (and so OpenCV's) arrays report to tracemalloc
+        try:
+            checked = check_dataset(pair_channel(tmp_path), CFG.replace(cache_images="off"), threads=threads)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(checked.samples) == 12 and checked.cached is None
+        return peak / 2**20
+
+    alone, parallel = peak_mib(threads=1), peak_mib(threads=8)  # one file's decoding (with its buffers), then 8 threads
+    assert parallel < 1.5 * alone, f"{parallel:.0f} MiB with 8 threads, {alone:.0f} MiB decoding one sample at a time"
+
+
+def test_predict_decodes_ahead_only_up_to_a_byte_budget(model_dir, tmp_path, monkeypatch):
+    # Two batches ahead is 16 images at the default batch size: 32 GiB of images near the size limit. The decoded
+    # bytes not yet predicted stay within the limit for one image (plus the image that goes over it).
+    import threading
+
+    import unetseg.predict as predict
+    from unetseg.model import load_model
+
+    folder = images_folder(tmp_path / "in", count=12, size=512)  # 768 KiB each, decoded
+    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "2")
+    lock, held, peak = threading.Lock(), [0], [0]
+    real_read, real_chunk = predict.read_image, predict._predict_chunk
+
+    def reading(path):
+        image = real_read(path)
+        with lock:
+            held[0] += image.nbytes
+            peak[0] = max(peak[0], held[0])
+        return image
+
+    def predicting(model, chunk, *args, **kwargs):
+        time.sleep(0.05)  # a slow model: decoding must not run through the whole folder meanwhile
+        yield from real_chunk(model, chunk, *args, **kwargs)
+        with lock:
+            held[0] -= sum(image.nbytes for _, image in chunk)
+
+    monkeypatch.setattr(predict, "read_image", reading)
+    monkeypatch.setattr(predict, "_predict_chunk", predicting)
+    written = predict.predict_files(load_model(model_dir, device="cpu"), sorted(folder.iterdir()), tmp_path / "out",
+                                    progress=False)
+    assert len(written) == 12 and held[0] == 0
+    image_bytes = 512 * 512 * 3
+    assert peak[0] <= (2 << 20) + image_bytes, f"{peak[0] / image_bytes:.0f} images decoded and not yet predicted"
+
+
 # =================================================================================================================
 # 3. Tracebacks where a message belongs
 # =================================================================================================================
@@ -543,14 +604,15 @@ def _namespace_prefix() -> list[str]:
 
 
 def run_with_mounts(mounts: list[tuple[Path, str]], argv: list[str], listing: Path | None = None,
-                    timeout: int = 300) -> subprocess.CompletedProcess:
-    """The CLI in a mount namespace where each (folder, options) is a tmpfs (e.g. "size=20m", "ro"); afterwards
-    the names in `listing` are printed to stdout (the tmpfs is gone once the namespace ends)."""
+                    timeout: int = 300, command: list[str] | None = None, env: dict | None = None
+                    ) -> subprocess.CompletedProcess:
+    """The CLI (or `command`) in a mount namespace where each (folder, options) is a tmpfs (e.g. "size=20m", "ro");
+    afterwards the names in `listing` are printed to stdout (the tmpfs is gone once the namespace ends)."""
     prefix = _namespace_prefix()
     script = " && ".join(f"mount -t tmpfs -o {opts} tmpfs '{folder}'" for folder, opts in mounts)
-    command = " ".join(f"'{a}'" for a in [PY, "-m", "unetseg.cli", *map(str, argv)])
+    command = " ".join(f"'{a}'" for a in command or [PY, "-m", "unetseg.cli", *map(str, argv)])
     script += f"; {command}; rc=$?; " + (f"ls -A '{listing}'; " if listing else "") + "exit $rc"
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**(env or os.environ), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -573,8 +635,79 @@ def test_disk_full_names_the_file_and_leaves_no_partial_file(tiny_dataset, tmp_p
     done = run_with_mounts([(run / where, f"size={size}")], ["train", "--data", tiny_dataset, "--output", run,
                                                              *_tiny_args(num_workers=2)], listing=run / where)
     err = assert_clean_exit(done, str(run / where / target), "no space left")
-    assert ".tmp." not in done.stdout, done.stdout  # the partial file was removed: the space is free again
+    assert f"error: disk full writing {run / where / target}: no space left on device" in err, err
+    # The partial files (the temporary file, the copy beside the target) were removed: the space is free again.
+    assert ".tmp." not in done.stdout and ".partial" not in done.stdout, done.stdout
     assert "resume" in err or where == "model"
+
+
+@pytest.mark.slow  # starts the real command in a child process
+@pytest.mark.parametrize("where, size, target", [
+    ("checkpoints", "60m", "last.pt"),  # staged in $TMPDIR, copied beside it: the copy fails
+    ("model", "20m", "model.safetensors"),  # written beside it: the write fails
+])
+def test_disk_full_in_the_container_is_the_failure_file_first_line(tiny_dataset, tmp_path, where, size, target):
+    # SageMaker shows the failure file's first 1024 characters as the job's FailureReason: the file and the reason
+    # must be there, not a torch or safetensors traceback.
+    from support import sagemaker_tree
+
+    root = tmp_path / "ml"
+    env = sagemaker_tree(root, {**TINY, "epochs": 1, "num_workers": 2},
+                         {"train": tiny_dataset / "train", "validation": tiny_dataset / "validation"})
+    (root / where).mkdir(parents=True)
+    done = run_with_mounts([(root / where, f"size={size}")], [], listing=root / where, env=env,
+                           command=[PY, str(Path(__file__).resolve().parents[1] / "entry" / "train.py")])
+    assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
+    first = (root / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith(f"disk full writing {root / where / target}: no space left on device"), first
+    # The folder after the failure (listed last): finished files only, no temporary file or partial copy.
+    assert ".partial" not in done.stdout and ".tmp." not in done.stdout, done.stdout[-2000:]
+
+
+ATOMIC_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys, tempfile, torch
+from pathlib import Path
+from unetseg import checkpoint
+from unetseg.model import save_artifact
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+folder, tempfile.tempdir = Path(sys.argv[1]), sys.argv[2]
+weights = {"w": torch.zeros(1 << 19)}  # 2 MiB
+for name, save in (("last.pt", lambda: checkpoint.save_state(folder, {"model": weights})),
+                   ("best.safetensors", lambda: checkpoint.save_best(folder, weights)),
+                   ("model.safetensors", lambda: save_artifact(folder / "model", weights, {}, []))):
+    try:
+        save()
+        print(json.dumps({"name": name, "raised": None}))
+    except Exception as exc:
+        print(json.dumps({"name": name, "raised": type(exc).__name__, "oserror": isinstance(exc, OSError),
+                          "errno": getattr(exc, "errno", None), "text": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_every_file_write_fails_with_one_error_naming_the_file_and_leaves_no_partial_file(tmp_path, staged):
+    # torch.save says "unexpected pos" and safetensors "os error 27": a file size limit (EFBIG) behaves as a quota does
+    # and needs no privileges. Staged: the checkpoint's temporary file lives on another folder ($TMPDIR).
+    import errno
+
+    folder, staging = tmp_path / "checkpoints", tmp_path / ("staging" if staged else "checkpoints")
+    staging.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([PY, "-c", ATOMIC_UNDER_A_FILE_SIZE_LIMIT, str(folder), str(staging)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["name"]: r for r in map(json.loads, done.stdout.splitlines())}
+    for name, target in (("last.pt", folder / "last.pt"), ("best.safetensors", folder / "best.safetensors"),
+                         ("model.safetensors", folder / "model" / "model.safetensors")):
+        result = results[name]
+        assert result["raised"] == "WriteFailed" and result["oserror"] and result["errno"] == errno.EFBIG, result
+        assert result["text"].startswith(f"file too large writing {target}"), result
+        assert result["text"].endswith(": file too large (a file size limit applies)"), result
+        # Where the failed write was, when not beside the file: the staging folder is the one to make room in.
+        via = f"(through its temporary copy in {staging})"
+        assert (via in result["text"]) == (staged and name != "model.safetensors"), result
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers  # no temporary file, no partial copy: the space is free again
 
 
 @pytest.mark.slow  # starts the real command in a child process
@@ -665,6 +798,173 @@ def test_ctrl_c_during_the_data_check_is_one_line(tmp_path):
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert_clean_exit(done, "interrupted")
     assert "data:" not in out  # stopped in the data check, not after it
+
+
+@pytest.mark.slow  # starts the real container entry in a child process
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_the_data_check_in_the_container_is_a_stop_not_a_failure(tmp_path, sig):
+    # `docker run` passes Ctrl-C to PID 1 as SIGINT, SageMaker stops with SIGTERM: either is a stop, also before
+    # training starts (the data check of a large dataset takes minutes): exit 128 + the signal, no failure file.
+    from support import REPO, sagemaker_tree
+
+    root = make_channel(tmp_path / "data", count=300, size=16)
+    fifo = root / "masks" / "s150.png"
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it blocks until the test writes: the data check is surely under way
+    env = sagemaker_tree(tmp_path / "ml", {**TINY, "epochs": 1}, {"train": root})
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    # The training toolkit's part: it has no handler for either signal and dies of it (Python's own SIGINT handler,
+    # with its KeyboardInterrupt traceback, is the stand-in's, not the toolkit's).
+    toolkit = [PY, "-c", "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                         "sys.exit(subprocess.call(sys.argv[1:]))"]
+    proc = subprocess.Popen([PY, str(REPO / "entry" / "init.py"), *toolkit, PY, str(REPO / "entry" / "train.py")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _interrupt_when_the_fifo_is_read(proc, fifo, sig)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    failure = tmp_path / "ml" / "output" / "failure"
+    assert not failure.exists(), failure.read_text()[:3000]
+    assert "Traceback" not in err and "data:" not in out, err[-3000:]
+
+
+def _interrupt_when_the_fifo_is_read(proc: subprocess.Popen, fifo: Path, sig: int) -> tuple[str, str]:
+    def serve_reader() -> bool:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return False
+        os.write(writer, b"not a png")
+        os.close(writer)
+        return True
+
+    deadline = time.monotonic() + 120
+    while not serve_reader():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    while proc.poll() is None and time.monotonic() < deadline:
+        serve_reader()
+        time.sleep(0.02)
+    return proc.communicate(timeout=60)
+
+
+# --- a bad init model in the container --------------------------------------------------------------------------------
+
+@pytest.mark.slow  # starts the real container entry in a child process
+@pytest.mark.parametrize("kind", ["truncated", "other-architecture", "two-archives"])
+def test_a_bad_init_model_channel_is_the_failure_file_first_line_before_the_data_check(model_dir, tmp_path, kind):
+    # The archive checks themselves (NaN weights, unsafe members, edited configs) are probed in-process above; here
+    # the container's answer: the failure file's first line, before a data check that would fail too.
+    from support import run_entry, sagemaker_tree
+
+    channel = tmp_path / "init"
+    channel.mkdir()
+    archive = tar_of(model_dir, channel / "model.tar.gz")
+    hps, named = {**TINY, "epochs": 1}, str(archive)
+    if kind == "truncated":
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    elif kind == "other-architecture":
+        hps["encoder_depth"] = 4
+        named = "encoder_depth"
+    else:  # two archives, neither model.tar.gz: which one is meant is not clear
+        shutil.copy(archive, channel / "a.tar.gz")
+        archive.rename(channel / "b.tar.gz")
+        named = str(channel)
+    data = make_channel(tmp_path / "data", count=2, size=32)
+    (data / "masks" / "s00.png").write_bytes(b"broken")  # the init model's error must come first
+    done = run_entry(sagemaker_tree(tmp_path / "ml", hps, {"train": data, "init_model": channel}))
+    assert done.returncode == 1, done.stderr[-3000:]
+    first = (tmp_path / "ml" / "output" / "failure").read_text().splitlines()[0]
+    assert named in first and "s00.png" not in first and "Traceback" not in first, first
+
+
+# --- a checkpoint folder that holds something else than a whole checkpoint -----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset, run folder) of a finished one-epoch TINY run: checkpoints/last.pt and best.safetensors."""
+    root = tmp_path_factory.mktemp("trained")
+    make_channel(root / "data" / "train", count=4, size=32)
+    make_channel(root / "data" / "validation", count=2, size=32, seed=1)
+    done = run_cli(["train", "--data", root / "data", "--output", root / "run", *_tiny_args()])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "data", root / "run"
+
+
+def _damage_last(transform):
+    def damage(folder: Path) -> Path:
+        path = folder / "last.pt"
+        path.write_bytes(transform(path.read_bytes()))
+        return path
+    return damage
+
+
+def _drop_field(field: str):
+    def damage(folder: Path) -> Path:
+        import torch
+
+        state = torch.load(folder / "last.pt", weights_only=True)
+        del state[field]
+        torch.save(state, folder / "last.pt")
+        return folder / "last.pt"
+    return damage
+
+
+def _damage_best(folder: Path) -> Path:
+    path = folder / "best.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+DAMAGED_CHECKPOINTS = {
+    "truncated": (_damage_last(lambda data: data[: len(data) // 2]), "last.pt"),
+    "empty": (_damage_last(lambda data: b""), "last.pt"),
+    "text": (_damage_last(lambda data: b"not a checkpoint\n" * 20), "last.pt"),
+    "pickle": (_damage_last(lambda data: pickle.dumps({"model": object})), "last.pt"),  # never unpickled
+    "no-partial": (_drop_field("partial"), "last.pt"),  # another version's layout
+    "no-model": (_drop_field("model"), "last.pt"),
+    "best-truncated": (_damage_best, "best.safetensors"),
+}
+
+
+@pytest.mark.slow  # trains a model (once, for the module)
+@pytest.mark.parametrize("kind", DAMAGED_CHECKPOINTS)
+def test_a_damaged_checkpoint_is_named_before_training_resumes(trained_run, tmp_path, capsys, kind):
+    data, trained = trained_run
+    run = shutil.copytree(trained, tmp_path / "run")
+    damage, name = DAMAGED_CHECKPOINTS[kind]
+    damaged = damage(run / "checkpoints")
+    err = cli_error(capsys, ["train", "--data", data, "--output", run, *_tiny_args(epochs=2)])
+    assert str(damaged) in err and "fresh" in err, err
+    assert name in err and "epoch=" not in capsys.readouterr().out
+
+
+@pytest.mark.slow  # trains a model (once, for the module)
+def test_a_damaged_checkpoint_in_the_container_is_the_failure_file_first_line(trained_run, tmp_path):
+    from support import run_entry, sagemaker_tree
+
+    data, trained = trained_run
+    env = sagemaker_tree(tmp_path / "ml", {**TINY, "epochs": 2}, {"train": data / "train",
+                                                                  "validation": data / "validation"})
+    shutil.copytree(trained / "checkpoints", tmp_path / "ml" / "checkpoints")
+    damaged = _damage_last(lambda data: data[: len(data) // 2])(tmp_path / "ml" / "checkpoints")
+    done = run_entry(env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    first = (tmp_path / "ml" / "output" / "failure").read_text().splitlines()[0]
+    assert str(damaged) in first and "checkpoint" in first and "PytorchStreamReader" not in first, first
+
+
+@pytest.mark.slow  # trains a model (once, for the module)
+def test_an_init_model_that_a_resume_does_not_use_is_said(trained_run, tmp_path, capsys):
+    # A checkpoint wins over --init-model (a spot restart must not start over from the init model); the user who
+    # gives one and sees a resume must be told that it was not used.
+    data, trained = trained_run
+    run = shutil.copytree(trained, tmp_path / "run")
+    code = cli(["train", "--data", str(data), "--output", str(run), "--init-model", str(trained / "model"),
+                *_tiny_args(epochs=2)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    said = [line for line in out.splitlines() if str(trained / "model") in line]
+    assert len(said) == 1 and "not used" in said[0] and "resum" in said[0], out[-3000:]
 
 
 # --- model artifacts: broken, unsafe, not what they claim ----------------------------------------------------------

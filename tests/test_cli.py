@@ -48,17 +48,32 @@ def test_demo_data_and_hyperparameter_listing(tmp_path, capsys):
     assert "optimizer" in out and "adamw|adam|sgd" in out
 
 
-def test_a_failed_write_is_described_by_its_file_and_errno(tmp_path):
+def test_a_failed_write_names_its_file_and_errno_and_other_errors_pass_through(tmp_path):
+    # As root (the tests' user) no folder refuses a write, so the writer raises what the file system would.
     import errno
 
-    from unetseg.cli import describe_write_failure
+    from unetseg.atomic import WriteFailed, replace_atomically
 
-    run = tmp_path / "run"
-    target = run / "model" / "config.json"
-    denied = PermissionError(errno.EACCES, "Permission denied", str(target))
-    assert describe_write_failure(denied, run) == f"could not write {target}: permission denied"
-    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(run / "checkpoints" / "last.pt"))
-    assert describe_write_failure(quota, run).endswith("last.pt: disk quota exceeded")
-    # Not a write of the run: reported as it is (a bug or someone else's file), not dressed up as one.
-    assert describe_write_failure(PermissionError(errno.EACCES, "Permission denied", "/etc/shadow"), run) is None
-    assert describe_write_failure(RuntimeError("CUDA error: out of memory"), run) is None
+    target = tmp_path / "run" / "model" / "config.json"
+
+    def failing(error):
+        def write(tmp):
+            tmp.write_bytes(b"half a file")
+            raise error
+        return write
+
+    cases = [(PermissionError(errno.EACCES, "Permission denied"), errno.EACCES, "permission denied writing"),
+             (OSError(errno.EDQUOT, "Disk quota exceeded"), errno.EDQUOT, "disk quota exceeded writing"),
+             (RuntimeError("I/O error: No space left on device (os error 28)"), errno.ENOSPC, "disk full writing")]
+    for error, code, headline in cases:
+        with pytest.raises(WriteFailed) as info:
+            replace_atomically(target, failing(error))
+        assert info.value.errno == code and info.value.path == target and info.value.filename == str(target)
+        assert str(info.value).startswith(f"{headline} {target}: "), str(info.value)
+        assert isinstance(info.value, OSError) and isinstance(info.value, UnetsegError)
+        assert list(target.parent.iterdir()) == []  # the partial temporary file is gone
+    # Not a write failure (the file system takes more bytes): reported as it is, a bug, not dressed up as a full disk.
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        replace_atomically(target, failing(RuntimeError("CUDA error: out of memory")))
+    assert list(target.parent.iterdir()) == []
+

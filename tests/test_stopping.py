@@ -6,6 +6,7 @@ from the checkpoint and ends with the same weights as a run that was never stopp
 """
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import process_tree
 from support import REPO, TINY, free_port, sagemaker_tree
+from unetseg.contract.metrics_log import parse_line
 from unetseg.contract.sagemaker_env import MASTER_PORT_ENV
 from unetseg.synthetic import make_demo_dataset
 
@@ -182,3 +184,54 @@ def test_checkpoint_files_staged_on_another_filesystem_still_arrive_whole(tmp_pa
     assert torch.load(folder / "last.pt", weights_only=True)["step"] == 2
     assert os.listdir(staging) == []
     os.rmdir(staging)
+
+
+# --- resuming after the training set changed -------------------------------------------------------------------------
+
+def _keep_training_images(data, count: int, seed: int = 5) -> None:
+    """Make the training channel hold `count` images: drop the last ones, or add new ones of the same kind."""
+    images = sorted((data / "train" / "images").iterdir())
+    for image in images[count:]:
+        image.unlink()
+        (data / "train" / "masks" / f"{image.stem}.png").unlink()
+    if count > len(images):
+        extra = make_demo_dataset(data.parent / "extra", kind="binary", train=count - len(images), validation=0,
+                                  size=32, seed=seed)
+        for image in sorted((extra / "train" / "images").iterdir()):
+            image.rename(data / "train" / "images" / f"new-{image.name}")
+            (extra / "train" / "masks" / f"{image.stem}.png").rename(data / "train" / "masks" / f"new-{image.stem}.png")
+
+
+@pytest.mark.parametrize("before, after, stop_at", [
+    (32, 8, 10),  # shrank: 8 -> 2 steps an epoch; stopped 2 steps into epoch 2 of 4
+    (24, 72, 8),  # grew: 6 -> 18 steps an epoch
+])
+def test_a_resume_on_a_changed_training_set_continues_the_schedule_where_it_stopped_and_says_so(
+        tmp_path, before, after, stop_at):
+    # Cosine over 4 epochs, batch 4, loader workers on. The schedule is a function of the optimizer step: rebuilt for
+    # the new steps per epoch but resumed at the old step, it had passed its end (shrunk: lr=0 for the rest of training)
+    # or had most of it still ahead (grew: the run ended at a high lr), without a word.
+    data = make_demo_dataset(tmp_path / "data", kind="binary", train=before, validation=8, size=32)
+    epochs, lr = 4, TINY["lr"]
+    hps = {**TINY, "epochs": epochs, "log_every": 1, "seed": 7, "num_workers": 2}
+    env = job_env(tmp_path / "spot", data, hps)
+    code, log = stop_after(env, step=stop_at)
+    epoch, batch = assert_stopped_inside_an_epoch(code, log, tmp_path / "spot", steps_per_epoch=before // 4)
+    assert epoch == 2, log[-3000:]
+
+    _keep_training_images(data, after)
+    resumed = run_entry(env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in resumed.stdout.splitlines() if f"{before} training images then, {after} now" in line]
+    assert len(said) == 1, resumed.stdout[-3000:]
+    assert f"steps per epoch {before // 4} -> {after // 4}" in said[0], said[0]
+
+    # The schedule continues from the same fraction of training: each epoch ends at the learning rate that epoch's
+    # end has in a 4-epoch cosine schedule, whatever the steps per epoch; and every epoch after the stop trains.
+    lines = {int(parse_line(line)["epoch"]): parse_line(line) for line in resumed.stdout.splitlines()
+             if line.startswith("epoch=")}
+    assert sorted(lines) == list(range(epoch, epochs + 1)), resumed.stdout[-3000:]
+    for e, line in lines.items():
+        assert line["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * e / epochs)) / 2, rel=1e-4, abs=1e-9), (e, line)
+    history = torch.load(tmp_path / "spot" / "checkpoints" / "last.pt", weights_only=True)["history"]
+    assert [h["step"] for h in history][epoch - 1:] == [e * (after // 4) for e in range(epoch, epochs + 1)], history

@@ -7,10 +7,13 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from support import REPO, TINY, free_port, run_entry, sagemaker_tree, write_pair
@@ -284,3 +287,91 @@ def test_resuming_refuses_another_model_and_names_changed_hyperparameters(tmp_pa
     with pytest.raises(ConfigError) as info:
         check_resumable(TrainConfig(**{**TINY, "classes": 3}), saved, tmp_path, said.append)
     assert f"{tmp_path / 'last.pt'} was trained with a different model (classes: 2 there, 3 now)" in str(info.value)
+
+
+# --- validation of images larger than a tile -------------------------------------------------------------------------
+
+def big_validation_pair(size: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An image of the demo's kind (discs on a textured background) and its 0/255 mask, `size` = (height, width)."""
+    height, width = size
+    side = max(size)
+    demo = make_demo_dataset(Path(tempfile.mkdtemp(prefix="unetseg-big-")), kind="binary", train=1, validation=0,
+                             size=side, seed=seed)
+    image = np.asarray(Image.open(demo / "train" / "images" / "train_0000.png"))[:height, :width]
+    mask = np.asarray(Image.open(demo / "train" / "masks" / "train_0000.png"))[:height, :width]
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def scored_by_predict(model_dir, pairs, class_names) -> dict:
+    """The validation metrics of `pairs` computed from `unetseg predict`'s masks."""
+    model = load_model(model_dir, device="cpu")
+    matrix = sum(confusion(torch.from_numpy(model.predict(image)), torch.from_numpy((mask > 0).astype(np.uint8)), 2)
+                 for image, mask in pairs)
+    return summarize(matrix, class_names)
+
+
+def test_a_validation_image_larger_than_a_tile_is_scored_as_predict_scores_it(small_data, tmp_path, monkeypatch):
+    # Predict tiles images above Segmenter.max_pixels (256 px tiles here, to keep it small on a CPU); validation must
+    # too, with the same code: scoring one 1300x1500 image whole gave other metrics than its predicted mask has, and at
+    # 20000 x 20000 the whole-image pass was OOM-killed.
+    from unetseg.segmenter import Segmenter
+
+    monkeypatch.setattr(Segmenter, "max_pixels", 256 * 256)
+    monkeypatch.setattr(Segmenter, "default_tile", 256)
+    big = big_validation_pair((1300, 1500))
+    write_pair(tmp_path / "validation", "big", *big)
+    cfg = TrainConfig(**{**HPS, "epochs": 1})
+    paths = RunPaths(small_data / "train", tmp_path / "validation", tmp_path / "model", tmp_path / "ckpt",
+                     tmp_path / "out")
+    logged = train(cfg, paths, progress=False).history[0]
+
+    expected = scored_by_predict(paths.model_dir, [big], cfg.resolved_class_names)
+    assert 0 < expected["val_iou_class_1"] < 1, expected  # a mask with both classes, and errors to score
+    assert {k: logged[k] for k in expected} == pytest.approx(expected, rel=0, abs=1e-12)
+    assert np.isfinite(logged["val_loss"]) and logged["val_loss"] > 0
+
+
+def test_the_resume_position_is_exact_on_unchanged_data_and_re_expressed_in_epochs_otherwise():
+    from unetseg.training import resume_position
+
+    data = {"train": {"images": 32, "files": "aaaa"}, "validation": {"images": 8, "files": "bbbb"},
+            "steps_per_epoch": 8, "processes": 1}
+    state = {"epoch": 2, "batch": 0, "step": 16, "data": data}
+    said = []
+    assert resume_position(state, data, 4, said.append) == (2, 0, 16) and said == []  # nothing changed: exact
+    assert resume_position({**state, "batch": 3, "step": 19}, data, 4, said.append) == (2, 3, 19) and said == []
+    assert resume_position({k: v for k, v in state.items() if k != "data"}, data, 4, said.append) == (2, 0, 16)
+
+    # Two processes now: 4 steps an epoch. At an epoch boundary the position is exact in epochs: step 2 x 4.
+    assert resume_position(state, {**data, "steps_per_epoch": 4, "processes": 2}, 4, said.append) == (2, 0, 8)
+    assert said[-1] == ("resuming with changes since the checkpoint: 1 processes then, 2 now; steps per epoch 8 -> 4: "
+                        "the learning-rate schedule continues from the same point of training (50% done), step 8 "
+                        "(was 16)")
+    # Other files, as many: the position stays, and it is said; another validation set: the best epoch is old news.
+    other = {**data, "train": {"images": 32, "files": "cccc"}, "validation": {"images": 9, "files": "dddd"}}
+    assert resume_position({**state, "batch": 5, "step": 21}, other, 4, said.append) == (2, 5, 21)
+    assert "the 32 training images are not the same files" in said[-1]
+    assert "8 validation images then, 9 now (the best epoch so far was scored on the old ones)" in said[-1]
+
+
+def test_two_processes_validate_large_images_each_its_own_tiled_and_sum_them(small_data, tmp_path):
+    # One image above predict's tiling size (2048 x 2048) per rank: each rank tiles its own, the confusion matrices are
+    # summed, and the logged metrics are those of predict's masks for both images.
+    pairs = [big_validation_pair((2049, 2049), seed=seed) for seed in (1, 2)]
+    for i, pair in enumerate(pairs):
+        write_pair(tmp_path / "validation", f"big{i}", *pair)
+    env = sagemaker_tree(tmp_path / "ml", {**HPS, "epochs": 1, "num_workers": 2},
+                         {"train": small_data / "train", "validation": tmp_path / "validation"})
+    env.update(PYTHONUNBUFFERED="1", UNETSEG_PROCS_PER_HOST="2", UNETSEG_MASTER_PORT=str(free_port()))
+    done = run_entry(env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    logged = json.loads((tmp_path / "ml" / "model" / "history.json").read_text())[0]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank computed (OMP_NUM_THREADS=1)
+    try:
+        expected = scored_by_predict(tmp_path / "ml" / "model", pairs, ["class_0", "class_1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert {k: logged[k] for k in expected} == pytest.approx(expected, rel=0, abs=1e-12)
+    assert "2 image(s) over 2048x2048 validated in 1024 px tiles as predict tiles them" in done.stdout, done.stdout

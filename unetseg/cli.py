@@ -6,9 +6,6 @@ Importing this module stays light; each command imports what it needs (torch onl
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import re
 import shutil
 import sys
 import tempfile
@@ -146,16 +143,14 @@ RUN_FOLDERS = ("model", "checkpoints", "output")
 
 def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], output: Path,
                   init_model: Optional[str] = None) -> int:
+    from .atomic import WriteFailed
     from .training import RunPaths, train
 
     paths = RunPaths(train_dir, val_dir, output / "model", output / "checkpoints", output / "output", init_model)
     try:
         result = train(cfg, paths)
-    except Exception as exc:  # noqa: BLE001 - a failed write under --output becomes one line; anything else is a bug
-        message = describe_write_failure(exc, output)
-        if message is None:
-            raise
-        raise OutputError(f"{message}; free space (or choose another --output) and run the same command again: it "
+    except WriteFailed as exc:  # disk full, quota, read-only...: the file and the reason, and what to do
+        raise OutputError(f"{exc}; free space (or choose another --output) and run the same command again: it "
                           "resumes from the last checkpoint written") from None
     if result.interrupted:
         print(f"interrupted; resume with the same command and --output {output}", file=sys.stderr)
@@ -182,62 +177,6 @@ def check_output_folder(folder: Path, flag: str = "--output", subfolders: Sequen
         except OSError as exc:
             raise OutputError(f"{flag} {folder}: cannot write in {path} ({write_failure_reason(exc.errno, exc)}); "
                               "choose another folder") from None
-
-
-def describe_write_failure(exc: BaseException, output: Path) -> Optional[str]:
-    """One line for an exception raised by writing a file under `output`: its path and why; None for other errors.
-
-    The writers do not all say which file failed, nor why: torch.save reports "unexpected pos", safetensors only an
-    "os error N". Every file of a run is written by atomic.replace_atomically, so the file is read from that frame of
-    the traceback, and its partial temporary copy is removed: the space it took is free again."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code is None:
-        found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(exc))
-        code = int(found.group(1) or found.group(2)) if found else None
-    target, partial = _atomic_write(exc)
-    if target is None and isinstance(exc, OSError) and exc.filename:
-        target = Path(exc.filename)
-    if target is None or not _inside(target, output):
-        return None
-    if code is None:
-        code = _diagnose(target.parent)  # before the partial file goes: it may be what filled the disk
-    if partial is not None:
-        partial.unlink(missing_ok=True)
-    return f"could not write {target}: {write_failure_reason(code, exc)}"
-
-
-def _atomic_write(exc: BaseException) -> tuple[Optional[Path], Optional[Path]]:
-    """(file, its temporary copy) of the atomic write that `exc` interrupted, from the traceback's frames."""
-    found: tuple[Optional[Path], Optional[Path]] = (None, None)
-    frame = exc.__traceback__
-    while frame is not None:
-        code = frame.tb_frame
-        if code.f_code.co_name == "replace_atomically" and code.f_globals.get("__name__") == "unetseg.atomic":
-            found = (code.f_locals.get("path"), code.f_locals.get("tmp"))
-        frame = frame.tb_next
-    return found
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = Path(path).resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def _diagnose(folder: Path) -> Optional[int]:
-    """The likely errno of a write that failed without one: a file size limit, a full disk, an unwritable folder."""
-    import resource
-
-    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
-        return errno.EFBIG
-    try:
-        stats = os.statvfs(folder)
-        if stats.f_bavail * stats.f_frsize < 1 << 20:
-            return errno.ENOSPC
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unetseg-write-probe-"):
-            pass
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def _demo(args, _extra) -> int:

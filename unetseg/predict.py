@@ -3,9 +3,10 @@
 Per image `<stem>.png` (pixel values are class indices; viewers show the class colours), and on request
 `<stem>.npy` (float16 class probabilities, C x H x W) and `<stem>_overlay.png` (the mask blended on the image).
 Same-sized images are batched; large images are tiled (see Segmenter); decoding runs ahead in threads, at most two
-batches ahead, so memory stays bounded whatever the folder holds. An image that cannot be used (unreadable, over the
-size limit, the wrong channel count) does not stop the others: the good ones get their masks, and every bad one is
-named in one DataError at the end.
+batches ahead and within a byte budget known from the headers (the size limit for one image, UNETSEG_MAX_IMAGE_MB),
+so memory stays bounded whatever the folder holds, also when its images are near the limit. An image that cannot be
+used (unreadable, over the size limit, the wrong channel count) does not stop the others: the good ones get their
+masks, and every bad one is named in one DataError at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from PIL import Image
 
 from .contract.codecs import encode_mask_png
-from .data.io import read_image
+from .contract.image_headers import max_image_bytes
+from .data.io import declared_size, read_image
 from .data.scan import IMAGE_EXTENSIONS
 from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
 from .contract.layout import IMAGES
@@ -120,35 +122,52 @@ def _write(target: Path, write: Callable[[Path], object]) -> None:
 
 def _decoded_chunks(images: Sequence[Path], size: int, channels: int,
                     problems: list[str]) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    """Chunks of `size` decoded images, decoded in threads at most two chunks ahead of the model. An image that
-    cannot be used goes to `problems` instead."""
+    """Chunks of up to `size` decoded images, decoded in threads at most two chunks ahead of the model, and while the
+    images decoded and not yet predicted stay within the byte budget (an image over it is decoded alone). An image
+    that cannot be used goes to `problems` instead."""
     pool = ThreadPoolExecutor(4)
-    todo, pending = iter(images), deque()
+    budget = max_image_bytes()
+    todo, pending = deque(images), deque()  # pending: (future, declared bytes)
+    held = 0  # declared bytes of the images started and not yet predicted (pending and in the chunk)
 
     def refill() -> None:
-        while len(pending) < 2 * size:
-            path = next(todo, None)
-            if path is None:
+        nonlocal held
+        while todo and len(pending) < 2 * size:
+            cost = _declared_bytes(todo[0])
+            if held and held + cost > budget:
                 return
-            pending.append(pool.submit(_load, path, channels))
+            pending.append((pool.submit(_load, todo.popleft(), channels), cost))
+            held += cost
 
     try:
         refill()
-        chunk = []
-        while pending:
-            path, image, problem = pending.popleft().result()
+        chunk, chunk_cost = [], 0
+        while pending or chunk:
+            if pending:
+                future, cost = pending.popleft()
+                path, image, problem = future.result()
+                if problem is not None:
+                    problems.append(problem)
+                    held -= cost
+                else:
+                    chunk.append((path, image))
+                    chunk_cost += cost
             refill()
-            if problem is not None:
-                problems.append(problem)
-                continue
-            chunk.append((path, image))
-            if len(chunk) == size:
+            # The chunk goes to the model when full, at the end, or when the budget lets nothing more start.
+            if chunk and (len(chunk) == size or not pending):
                 yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+                chunk, held, chunk_cost = [], held - chunk_cost, 0
+                refill()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or an error: drop the images not yet started
+
+
+def _declared_bytes(path: Path) -> int:
+    """What the image decodes to, from its header; 0 when the header cannot be read (the decoder then names why)."""
+    try:
+        return declared_size(path).decoded_bytes
+    except Exception:  # noqa: BLE001 - unreadable or too large: _load reports it without decoding
+        return 0
 
 
 def _load(path: Path, channels: int) -> tuple[Path, Optional[np.ndarray], Optional[str]]:

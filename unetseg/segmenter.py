@@ -2,13 +2,15 @@
 
 Images are padded to the encoder's stride and cropped back. Images larger than `max_pixels` (or any image, when
 `tile` is given) are cut into overlapping tiles whose class probabilities are blended with weights that fall off
-towards each tile's edge, so that no seam shows where two tiles meet.
+towards each tile's edge, so that no seam shows where two tiles meet. The blend is built in bands of rows, each
+final once no later tile reaches it: validation scores large images band by band (`blended_bands`), with memory
+that follows the tile and the image width, not the image.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +65,13 @@ class Segmenter:
             return self.probabilities(batch, tta)[0].cpu().numpy()
         return self._tiled(batch[0], tile or self.default_tile, overlap, batch_size, tta).cpu().numpy()
 
+    def blended_bands(self, image: np.ndarray, *, tile: Optional[int] = None, overlap: float = 0.25,
+                      batch_size: int = 4, tta: str = "none") -> Iterator[tuple[int, torch.Tensor]]:
+        """The class probabilities that predict_proba gives a large image (tiled, `tile` by default `default_tile`), in
+        bands of rows from the top: (first row, (C, rows, W) tensor on the device). Only the image is held whole."""
+        image = as_hwc(image, self.in_channels)
+        return self._tiled_bands(image, tile or self.default_tile, overlap, batch_size, tta)
+
     def predict_batch(self, images: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
         """(N, H, W) uint8 masks for same-sized images, in one forward pass (per orientation, with `tta`)."""
         return self.probabilities(self.to_batch(images), tta).argmax(1).to(torch.uint8).cpu().numpy()
@@ -112,21 +121,36 @@ class Segmenter:
 
     def _tiled(self, image_hwc: torch.Tensor, tile: int, overlap: float, batch_size: int,
                tta: str = "none") -> torch.Tensor:
+        return torch.cat([band for _, band in self._tiled_bands(image_hwc, tile, overlap, batch_size, tta)], 1)
+
+    def _tiled_bands(self, image_hwc: torch.Tensor | np.ndarray, tile: int, overlap: float, batch_size: int,
+                     tta: str = "none") -> Iterator[tuple[int, torch.Tensor]]:
+        """Blended tile probabilities, (first row, band), top to bottom. Tiles run in row-major order, `batch_size` at a
+        time; after each batch the rows above the next tile's top are final: no later tile reaches them."""
         height, width = image_hwc.shape[:2]
         tile = max(self.stride, tile // self.stride * self.stride)
         th, tw = min(tile, height), min(tile, width)
         step = max(self.stride, int(tile * (1 - overlap)))
         corners = [(y, x) for y in _starts(height, th, step) for x in _starts(width, tw, step)]
         weight = _blend_window(th, tw, tile - step, self.device)
-        total = torch.zeros(len(self.class_names), height, width, device=self.device)
-        weights = torch.zeros(1, height, width, device=self.device)
+        top = 0  # the first row not yet handed out; the sums below start there
+        total = torch.zeros(len(self.class_names), 0, width, device=self.device)
+        weights = torch.zeros(1, 0, width, device=self.device)
         for i in range(0, len(corners), batch_size):
             chunk = corners[i:i + batch_size]
-            probs = self.probabilities(torch.stack([image_hwc[y:y + th, x:x + tw] for y, x in chunk]), tta)
+            grow = max(y for y, _ in chunk) + th - top - total.shape[1]
+            if grow > 0:
+                total = torch.cat([total, total.new_zeros(total.shape[0], grow, width)], 1)
+                weights = torch.cat([weights, weights.new_zeros(1, grow, width)], 1)
+            probs = self.probabilities(_crops(image_hwc, chunk, th, tw), tta)
             for (y, x), p in zip(chunk, probs):
-                total[:, y:y + th, x:x + tw] += p * weight
-                weights[:, y:y + th, x:x + tw] += weight
-        return total / weights
+                total[:, y - top:y - top + th, x:x + tw] += p * weight
+                weights[:, y - top:y - top + th, x:x + tw] += weight
+            final = corners[i + batch_size][0] if i + batch_size < len(corners) else height
+            if final > top:
+                yield top, total[:, :final - top] / weights[:, :final - top]
+                total, weights = total[:, final - top:], weights[:, final - top:]
+                top = final
 
 
 _FLIPS = ((), (3,), (2,), (2, 3))  # none, horizontal, vertical, both (NCHW dims)
@@ -138,6 +162,17 @@ def tta_views(mode: str) -> list[tuple[bool, tuple[int, ...]]]:
         raise ValueError(f"tta={mode!r}: use one of {', '.join(TTA_MODES)}")
     flips = _FLIPS if mode != "none" else _FLIPS[:1]
     return [(transpose, f) for transpose in ((False, True) if mode == "d4" else (False,)) for f in flips]
+
+
+def _crops(image_hwc: torch.Tensor | np.ndarray, corners: Sequence[tuple[int, int]], height: int,
+           width: int) -> torch.Tensor:
+    """NHWC batch of the crops at `corners`: from a tensor as it is; from an array as to_batch would make it (16-bit
+    pixels scaled crop by crop, so that a large image is never converted whole)."""
+    crops = [image_hwc[y:y + height, x:x + width] for y, x in corners]
+    if isinstance(image_hwc, torch.Tensor):
+        return torch.stack(crops)
+    stacked = np.stack(crops)
+    return torch.from_numpy(stacked if stacked.dtype == np.uint8 else unit_float(stacked))
 
 
 def _starts(length: int, size: int, step: int) -> list[int]:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from . import checkpoint, distributed
 from .contract.config import TrainConfig
 from .data.checks import CheckedDataset, check_dataset
 from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
+from .data.masks import IGNORE_INDEX
 from .data.scan import pair_channel, split_holdout
 from .data.transforms import train_transform
 from .distributed import DistContext, all_gather_objects, all_reduce
@@ -83,10 +84,14 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = autocast_dtype(cfg, device, say)
     channels_last = cfg.channels_last and device.type == "cuda"
-    # A checkpoint (this run, resumed) wins over init_model; either makes pretrained encoder weights moot.
-    # The init model is read and checked before the data: a wrong path should not wait for a long data check.
-    resuming = checkpoint.exists(paths.checkpoint_dir)
+    # A checkpoint (this run, resumed) wins over init_model; either makes pretrained encoder weights moot. Both are
+    # read and checked before the data: a wrong path or a damaged checkpoint should not wait for a long data check.
+    state = checkpoint.load_state(paths.checkpoint_dir)
+    resuming = state is not None
     init_state = read_init_model(paths.init_model, cfg) if paths.init_model is not None and not resuming else None
+    if resuming and paths.init_model is not None:
+        say(f"init model {paths.init_model} not used: resuming from {paths.checkpoint_dir / checkpoint.LAST}, which "
+            "holds what this run has trained so far")
 
     # --- data -----------------------------------------------------------------------------------------------
     train_data, val_data = load_datasets(cfg, paths, ctx, say)
@@ -96,9 +101,15 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                        persistent_workers=workers > 0, collate_fn=pad_collate(cfg.stride))
     train_loader = DataLoader(SegmentationDataset(train_data, train_transform(cfg.augment, cfg.image_size, cfg.in_channels), cfg.seed),
                               batch_size=cfg.batch_size, sampler=sampler, **loader_args)
+    # Validation images above the size that predict tiles are scored tile by tile, as predict scores them, by each rank
+    # for its shard; the others in batches.
+    tiled = [i for i in ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size) if is_tiled(val_data.sizes[i])]
     val_loader = DataLoader(SegmentationDataset(val_data), batch_size=val_batch_size(cfg, val_data),
-                            sampler=ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size), **loader_args)
+                            sampler=ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size, skip=tiled),
+                            **loader_args)
     steps_per_epoch = sampler.batches_per_epoch
+    trained_on = {"train": train_data.fingerprint(), "validation": val_data.fingerprint(),
+                  "steps_per_epoch": steps_per_epoch, "processes": ctx.world_size}
 
     # --- model, optimizer, schedule ---------------------------------------------------------------------------
     model = build_model(cfg, pretrained=not resuming and init_state is None)
@@ -116,15 +127,17 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         say("class weights (cross-entropy): " + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
     loss_fn = build_loss(cfg.loss, weights).to(device)
     norm = normalization(cfg)
+    predict_config = artifact_config(cfg, train_data.codec.mode)  # what a Segmenter of this model reads
 
     # --- resume -----------------------------------------------------------------------------------------------
     start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
     partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
-    state = checkpoint.load_state(paths.checkpoint_dir)
     if state is not None:
         check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
+        start_epoch, start_batch, step = resume_position(state, trained_on, cfg.epochs, say)
+        state["scheduler"] = {**state["scheduler"], "last_epoch": step}  # the schedule's position: the step
+        checkpoint.restore_rng(state)
         restore(state, model, optimizer, scheduler, scaler, say)
-        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
         if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
             partial.update(loss_sum=0.0, samples=0)
@@ -137,7 +150,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     def snapshot(epoch: int, batch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "history": history,
-                "best": best, "partial": partial, "hyperparameters": cfg.to_hyperparameters()}
+                "best": best, "partial": partial, "hyperparameters": cfg.to_hyperparameters(), "data": trained_on}
 
     say(f"training {cfg.arch}/{cfg.encoder} for {cfg.epochs} epochs x {steps_per_epoch} steps on "
         f"{ctx.world_size} x {device.type}, batch {cfg.batch_size} per process, "
@@ -192,7 +205,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
             totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(partial["samples"]), device=device)]), ctx)
             metrics = {"train_loss": float(totals[0] / totals[1].clamp_min(1))}
             distributed.broadcast_buffers(model, ctx)
-            metrics.update(evaluate(model, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last))
+            metrics.update(evaluate(model, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last,
+                                    large=(val_data.load(i) for i in tiled), config=predict_config))
             metrics.update(lr=scheduler.get_last_lr()[0], epoch_time=partial["seconds"] + time.perf_counter() - started,
                            images_per_sec=float(totals[1]) / max(train_seconds, 1e-9))
             history.append({"epoch": epoch + 1, "step": step, **metrics})
@@ -230,9 +244,12 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
 
 @torch.inference_mode()
 def evaluate(model, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
-             channels_last: bool) -> dict[str, float]:
-    """Metrics over every rank's validation shard. `model` is the bare model, not the DDP wrapper (see
-    distributed.broadcast_buffers): a shard may be empty when there are fewer images than processes."""
+             channels_last: bool, large: Iterable[tuple[np.ndarray, np.ndarray]] = (),
+             config: Optional[dict] = None) -> dict[str, float]:
+    """Metrics over every rank's validation shard: the loader's images in batches, then the `large` ones (image, mask),
+    one at a time, tiled as predict tiles them (`config`: the model's artifact config). `model` is the bare model, not
+    the DDP wrapper (see distributed.broadcast_buffers): a shard may be empty when there are fewer images than
+    processes."""
     model.eval()
     matrix = torch.zeros(cfg.classes, cfg.classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), device=device)
@@ -246,10 +263,42 @@ def evaluate(model, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: 
         loss_sum += loss_fn(logits.float(), y) * len(images)
         count += len(images)
         matrix += confusion(logits.argmax(1), y, cfg.classes)
+    segmenter = None
+    for image, mask in large:
+        segmenter = segmenter or Segmenter(model, config, device=device)
+        loss, counts = score_tiled(segmenter, image, mask, loss_fn, cfg.classes)
+        loss_sum += loss
+        count += 1
+        matrix += counts
     all_reduce(matrix, ctx)
     totals = all_reduce(torch.stack([loss_sum, count]), ctx)
     model.train()
     return {"val_loss": float(totals[0] / totals[1].clamp_min(1)), **summarize(matrix.cpu(), cfg.resolved_class_names)}
+
+
+def is_tiled(size: tuple[int, int]) -> bool:
+    """Whether validation scores an image of `size` (height, width) in tiles: above the size predict tiles."""
+    return size[0] * size[1] > Segmenter.max_pixels
+
+
+def score_tiled(segmenter: Segmenter, image: np.ndarray, mask: np.ndarray, loss_fn,
+                classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, confusion matrix) of one image scored as predict scores it: blended tiles, band by band
+    (Segmenter.blended_bands), so that memory follows the tile and the image width, not the image's size.
+
+    The loss is that of the blended probabilities, with their logarithm as logits (exact for ce and dice, which take a
+    softmax of them), averaged over the bands by labelled pixels: overlapping tiles have no one logit per pixel."""
+    matrix = torch.zeros(classes, classes, dtype=torch.int64, device=segmenter.device)
+    loss_sum, labelled = torch.zeros((), device=segmenter.device), 0
+    target = torch.from_numpy(mask)
+    for top, probs in segmenter.blended_bands(image):
+        y = target[top:top + probs.shape[1]].to(segmenter.device).long()
+        matrix += confusion(probs.argmax(0), y, classes)
+        pixels = int((y != IGNORE_INDEX).sum())
+        if pixels:
+            loss_sum += loss_fn(probs.clamp_min(1e-8).log()[None], y[None]) * pixels
+            labelled += pixels
+    return loss_sum / max(1, labelled), matrix
 
 
 def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say,
@@ -305,11 +354,19 @@ def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> t
         train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
         where = f"{len(val)} held out of {paths.train} (val_fraction={cfg.val_fraction})"
     # Each process reads (and keeps) the shard its samplers will give it: index % world within train and within val.
+    # Validation images large enough to be tiled are read when validated, one at a time, and never kept: one of them
+    # could outweigh the rest of the dataset and leave it all uncached.
     owners = [i % ctx.world_size for i in range(len(train))] + [j % ctx.world_size for j in range(len(val))]
     checked = check_dataset(train + val, cfg, cache_share=ctx.local_world_size, rank=ctx.rank, owners=owners,
-                            gather=partial(all_gather_objects, ctx=ctx))
+                            gather=partial(all_gather_objects, ctx=ctx),
+                            uncached=lambda i, size: i >= len(train) and is_tiled(size))
     train_data = checked.subset(range(len(train)))
     val_data = checked.subset(range(len(train), len(train) + len(val)))
+    large = sum(map(is_tiled, val_data.sizes))
+    if large:
+        side = math.isqrt(Segmenter.max_pixels)
+        where += (f"; {large} image(s) over {side}x{side} validated in {Segmenter.default_tile} px tiles as predict "
+                  "tiles them, read from disk each time")
     share = train_data.class_pixels / max(1, train_data.class_pixels.sum())
     balance = ", ".join(f"{n} {p:.1%}" for n, p in zip(cfg.resolved_class_names, share))
     kept = "read from disk" if checked.cached is None else (
@@ -341,8 +398,9 @@ def auto_workers(device: torch.device, local_world: int) -> int:
 
 
 def val_batch_size(cfg: TrainConfig, data: CheckedDataset) -> int:
-    """Validation runs on whole images: scale the batch down by how much larger they are than a crop."""
-    largest = max(h * w for h, w in data.sizes)
+    """Validation runs on whole images up to the tiled ones' size: scale the batch down by how much larger they are
+    than a crop."""
+    largest = max((h * w for h, w in data.sizes if not is_tiled((h, w))), default=1)
     return max(1, min(cfg.batch_size, int(cfg.batch_size * cfg.image_size**2 / largest)))
 
 
@@ -395,6 +453,49 @@ def check_resumable(cfg: TrainConfig, saved_hps: dict, where: Path, say) -> None
         say(f"resuming with changed hyperparameters: {', '.join(changed)}")
 
 
+def resume_position(state: dict, now: dict, epochs: int, say) -> tuple[int, int, int]:
+    """(epoch, batch within it, optimizer step) at which a run resumed from `state` continues; `now` is this run's
+    record of its data (see `trained_on`). One line says what changed since the checkpoint.
+
+    On the same data, steps per epoch and processes: exactly where the checkpoint stopped. The learning-rate schedule
+    is a function of the step, built for this run's steps per epoch; resumed at the old step after these changed (the
+    training set shrank or grew, another batch_size or process count), it had passed its end (lr=0 for the rest of
+    training) or had much of it still ahead. So the position is re-expressed in epochs: the run continues at the same
+    fraction of training, the step renumbered as epoch x steps per epoch + batch. Inside an epoch this cannot be
+    exact: the epoch's order over the new data is another one, so its rest is the new order's rest from the same
+    fraction on, which may repeat some images of the epoch and leave out others; the epochs after it are whole.
+    Other files with the same count, or another validation set, keep the position: they are said, as the run is then
+    no replay of an uninterrupted one, and the best epoch so far was scored on the old validation images."""
+    epoch, batch, step = state["epoch"], state["batch"], state["step"]
+    then = state.get("data")
+    if then is None:  # written before checkpoints recorded their data: nothing to compare with
+        return epoch, batch, step
+    changes = []
+    for role, noun, note in (("train", "training", ""),
+                             ("validation", "validation", " (the best epoch so far was scored on the old ones)")):
+        old, new = then[role], now[role]
+        if old["images"] != new["images"]:
+            changes.append(f"{old['images']} {noun} images then, {new['images']} now{note}")
+        elif old["files"] != new["files"]:
+            changes.append(f"the {new['images']} {noun} images are not the same files (names or sizes differ){note}")
+    if then["processes"] != now["processes"]:
+        changes.append(f"{then['processes']} processes then, {now['processes']} now")
+    before, after = then["steps_per_epoch"], now["steps_per_epoch"]
+    if before != after:
+        moved = round(batch * after / before)
+        done = (epoch + batch / before) / max(1, epochs)
+        change = (f"steps per epoch {before} -> {after}: the learning-rate schedule continues from the same point of "
+                  f"training ({done:.0%} done), step {epoch * after + moved} (was {step})")
+        if batch:
+            change += (f", batch {moved} of {after} of epoch {epoch + 1} (was {batch} of {before}); the rest of this "
+                       "epoch follows the new data's order, so it may repeat some of its images and leave out others")
+        changes.append(change)
+        batch, step = moved, epoch * after + moved
+    if changes:
+        say("resuming with changes since the checkpoint: " + "; ".join(changes))
+    return epoch, batch, step
+
+
 def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
     """Load a checkpoint into the parts built for this run. What the run learnt (weights, optimizer moments, the
     schedule's position, the grad scale) comes from the checkpoint; how this run trains (its hyperparameters, fused or
@@ -426,6 +527,7 @@ def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
     scheduler.base_lrs = base_lrs  # this run's peak learning rate, at the checkpoint's position in the schedule
     for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what an epoch without a step logs
     if scaler.is_enabled() and not state["scaler"]:
         adapted.append("a fresh grad scaler for fp16 (the checkpoint trained without one)")
     else:

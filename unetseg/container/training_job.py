@@ -12,6 +12,7 @@ failed first (not torchrun's summary, and not another rank's "connection closed"
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import replace_atomically
+from ..atomic import WriteFailed, replace_atomically
 from ..contract.errors import DataError
 from ..contract.layout import IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, read_layout
 from ..contract.sagemaker_env import RANK_REPORTS_ENV, STOP_GRACE_S, TrainingEnv, stopped_exit_code
@@ -51,6 +52,14 @@ def main() -> int:
                             os.environ.setdefault(var, env.network_interface)
                     return supervise(command, env.failure_file)
             return run(env)
+        except KeyboardInterrupt:  # SIGINT (docker run's Ctrl-C) outside the training loop, which handles its own
+            print("stopped by SIGINT outside the training loop (e.g. in the data check): no checkpoint written now; "
+                  "the next run continues from the last one, if any", file=sys.stderr, flush=True)
+            reports = os.environ.get(RANK_REPORTS_ENV)
+            if reports:  # a stop, as run() reports it: exit 0 so that torchrun does not take it for a failure
+                report_rank(Path(reports), "stopped", {"signal": "SIGINT"})
+                return 0
+            return stopped_exit_code(signal.SIGINT)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
             if not report_rank_failure(exc):
                 write_failure(env.failure_file, exc)
@@ -161,6 +170,10 @@ def failure_text(exc: BaseException) -> str:
 
 
 def failure_summary(exc: BaseException) -> str:
+    if isinstance(exc, WriteFailed):  # "disk full writing /opt/ml/checkpoints/last.pt: ...": the file and the reason
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return f"{exc}" + ("; give the job a larger volume (UNetEstimator volume_size, in GB) and start it again: "
+                           "with a checkpoint location it resumes from the last checkpoint written" if full else "")
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -3,6 +3,9 @@
 The same pass measures what training needs to know (mask convention, bit depth, class balance) and, when the
 decoded dataset fits in memory, keeps the pixels so that no epoch decodes a file again.
 
+Files are decoded in threads, as many at once as fit in a byte budget known from their headers (the size limit for one
+image, UNETSEG_MAX_IMAGE_MB): memory follows the budget, not the thread count times the largest image.
+
 With several training processes, each reads only its own shard of the files (`owners`), keeps only those pixels,
 and the facts (not the pixels) are exchanged through `gather`: every process then knows the whole dataset, raises
 the same error, and the reading and the memory are divided among the processes instead of multiplied.
@@ -10,16 +13,18 @@ the same error, and the reading and the memory are divided among the processes i
 
 from __future__ import annotations
 
+import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from ..contract.config import TrainConfig
 from ..contract.errors import DataError
-from .io import image_size, read_image, read_mask
+from ..contract.image_headers import max_image_bytes
+from .io import declared_size, read_image, read_mask
 from .masks import MaskCodec, mask_values, resolve_mode, squeeze_gray
 from .scan import MAX_LISTED, Sample
 
@@ -30,13 +35,24 @@ class CheckedDataset:
     codec: MaskCodec
     sample_class_pixels: np.ndarray  # (samples, classes) pixel counts, ignore excluded
     sizes: list[tuple[int, int]]  # (height, width) per sample
-    # (image, class mask) per sample this process keeps in memory, None for the others (another process's shard)
+    # (image, class mask) per sample this process keeps in memory, None for the others (another process's shard, or
+    # an image too large to keep: see check_dataset's `uncached`)
     cached: Optional[list[Optional[tuple[np.ndarray, np.ndarray]]]] = field(default=None, repr=False)
+    stored: list[tuple[int, int]] = field(default_factory=list, repr=False)  # bytes of the image and mask files
 
     def subset(self, indices: Sequence[int]) -> "CheckedDataset":
         pick = lambda items: [items[i] for i in indices]  # noqa: E731
         return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
-                              pick(self.sizes), pick(self.cached) if self.cached is not None else None)
+                              pick(self.sizes), pick(self.cached) if self.cached is not None else None,
+                              pick(self.stored) if self.stored else [])
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on: the sample count and a digest of the file names and
+        sizes (from the data check: nothing is read again)."""
+        digest = hashlib.sha256()
+        for sample, (image_bytes, mask_bytes) in zip(self.samples, self.stored or [(0, 0)] * len(self.samples)):
+            digest.update(f"{sample.image.name}\0{image_bytes}\0{sample.mask.name}\0{mask_bytes}\n".encode())
+        return {"images": len(self.samples), "files": digest.hexdigest()[:16]}
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image HxWxC, class-index mask HxW) of one sample: from memory when cached, else decoded now."""
@@ -48,6 +64,12 @@ class CheckedDataset:
     @property
     def class_pixels(self) -> np.ndarray:
         return self.sample_class_pixels.sum(0)
+
+
+class _Header(NamedTuple):
+    size: tuple[int, int]  # (height, width)
+    decoded: int  # bytes the image and the mask decode to, as their headers declare
+    stored: tuple[int, int]  # bytes of the image and mask files
 
 
 @dataclass(frozen=True)
@@ -75,40 +97,45 @@ def memory_budget_bytes(share: int = 1) -> int:
 def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optional[MaskCodec] = None,
                   cache_share: int = 1, threads: Optional[int] = None, rank: int = 0,
                   owners: Optional[Sequence[int]] = None,
-                  gather: Optional[Callable[[Any], list[Any]]] = None) -> CheckedDataset:
+                  gather: Optional[Callable[[Any], list[Any]]] = None,
+                  uncached: Optional[Callable[[int, tuple[int, int]], bool]] = None) -> CheckedDataset:
     """Validate every sample; raise one DataError listing the bad files. `codec` fixes the mask convention
     (the validation channel reuses the training channel's).
 
     Several processes: `owners[i]` is the rank that reads sample i, and `gather(x)` returns every rank's `x` in rank
-    order (an all-gather). `cache_share`: the processes on this host, which share its memory."""
+    order (an all-gather). `cache_share`: the processes on this host, which share its memory. `uncached(i, (height,
+    width))`: true for samples never kept in memory (nor counted against it), read from disk where used."""
     if not samples:
         raise DataError("the dataset has no samples")
     threads = threads or min(8, os.cpu_count() or 1)
+    budget = max_image_bytes()  # decoded bytes in flight at once: one image at the size limit
     mine = [i for i in range(len(samples)) if owners is None or owners[i] == rank]
     everyone = gather or (lambda x: [x])
 
     def merged(local: dict[int, Any]) -> dict[int, Any]:
         return {i: v for part in everyone(local) for i, v in part.items()}
 
-    # Headers first: cheap, they size the cache before any pixel is decoded, and they refuse bombs undecoded.
-    sizes = merged(dict(zip(mine, _parallel(lambda i: _header_sizes(samples[i]), mine, threads))))
-    readable = [i for i in range(len(samples)) if not isinstance(sizes[i], str)]
+    # Headers first: cheap, they size the cache and the decoding before a pixel is decoded, and refuse bombs undecoded.
+    headers = merged(dict(zip(mine, _parallel(lambda i: _header(samples[i]), mine, threads))))
+    readable = [i for i in range(len(samples)) if not isinstance(headers[i], str)]
+    skip = {i for i in readable if uncached is not None and uncached(i, headers[i].size)}
     per_rank = {}  # decoded bytes each rank would keep (16-bit bound); all ranks decide alike, on the largest share
     for i in readable:
-        h, w = sizes[i]
+        h, w = headers[i].size
         owner = owners[i] if owners is not None else rank
-        per_rank[owner] = per_rank.get(owner, 0) + h * w * (cfg.in_channels * 2 + 1)
+        per_rank[owner] = per_rank.get(owner, 0) + (0 if i in skip else h * w * (cfg.in_channels * 2 + 1))
     largest = max(per_rank.values(), default=0)
     keep = cfg.cache_images == "on" or (cfg.cache_images == "auto" and largest < memory_budget_bytes(cache_share))
 
     # Then every pixel, also of files after a bad one: the error lists every problem at once.
     readable_set = set(readable)
     to_read = [i for i in mine if i in readable_set]
-    read = dict(zip(to_read, _parallel(lambda i: _read(samples[i], cfg, keep), to_read, threads)))
+    read = dict(zip(to_read, _parallel(lambda i: _read(samples[i], cfg, keep and i not in skip), to_read, threads,
+                                       cost=lambda i: headers[i].decoded, budget=budget)))
     pixels = {i: (f.image, f.mask) for i, f in read.items() if not isinstance(f, str)}
     facts = merged({i: f if isinstance(f, str) else f.without_pixels() for i, f in read.items()})
-    problems = [sizes[i] if isinstance(sizes[i], str) else facts[i] for i in range(len(samples))
-                if isinstance(sizes[i], str) or isinstance(facts[i], str)]
+    problems = [headers[i] if isinstance(headers[i], str) else facts[i] for i in range(len(samples))
+                if isinstance(headers[i], str) or isinstance(facts[i], str)]
     good = {i: f for i, f in facts.items() if not isinstance(f, str)}
 
     dtypes = {f.dtype for f in good.values()}
@@ -133,29 +160,54 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
     if keep:
         cached = [None] * len(samples)
         for i, (image, raw) in pixels.items():
-            cached[i] = (image, codec.decode(raw, samples[i].mask))
-    return CheckedDataset(list(samples), codec, class_pixels, [sizes[i] for i in range(len(samples))], cached)
+            if image is not None:
+                cached[i] = (image, codec.decode(raw, samples[i].mask))
+    return CheckedDataset(list(samples), codec, class_pixels, [headers[i].size for i in range(len(samples))], cached,
+                          [headers[i].stored for i in range(len(samples))])
 
 
-def _parallel(work: Callable[[int], Any], items: Sequence[int], threads: int) -> list[Any]:
-    """`work` over `items` in threads. On an exception (Ctrl-C included) the files not yet started are dropped at once:
-    a pool left to its `with` block would read every remaining file before the interrupt could end the process."""
+def _parallel(work: Callable[[int], Any], items: Sequence[int], threads: int,
+              cost: Optional[Callable[[int], int]] = None, budget: int = 0) -> list[Any]:
+    """`work` over `items` in threads, in order. With `cost`, items start only while the cost of those running stays
+    within `budget` (an item over it runs alone). On an exception (Ctrl-C included) the items not yet started are
+    dropped at once: a pool left to its `with` block would read every remaining file before the interrupt ends it."""
     pool = ThreadPoolExecutor(threads)
     try:
-        return list(pool.map(work, items))
+        if cost is None:
+            return list(pool.map(work, items))
+        results: list[Any] = [None] * len(items)
+        running: dict[Any, tuple[int, int]] = {}  # future -> (position, cost)
+        spent, position = 0, 0
+        while position < len(items) or running:
+            while position < len(items) and len(running) < threads:
+                price = cost(items[position])
+                if running and spent + price > budget:
+                    break
+                running[pool.submit(work, items[position])] = (position, price)
+                spent += price
+                position += 1
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                where, price = running.pop(future)
+                spent -= price
+                results[where] = future.result()
+        return results
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _header_sizes(sample: Sample) -> tuple[int, int] | str:
+def _header(sample: Sample) -> _Header | str:
     try:
-        image_hw, mask_hw = image_size(sample.image), image_size(sample.mask)
+        image, mask = declared_size(sample.image), declared_size(sample.mask)
+        stored = (sample.image.stat().st_size, sample.mask.stat().st_size)
     except DataError as exc:
         return str(exc)
-    if image_hw != mask_hw:
-        return (f"{sample.mask}: mask size {mask_hw[1]}x{mask_hw[0]} differs from image size "
-                f"{image_hw[1]}x{image_hw[0]} ({sample.image.name})")
-    return image_hw
+    except OSError as exc:
+        return f"{sample.image}: unreadable ({exc.strerror or exc})"
+    if (image.height, image.width) != (mask.height, mask.width):
+        return (f"{sample.mask}: mask size {mask.width}x{mask.height} differs from image size "
+                f"{image.width}x{image.height} ({sample.image.name})")
+    return _Header((image.height, image.width), image.decoded_bytes + mask.decoded_bytes, stored)
 
 
 def _read(sample: Sample, cfg: TrainConfig, keep: bool) -> _FileFacts | str:

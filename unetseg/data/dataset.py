@@ -81,10 +81,11 @@ class EpochSampler(Sampler):
 
 class ShardSampler(Sampler):
     """Validation: each rank sees its own shard (index % world == rank, as it read them), no padding, so summed
-    confusion matrices are exact."""
+    confusion matrices are exact. `skip`: indices validated otherwise (tiled, one at a time)."""
 
-    def __init__(self, size: int, rank: int = 0, world: int = 1):
-        self.indices = list(range(rank, size, world))
+    def __init__(self, size: int, rank: int = 0, world: int = 1, skip: Sequence[int] = ()):
+        skipped = set(skip)
+        self.indices = [i for i in range(rank, size, world) if i not in skipped]
 
     def __iter__(self):
         return iter(self.indices)

@@ -62,8 +62,13 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels; checked against the size limit."""
-    declared = _check_size(Path(path))
+    declared = declared_size(path)
     return declared.height, declared.width
+
+
+def declared_size(path: str | Path) -> Declared:
+    """What the file header declares (size, channels, bytes decoded), without decoding; checked against the limit."""
+    return _check_size(Path(path))
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
