@@ -2,8 +2,10 @@
 
 The artifact (the model dir, tarred by SageMaker to model.tar.gz) is three files, none of them pickles:
 - model.safetensors: the weights;
-- config.json: all that inference needs (architecture, encoder, classes and names, colours, normalization,
-  input size and stride) plus the training hyperparameters and the best epoch's metrics;
+- config.json: the hyperparameters it was trained with (the whole TrainConfig: the architecture is stated there and
+  nowhere else), what inference needs besides (class names and colours, mask mode, normalization, stride) and the
+  best epoch's metrics. Format 1 stated the architecture a second time at the top level: read_artifact still reads
+  it, and refuses it when the two copies differ;
 - history.json: one record of metrics per epoch.
 """
 
@@ -32,7 +34,7 @@ from .contract.config import TrainConfig
 from .contract.errors import ArtifactError, ConfigError
 
 FORMAT = "unetseg-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the architecture only in "hyperparameters"; an older unetseg then says to upgrade
 WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "history.json"
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -71,9 +73,7 @@ def build_model(cfg: TrainConfig, *, pretrained: bool = True) -> torch.nn.Module
         if "encoder_depth" not in accepted:
             raise ConfigError(f"hyperparameter 'encoder_depth' = {cfg.encoder_depth}: {cfg.arch} has a fixed depth of 5")
         kwargs["encoder_depth"] = cfg.encoder_depth
-    if cfg.decoder_channels is not None:
-        if "decoder_channels" not in accepted:
-            raise ConfigError(f"hyperparameter 'decoder_channels': {cfg.arch} does not take a list of decoder widths")
+    if cfg.decoder_channels is not None:  # TrainConfig allows it for DECODER_WIDTH_ARCHITECTURES only
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
     weights = cfg.encoder_weights if pretrained else None
     path_weights = weights is not None and weights != "imagenet"
@@ -137,8 +137,6 @@ def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = Non
                     init_model: Optional[str] = None) -> dict[str, Any]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "unetseg_version": __version__,
-        "arch": cfg.arch, "encoder": cfg.encoder, "encoder_depth": cfg.encoder_depth,
-        "decoder_channels": cfg.decoder_channels, "in_channels": cfg.in_channels, "classes": cfg.classes,
         "class_names": cfg.resolved_class_names, "class_colors": class_colors(cfg.class_colors, cfg.classes),
         "mask_mode": mask_mode, "normalization": normalization(cfg),
         "input": {"image_size": cfg.image_size, "stride": cfg.stride},
@@ -225,6 +223,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Se
 
 # What must match between a trained model and a run that starts from it; the class count may differ (new head).
 ARCHITECTURE_FIELDS = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels")
+# Format 1's second statement of the architecture, at the top level of config.json.
+FORMAT1_COPIES = (*ARCHITECTURE_FIELDS, "classes")
 
 
 def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -240,7 +240,8 @@ def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tenso
 
 
 def artifact_train_config(config: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig an artifact was trained with, less its encoder weights (the artifact's weights replace them)."""
+    """The TrainConfig an artifact was trained with, less its encoder weights (the artifact's weights replace them):
+    the one place where config.json states the architecture."""
     return TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
 
 
@@ -282,7 +283,8 @@ def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{name(HISTORY_FILE)}: not valid JSON ({exc})") from None
         check_artifact(config, state, name)
-    return config, state, history
+    # Read as format 2: whoever reads this config next finds the architecture in one place.
+    return {k: v for k, v in config.items() if k not in FORMAT1_COPIES}, state, history
 
 
 def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=lambda file: file) -> None:
@@ -304,12 +306,11 @@ def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=
         cfg = artifact_train_config(config)
     except ConfigError as exc:
         raise bad("'hyperparameters'", f"do not parse: {exc}") from None
-    for field in (*ARCHITECTURE_FIELDS, "classes"):
+    for field in FORMAT1_COPIES:  # format 1's second copy, where there is one: which copy built the weights is unknown
         theirs = getattr(cfg, field)
-        if field not in config:
-            raise bad(f"'{field}'", "is missing")
-        if config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r}")
+        if field in config and config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r} (the architecture "
+                                    "is stated twice, as unetseg wrote it before model format 2, and the copies differ)")
     _check_list(bad, config, "class_names", cfg.classes, lambda v: isinstance(v, str), "a name (text)")
     _check_list(bad, config, "class_colors", cfg.classes, _is_colour, "[r, g, b] with values 0..255")
     if config.get("mask_mode") not in ("binary", "index", "palette"):

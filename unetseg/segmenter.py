@@ -44,7 +44,8 @@ class Segmenter:
 
     @property
     def in_channels(self) -> int:
-        return int(self.config["in_channels"])
+        # config.json states the architecture once: in the hyperparameters, as SageMaker's strings ("3")
+        return int(self.config["hyperparameters"]["in_channels"])
 
     @property
     def stride(self) -> int:
