@@ -5,9 +5,9 @@ Per image `<stem>.png` (pixel values are class indices; viewers show the class c
 Same-sized images are batched; large images are tiled (see Segmenter). TIFFs above the tiling size and GeoTIFFs are
 read and written window by window instead, their masks as `<stem>.tif` (predict_raster.py). Decoding runs ahead in
 threads, at most two batches ahead and within a byte budget known from the headers (the size limit for one image,
-UNETSEG_MAX_IMAGE_MB), so memory stays bounded whatever the folder holds, also when its images are near the limit. An image that cannot be
-used (unreadable, over the size limit, the wrong channel count) does not stop the others: the good ones get their
-masks, and every bad one is named in one DataError at the end.
+UNETSEG_MAX_IMAGE_MB), so memory stays bounded whatever the folder holds, also when its images are near the limit.
+An image that cannot be used (unreadable, over the size limit, the wrong channel count) does not stop the others: the
+good ones get their masks, and every bad one is named in one DataError at the end.
 """
 
 from __future__ import annotations

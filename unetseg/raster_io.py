@@ -326,8 +326,8 @@ class _RasterioWriter:
         import rasterio
 
         profile = dict(driver="GTiff", width=source.width, height=source.height, count=bands, dtype="uint8",
-                       tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
-                       nodata=nodata)
+                       tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", nodata=nodata,
+                       BIGTIFF="YES" if source.height * source.width * bands > BIGTIFF_ABOVE else "IF_SAFER")
         if isinstance(source, _RasterioSource) and source.georeferenced:
             profile.update(crs=source.crs, transform=source.transform)
         self.env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
