@@ -5,19 +5,28 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# A real MLflow tracking server for the tests, in a venv of its own: full mlflow 3.x needs gunicorn<27, our server 27.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+MLFLOW_SERVER_VERSION := 3.17.2
 
 .PHONY: demo test bench gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[train,serve,dev]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[train,serve,onnx,geo,mlflow,dev]'
 	touch $(STAMP)
+
+$(MLFLOW_STAMP):
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet 'mlflow==$(MLFLOW_SERVER_VERSION)'
+	touch $(MLFLOW_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/unetseg demo --output demo
 
-test: $(STAMP)
+test: $(STAMP) $(MLFLOW_STAMP)
 	SAGEMAKER_SUPPRESS_V2_WARNING=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

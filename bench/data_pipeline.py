@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common import dataset, median_rate
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
 from unetseg.data.checks import check_dataset
 from unetseg.data.dataset import EpochSampler, SegmentationDataset, pad_collate, worker_init
 from unetseg.data.scan import pair_channel

@@ -81,7 +81,7 @@ def measure(mode: str, size: int, batch: int, steps: int, device: torch.device) 
 
 
 def engine_run(size: int, batch: int, epochs: int, smoke: bool) -> None:
-    from unetseg.config import TrainConfig
+    from unetseg.contract.config import TrainConfig
     from unetseg.synthetic import make_demo_dataset
     from unetseg.training import RunPaths, train
 

@@ -101,7 +101,7 @@ class Work:
         self.runs = out / "work" / "runs"
 
     def config(self, **overrides):
-        from unetseg.config import TrainConfig
+        from unetseg.contract.config import TrainConfig
 
         return TrainConfig(**hyperparameters(self.sizes, **overrides))
 

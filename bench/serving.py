@@ -1,9 +1,9 @@
 """Endpoint overhead: /invocations latency and throughput against calling the model directly, same run, same CPU.
 
 A model artifact with the demo's architecture (random weights: speed does not depend on them) is served by the
-real server (`python -m unetseg.serving`: gunicorn, one worker, as in the image) on 127.0.0.1. Each request sends a
-PNG and asks for a PNG mask, so the endpoint's figures include decoding the request and encoding the answer; the
-direct figures are `Segmenter.predict` on the decoded array. Overhead ratio = endpoint time / direct time.
+real server (`python -m unetseg.container.serving`: gunicorn, one worker, as in the image) on 127.0.0.1. Each request
+sends a PNG and asks for a PNG mask, so the endpoint's figures include decoding the request and encoding the answer;
+the direct figures are `Segmenter.predict` on the decoded array. Overhead ratio = endpoint time / direct time.
 
     python bench/serving.py [--sizes 256 512] [--requests 30]
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unetseg import codecs
-from unetseg.config import TrainConfig
+from unetseg.contract import codecs
+from unetseg.contract.config import TrainConfig
 from unetseg.model import artifact_config, build_model, load_model, save_artifact
 from unetseg.synthetic import demo_hyperparameters
 
@@ -57,8 +57,8 @@ def main() -> None:
         direct = load_model(model_dir, device="cpu")
         port = free_port()
         env = {**os.environ, "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(threads)}
-        server = subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(model_dir), "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+        server = subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
+                                   "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
             wait_healthy(port)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common import dataset
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
 from unetseg.data.checks import check_dataset
 from unetseg.data.scan import pair_channel
 from unetseg.losses import build_loss

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
 from unetseg.metrics import confusion, summarize
 from unetseg.model import load_model
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset

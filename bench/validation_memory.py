@@ -26,7 +26,7 @@ def child(mode: str, folder: Path, tile: int, encoder: str, device_name: str) ->
     import torch
     from torch.utils.data import DataLoader
 
-    from unetseg.config import TrainConfig
+    from unetseg.contract.config import TrainConfig
     from unetseg.data.checks import check_dataset
     from unetseg.data.dataset import SegmentationDataset, ShardSampler, pad_collate
     from unetseg.data.scan import pair_channel

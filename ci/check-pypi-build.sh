@@ -28,7 +28,9 @@ docker build -q -t unetseg-torch-only:check "$work" >/dev/null
 docker build --no-cache --network host --build-arg BASE_IMAGE=unetseg-torch-only:check -f "$repo/entry/Dockerfile" \
     -t unetseg:pypi-check "$repo"
 docker run --rm --entrypoint sh unetseg:pypi-check -c \
-    'command -v gcc && command -v g++ && python3 -c "import sagemaker_training, segmentation_models_pytorch, albumentations, unetseg.entrypoint"'
+    'command -v gcc && command -v g++ \
+     && python3 -c "import sagemaker_training, segmentation_models_pytorch, albumentations" \
+     && python3 -c "import unetseg.container.training_job"'
 
 # The tests build their image FROM $UNETSEG_CI_BASE offline; on this image every requirement is already satisfied.
 cd "$repo"

@@ -6,10 +6,11 @@ the training toolkit would ignore SIGTERM (the kernel drops default-action signa
 does not forward signals anyway, so the training process would never get the chance to checkpoint.
 
 Who gets a signal: the command itself (the toolkit, which dies of it, or the server) and every process registered
-in the stop registry (unetseg/stop_registry.py: the training process; under torchrun, each rank and the supervisor),
-including those that register after the request came. Never the others: a DataLoader worker signalled by anyone but
-its parent makes the training process fail instead of checkpointing. As PID 1 it reaps orphans and exits only when
-every process is gone, so a training process that outlives the toolkit still finishes writing its checkpoint.
+in the stop registry (unetseg/container/stop_registry.py: the training process; under torchrun, each rank and the
+supervisor), including those that register after the request came. Never the others: a DataLoader worker signalled by
+anyone but its parent makes the training process fail instead of checkpointing. As PID 1 it reaps orphans and exits
+only when every process is gone, so a training process that outlives the toolkit still finishes writing its
+checkpoint.
 """
 
 import contextlib
@@ -20,7 +21,8 @@ import subprocess
 import sys
 import time
 
-from unetseg import stop_registry
+from unetseg.container import stop_registry
+from unetseg.contract.sagemaker_env import stopped_exit_code
 
 POLL_S = 0.2  # how often it looks for ended processes and for processes that registered after a stop request
 
@@ -67,7 +69,7 @@ def main() -> int:
         shutil.rmtree(registry, ignore_errors=True)
     if code is None:
         code = 1
-    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+    return code if code >= 0 else stopped_exit_code(-code)  # killed by signal N
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def _bridge(name: str, internal: bool) -> dict:
 def sagemaker_local_network(internal: bool):
     """`sagemaker-local` for the SDK's compose files (internal: no published ports, nothing reachable outside), after
     checking that a Compose exists; the containers started meanwhile, and the network when empty, removed after."""
-    from unetseg.local_mode import compose_command
+    from unetseg.client.local_mode import compose_command
 
     try:
         compose_command()
@@ -170,7 +170,7 @@ def training_image(tag: str = "unetseg:ci") -> str:
     """`tag`, built from entry/Dockerfile on the CI base with no network (seconds when Docker's cache has it); built
     once per test session whichever module asks first."""
     engine_or_skip()
-    from unetseg.image import ImageError, build_image
+    from unetseg.client.docker_image import ImageError, build_image
 
     base = ci_base_image()
     started = time.monotonic()

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unetseg.contract.sagemaker_env import (CHANNEL_ENV_PREFIX, CHANNELS_ENV, CURRENT_HOST_ENV, HOSTS_ENV,
+                                            INPUT_CONFIG_DIR_ENV, MODEL_DIR_ENV, NUM_GPUS_ENV, OPT_ML_ENV,
+                                            OUTPUT_DATA_DIR_ENV, OUTPUT_DIR_ENV)
+
 REPO = Path(__file__).resolve().parents[1]
+
+# What only the engine may import: a notebook's client and the contract import none of them (tests/test_layers.py).
+ENGINE_ONLY_MODULES = ("torch", "torchvision", "segmentation_models_pytorch", "timm", "albumentations", "cv2")
 
 # A small, fast model for CPU tests: resnet18 stem + 2 stages, a three-level decoder, 32-64 px crops.
 TINY = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8], "encoder_weights": None,
@@ -64,14 +71,14 @@ def sagemaker_tree(root: Path, hyperparameters: dict, channels: dict[str, Path])
     (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
     env.update({
-        "UNETSEG_OPT_ML": str(root),
-        "SM_MODEL_DIR": str(root / "model"), "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-        "SM_OUTPUT_DIR": str(root / "output"), "SM_INPUT_CONFIG_DIR": str(config),
-        "SM_CHANNELS": json.dumps(sorted(channels)), "SM_HOSTS": json.dumps(["algo-1"]), "SM_CURRENT_HOST": "algo-1",
-        "SM_NUM_GPUS": "0", "OMP_NUM_THREADS": "1",
+        OPT_ML_ENV: str(root),
+        MODEL_DIR_ENV: str(root / "model"), OUTPUT_DATA_DIR_ENV: str(root / "output" / "data"),
+        OUTPUT_DIR_ENV: str(root / "output"), INPUT_CONFIG_DIR_ENV: str(config),
+        CHANNELS_ENV: json.dumps(sorted(channels)), HOSTS_ENV: json.dumps(["algo-1"]), CURRENT_HOST_ENV: "algo-1",
+        NUM_GPUS_ENV: "0", "OMP_NUM_THREADS": "1",
     })
     for name, path in channels.items():
-        env[f"SM_CHANNEL_{name.upper()}"] = str(path)
+        env[CHANNEL_ENV_PREFIX + name.upper()] = str(path)
     return env
 
 

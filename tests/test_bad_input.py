@@ -39,13 +39,14 @@ from PIL import Image
 
 from bombs import declared_gib, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from support import TINY, make_channel, random_pair, save, write_pair
-from unetseg import codecs
 from unetseg.cli import main as cli
-from unetseg.config import TrainConfig
+from unetseg.contract import codecs
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import ArtifactError, DataError, UnetsegError
+from unetseg.contract.sagemaker_env import MAX_IMAGE_MB_ENV
 from unetseg.data.checks import check_dataset
 from unetseg.data.io import read_image, read_mask
 from unetseg.data.scan import pair_channel
-from unetseg.errors import ArtifactError, DataError, UnetsegError
 
 CFG = TrainConfig(encoder_weights=None, image_size=32)
 PY = sys.executable
@@ -351,11 +352,11 @@ def test_an_explicit_validation_folder_settles_it(tmp_path):
 
 
 @pytest.mark.parametrize("channels, named", [
-    ({"train": "t", "val": "a", "validation": "b"}, ("'val'", "'validation'")),
-    ({"train": "t", "training": "u"}, ("'train'", "'training'")),
+    ({"train": "t", "val": "a", "validation": "b"}, ("val/", "validation/")),
+    ({"train": "t", "training": "u"}, ("train/", "training/")),
 ])
 def test_two_channels_for_one_role_are_refused_in_the_container(channels, named):
-    from unetseg.entrypoint import pick_channels
+    from unetseg.container.training_job import pick_channels
 
     with pytest.raises(DataError) as info:
         pick_channels({k: Path(v) for k, v in channels.items()})
@@ -391,7 +392,7 @@ def test_a_bomb_is_refused_from_its_header_when_read_as_image_or_mask(tmp_path, 
             with pytest.raises(DataError) as info:
                 reader(path)
             assert str(path) in str(info.value)
-            assert "UNETSEG_MAX_IMAGE_MB" in str(info.value) or "forged" in str(info.value), str(info.value)
+            assert MAX_IMAGE_MB_ENV in str(info.value) or "forged" in str(info.value), str(info.value)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -487,19 +488,19 @@ def test_a_real_image_over_the_limit_says_how_to_raise_it_and_raising_it_works(t
     root = tmp_path / "big"
     rng = np.random.default_rng(0)
     write_pair(root, "a", rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8), np.zeros((1024, 1024), np.uint8))
-    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "2")
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, "2")
     with pytest.raises(DataError) as info:
         check_dataset(pair_channel(root), CFG)
     message = str(info.value)
     assert "images/a.png" in message and "1024x1024" in message and "UNETSEG_MAX_IMAGE_MB=3" in message
-    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "3")
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, "3")
     assert check_dataset(pair_channel(root), CFG).sizes == [(1024, 1024)]
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
 def test_a_bad_limit_setting_is_named(tmp_path, monkeypatch, value):
     make_channel(tmp_path, count=2, size=16)
-    monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", value)
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, value)
     with pytest.raises(UnetsegError) as info:
         check_dataset(pair_channel(tmp_path), CFG)
     assert f"UNETSEG_MAX_IMAGE_MB={value!r}" in str(info.value) and "MiB" in str(info.value)

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from unetseg.cli import main, parse_hyperparameters
-from unetseg.errors import UnetsegError
+from unetseg.contract.errors import UnetsegError
 
 
 def test_hyperparameter_forms():
@@ -24,16 +24,19 @@ def test_bad_dataset_is_one_line_error_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path), "encoder_weights=none"],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert "missing masks/" in done.stderr and "Traceback" not in done.stderr
+    assert "expected train/ (and validation/) or images/ + masks/ in it; found images/" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_missing_init_model_fails_before_the_data_is_read(tmp_path):
-    (tmp_path / "images").mkdir()  # a broken dataset too: the init model's error must come first
+    # a broken dataset too (a channel without images): the init model's error must come first
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
     done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path), "encoder_weights=none",
                            "--init-model", str(tmp_path / "old" / "model.tar.gz")], capture_output=True, text=True)
     assert done.returncode == 2
     assert f"{tmp_path / 'old' / 'model.tar.gz'}: no such model folder or model.tar.gz" in done.stderr
-    assert "missing masks/" not in done.stderr and "Traceback" not in done.stderr
+    assert "no images" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_demo_data_and_hyperparameter_listing(tmp_path, capsys):

@@ -1,11 +1,11 @@
 import json
-import subprocess
-import sys
+import re
 
 import pytest
+from support import REPO
 
-from unetseg.config import TrainConfig
-from unetseg.errors import ConfigError
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import ConfigError
 
 
 def toolkit_decode(hps: dict[str, str]) -> dict:
@@ -112,17 +112,11 @@ def test_replace_revalidates():
         cfg.replace(epochs=0)
 
 
-def test_config_does_not_import_torch():
-    code = "import sys, unetseg.config, unetseg.metrics_log, unetseg.sagemaker_env, unetseg.data.scan; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 # --- encoder names: the torch-free list, tied to the installed segmentation-models-pytorch and timm ---------------
 
 def test_the_encoder_list_is_smps():
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from unetseg.encoders import SMP_ENCODERS
+    from unetseg.contract.encoders import SMP_ENCODERS
 
     assert sorted(SMP_ENCODERS) == sorted(smp.encoders.get_encoder_names())
     for name, weights in SMP_ENCODERS.items():
@@ -133,7 +127,7 @@ def test_every_timm_model_name_is_accepted_after_tu():
     timm = pytest.importorskip("timm")
     from timm.models import _factory
 
-    from unetseg.encoders import TIMM_SOURCES, encoder_problem
+    from unetseg.contract.encoders import TIMM_SOURCES, encoder_problem
 
     names = set(timm.list_models()) | set(timm.list_models(pretrained=True))
     assert len(names) > 1000
@@ -146,7 +140,7 @@ def test_every_timm_model_name_is_accepted_after_tu():
                                   "timm-mobilenetv3_large_100", "timm-gernet_s"])
 def test_names_smp_renames_to_timm_models_are_accepted(name):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from unetseg.encoders import encoder_problem
+    from unetseg.contract.encoders import encoder_problem
 
     assert smp.encoders.is_equivalent_to_timm_universal(name) and encoder_problem(name) is None
     assert not smp.encoders.is_equivalent_to_timm_universal("timm-convnext_tiny")
@@ -157,7 +151,7 @@ def test_names_smp_renames_to_timm_models_are_accepted(name):
                                   "tu-ConvNeXt_Tiny", "tu-convnext tiny", "tu-", "tu-hf-hub:", "timm-convnext_tiny"])
 def test_names_refused_here_are_names_smp_refuses(name):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    from unetseg.encoders import encoder_problem
+    from unetseg.contract.encoders import encoder_problem
 
     assert encoder_problem(name) is not None
     with pytest.raises((KeyError, RuntimeError, ValueError)):
@@ -175,3 +169,61 @@ def test_encoder_weights_smp_cannot_give_are_refused(encoder, weights, fragment)
     with pytest.raises(ConfigError) as info:
         TrainConfig(encoder=encoder, encoder_weights=weights)
     assert f"hyperparameter 'encoder_weights' = {weights!r}: " in str(info.value) and fragment in str(info.value)
+
+
+# --- the README's hyperparameter table, against TrainConfig ------------------------------------------------------
+
+NOT_IN_THE_TABLE = "Not in the table"  # the README's paragraph that names every other field
+
+
+def _readme_hyperparameters() -> tuple[dict[str, str], list[str], list[str]]:
+    """{name: default as the README's table states it}, the names listed as not in the table, and rows that do not
+    state one default per name."""
+    text = (REPO / "README.md").read_text().split("## Hyperparameters", 1)[1].split("\n## ", 1)[0]
+    stated, uneven = {}, []
+    for row in (line for line in text.splitlines() if line.startswith("| `")):
+        names_cell, defaults_cell = row.split(" | ")[:2]
+        names = re.findall(r"`([a-z_0-9]+)`", names_cell)
+        defaults = [d.strip().strip("`") for d in defaults_cell.split(",")]
+        if len(defaults) != len(names):
+            uneven.append(f"{names} with the defaults {defaults}")
+        stated.update(zip(names, defaults))
+    others = [re.findall(r"`([a-z_0-9]+)`", paragraph) for paragraph in text.split("\n\n")
+              if paragraph.startswith(NOT_IN_THE_TABLE)]
+    return stated, [name for paragraph in others for name in paragraph], uneven
+
+
+def _states(field: str, written: str) -> bool:
+    """Whether the README's `written` is TrainConfig's default of `field` (None: none, or what the field's description
+    says none means, such as auto)."""
+    info = TrainConfig.model_fields[field]
+    default = info.default
+    if default is None:
+        meaning = re.search(r"none = ([^;,)]+)", info.description or "")
+        return written == "none" or (meaning is not None and written == meaning.group(1).strip())
+    if isinstance(default, bool):
+        return written == json.dumps(default)
+    if isinstance(default, (int, float)):
+        try:
+            return float(written) == default
+        except ValueError:
+            return False
+    return written == str(default)
+
+
+def test_the_readme_table_states_every_hyperparameter_as_trainconfig_defines_it():
+    """Every field of TrainConfig is in the README's table, with its name and default, or named in the paragraph below
+    it that lists the others; the README names no field TrainConfig lacks."""
+    stated, others, uneven = _readme_hyperparameters()
+    fields = list(TrainConfig.model_fields)
+    problems = [f"a row without one default per name: {row}" for row in uneven]
+    unknown = sorted((set(stated) | set(others)) - set(fields))
+    problems += [f"names hyperparameters TrainConfig does not have: {unknown}"] if unknown else []
+    missing = [name for name in fields if name not in stated and name not in others]
+    problems += [f"neither shows nor lists (after {NOT_IN_THE_TABLE!r}): {missing}"] if missing else []
+    both = sorted(set(stated) & set(others))
+    problems += [f"both shows and lists: {both}"] if both else []
+    defaults = {name: TrainConfig.model_fields[name].default for name in fields}
+    problems += [f"{name}: the table says {written!r}, TrainConfig's default is {defaults[name]!r}"
+                 for name, written in stated.items() if name in fields and not _states(name, written)]
+    assert not problems, "README's hyperparameters drift from TrainConfig:\n" + "\n".join(problems)

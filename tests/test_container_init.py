@@ -34,7 +34,7 @@ sys.exit(trainer.wait())
 TRAINER = """
 import signal, subprocess, sys, time
 from pathlib import Path
-from unetseg import stop_registry
+from unetseg.container import stop_registry
 out = Path(sys.argv[1])
 worker = subprocess.Popen([sys.executable, "-c", '''
 import signal, sys

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from support import make_channel, random_pair, save, write_pair
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import DataError
 from unetseg.data.checks import check_dataset
 from unetseg.data.scan import pair_channel, split_holdout
-from unetseg.errors import DataError
 
 CFG = TrainConfig(encoder_weights=None, image_size=32)
 

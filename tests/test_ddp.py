@@ -10,9 +10,9 @@ import torch
 
 import process_tree
 from support import REPO, TINY, free_port, sagemaker_tree
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.metrics_log import SELECTION_METRIC
 from unetseg.metrics import confusion, summarize
-from unetseg.metrics_log import SELECTION_METRIC
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.slow
@@ -99,9 +99,9 @@ def test_torchrun_gives_the_ranks_sagemakers_grace_period_before_it_kills_them(t
     # torchrun SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s by default) after it SIGTERMs them; SageMaker
     # allows 120 s between its SIGTERM and its SIGKILL. What the supervisor launches must ask for more than 30 s, and
     # less than SageMaker's 120 s, so that the supervisor can still report before SageMaker's SIGKILL.
-    from unetseg import entrypoint
+    from unetseg.container import training_job
+    from unetseg.contract.sagemaker_env import STOP_GRACE_S, TrainingEnv
     from unetseg.distributed import torchrun_command
-    from unetseg.sagemaker_env import STOP_GRACE_S, TrainingEnv
 
     launched = {}
 
@@ -114,10 +114,10 @@ def test_torchrun_gives_the_ranks_sagemakers_grace_period_before_it_kills_them(t
 
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     job = TrainingEnv.from_environ(sagemaker_tree(tmp_path, TINY, {"train": tmp_path}))
-    command = torchrun_command(job, 2, module="unetseg.entrypoint")
+    command = torchrun_command(job, 2, module="unetseg.container.training_job")
     with monkeypatch.context() as patch:
-        patch.setattr(entrypoint.subprocess, "Popen", Launch)
-        assert entrypoint.supervise(command, job.failure_file) == 0
+        patch.setattr(training_job.subprocess, "Popen", Launch)
+        assert training_job.supervise(command, job.failure_file) == 0
     assert launched["command"][1:3] == ["-m", "torch.distributed.run"]
     probe = subprocess.run([sys.executable, "-c", SHUTDOWN_TIMEOUT_PROBE, *launched["command"][3:]],
                            env=launched["env"], capture_output=True, text=True, timeout=120)

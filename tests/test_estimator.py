@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import BUCKET, IMAGE, REGION, ROLE
+from support import ENGINE_ONLY_MODULES
 
 from unetseg import TrainConfig
-from unetseg.errors import ArtifactError, ConfigError
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
-from unetseg.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ArtifactError, ConfigError
+from unetseg.contract.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.contract.sagemaker_env import CHECKPOINT_DIR_ENV, IMAGE_URI_ENV, OPT_ML_ENV
 
 
 def make(aws, **overrides):
@@ -141,14 +143,14 @@ def test_a_job_named_after_an_image_with_underscores_and_dots_is_valid(aws):
     ("registry.example.com/team/seg@sha256:" + "0" * 64, "seg-sha256"),
 ])
 def test_base_names_from_image_names(image, base):
-    from unetseg.job_rules import base_name_from_image
+    from unetseg.client.job_rules import base_name_from_image
 
     assert base_name_from_image(image) == base
 
 
 def test_the_container_checkpoints_where_checkpoint_local_path_says(aws, tmp_path):
     # SageMaker syncs CheckpointConfig.LocalPath with S3; a container writing elsewhere loses every spot restart.
-    from unetseg.sagemaker_env import TrainingEnv
+    from unetseg.contract.sagemaker_env import TrainingEnv
 
     put_dataset(aws, "ds/")
     est = make(aws, use_spot_instances=True, checkpoint_local_path="/opt/ml/my-checkpoints",
@@ -157,14 +159,14 @@ def test_the_container_checkpoints_where_checkpoint_local_path_says(aws, tmp_pat
     request = aws.sent("CreateTrainingJob")
     assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/unetseg/{request['TrainingJobName']}/checkpoints",
                                            "LocalPath": "/opt/ml/my-checkpoints"}
-    container = TrainingEnv.from_environ({**request["Environment"], "UNETSEG_OPT_ML": str(tmp_path)})
+    container = TrainingEnv.from_environ({**request["Environment"], OPT_ML_ENV: str(tmp_path)})
     assert container.checkpoint_dir == Path(request["CheckpointConfig"]["LocalPath"])
     assert request["Environment"]["NCCL_DEBUG"] == "WARN"
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"checkpoint_local_path": "checkpoints"}, "an absolute path"),
-    ({"checkpoint_local_path": "/ck", "environment": {"UNETSEG_CHECKPOINT_DIR": "/other"}}, "UNETSEG_CHECKPOINT_DIR"),
+    ({"checkpoint_local_path": "/ck", "environment": {CHECKPOINT_DIR_ENV: "/other"}}, CHECKPOINT_DIR_ENV),
     ({"checkpoint_local_path": "/ck", "use_spot_instances": False}, "needs checkpoint_s3_uri"),
 ])
 def test_a_checkpoint_local_path_the_container_cannot_honour_is_refused(aws, kwargs, message):
@@ -231,7 +233,7 @@ def test_default_output_path_without_a_bucket_is_resolved_at_fit(aws):
 
 
 def test_image_uri_from_environment(aws, monkeypatch):
-    monkeypatch.setenv("UNETSEG_IMAGE_URI", "222233334444.dkr.ecr.us-east-1.amazonaws.com/seg:env")
+    monkeypatch.setenv(IMAGE_URI_ENV, "222233334444.dkr.ecr.us-east-1.amazonaws.com/seg:env")
     est = make(aws, image_uri=None)
     assert est.training_image_uri() == "222233334444.dkr.ecr.us-east-1.amazonaws.com/seg:env"
     assert aws.requests == []
@@ -279,15 +281,15 @@ def test_volume_grows_to_fit_a_file_mode_dataset(aws):
 def test_a_file_mode_dataset_larger_than_the_nvme_storage_is_refused(aws, monkeypatch):
     # ml.g5.xlarge has 250 GB of NVMe instance storage, which SageMaker uses instead of an EBS volume; it refuses a
     # larger VolumeSizeInGB, and a File-mode copy of more would fill the disk.
-    import unetseg.fit_inputs
+    import unetseg.client.fit_inputs
 
     put_dataset(aws, "ds/")
-    monkeypatch.setattr(unetseg.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 100 * 2**30)  # 2 channels
+    monkeypatch.setattr(unetseg.client.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 100 * 2**30)  # 2 channels
     with pytest.raises(JobSettingsError, match=r"ml.g5.xlarge has 250 GB of NVMe instance storage.*FastFile"):
         make(aws, instance_type="ml.g5.xlarge").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
     assert "sagemaker.CreateTrainingJob" not in aws.requests
     make(aws, instance_type="ml.g5.xlarge", input_mode="FastFile").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
-    monkeypatch.setattr(unetseg.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 80 * 2**30)
+    monkeypatch.setattr(unetseg.client.fit_inputs, "prefix_size", lambda s3, bucket, prefix: 80 * 2**30)
     make(aws, instance_type="ml.g5.xlarge").fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
     assert [body["ResourceConfig"]["VolumeSizeInGB"] for body in aws.bodies["CreateTrainingJob"]] == [30, 210]
 
@@ -340,7 +342,7 @@ def sagemaker_instance_types(*shapes: str) -> list[str]:
 
 
 def test_instance_types_on_arm_hosts_are_refused():
-    from unetseg.job_rules import parse_instance_type
+    from unetseg.client.job_rules import parse_instance_type
 
     ec2 = ec2_instance_types()
     described = [t for t in sagemaker_instance_types() if t[3:] in ec2]
@@ -357,7 +359,7 @@ def test_instance_types_on_arm_hosts_are_refused():
 
 
 def test_the_gpu_table_matches_ec2():
-    from unetseg.job_rules import GPU_FAMILIES
+    from unetseg.client.job_rules import GPU_FAMILIES
 
     ec2 = ec2_instance_types()
     for instance_type in sagemaker_instance_types():
@@ -370,7 +372,7 @@ def test_the_gpu_table_matches_ec2():
 
 
 def test_the_instance_storage_table_matches_ec2():
-    from unetseg.job_rules import instance_storage_gb
+    from unetseg.client.job_rules import instance_storage_gb
 
     ec2 = ec2_instance_types()
     checked = 0
@@ -492,7 +494,7 @@ def test_import_and_construction_do_not_import_torch(tmp_path):
                             sagemaker_session=sagemaker.Session(default_bucket={BUCKET!r}),
                             hyperparameters={{"classes": 3}})
         est.set_hyperparameters(epochs=3)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "segmentation_models_pytorch"))
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {ENGINE_ONLY_MODULES!r})
         assert not heavy, heavy
         print("ok")
     """)

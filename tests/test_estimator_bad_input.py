@@ -20,9 +20,10 @@ from conftest import BUCKET, IMAGE, REGION, ROLE
 from PIL import Image
 from support import make_channel, random_pair, save, write_pair
 
-from unetseg.errors import ConfigError, DataError
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ConfigError, DataError
+from unetseg.contract.sagemaker_env import IMAGE_URI_ENV, MAX_IMAGE_MB_ENV
 
 OTHER_REGION = "eu-west-1"
 EU_BUCKET = "unetseg-test-eu-bucket"
@@ -256,7 +257,7 @@ def test_the_check_keeps_no_pixels_and_a_good_folder_is_uploaded(aws, tmp_path, 
 
 
 def test_a_long_check_shows_a_progress_bar(aws, tmp_path, monkeypatch, capsys):
-    from unetseg import fit_inputs
+    from unetseg.client import fit_inputs
 
     monkeypatch.setattr(fit_inputs, "CHECK_PROGRESS_DELAY_S", 0)  # else shown only once a check takes a second
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -475,7 +476,7 @@ def test_image_references_sagemaker_takes_pass(aws, image_uri):
 def test_the_length_limit_is_sagemakers():
     import botocore.session
 
-    from unetseg.job_rules import IMAGE_URI_LIMIT
+    from unetseg.client.job_rules import IMAGE_URI_LIMIT
 
     shapes = botocore.session.get_session().get_service_model("sagemaker")
     assert shapes.shape_for("AlgorithmImage").metadata["max"] == IMAGE_URI_LIMIT  # TrainingImage
@@ -490,6 +491,41 @@ def test_local_mode_takes_a_local_image_name_and_checks_its_form(tmp_path):
 
 
 def test_an_image_from_the_environment_is_checked(aws, monkeypatch):
-    monkeypatch.setenv("UNETSEG_IMAGE_URI", f"{ECR}/unetseg:latest ")
+    monkeypatch.setenv(IMAGE_URI_ENV, f"{ECR}/unetseg:latest ")
     with pytest.raises(JobSettingsError, match="image_uri=.*whitespace"):
         make(aws, image_uri=None)
+
+
+# --- the image size limit: the job's, not the notebook's -------------------------------------------------------------
+# The container reads UNETSEG_MAX_IMAGE_MB from the job's environment, so the notebook's check of the data it sends
+# must too: a job that raised the limit for whole slides was refused in the notebook (where the variable is unset),
+# and one that lowered it passed the notebook, was uploaded, and failed in the container.
+
+def test_a_job_that_raises_the_size_limit_is_not_refused_by_the_notebooks(aws, tmp_path, monkeypatch):
+    root = folder(tmp_path)  # 32 x 32 RGB images: 3 KiB decoded each
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, "0.001")  # the notebook's own limit (1 KiB) is not the job's
+    make(aws, environment={MAX_IMAGE_MB_ENV: "1"}).fit(str(root), wait=False, logs=False)
+    assert aws.sent("CreateTrainingJob")["Environment"] == {MAX_IMAGE_MB_ENV: "1"}
+
+
+def test_without_a_limit_of_its_own_the_job_has_the_default_whatever_the_notebook_sets(aws, tmp_path, monkeypatch):
+    root = folder(tmp_path)
+    monkeypatch.setenv(MAX_IMAGE_MB_ENV, "0.001")
+    make(aws).fit(str(root), wait=False, logs=False)
+    assert aws.sent("CreateTrainingJob")
+
+
+def test_a_job_that_lowers_the_size_limit_is_refused_in_the_notebook(aws, tmp_path):
+    root = folder(tmp_path)
+    with pytest.raises(DataError) as info:  # one error for all files, each refused as ImageTooLargeError
+        make(aws, environment={MAX_IMAGE_MB_ENV: "0.001"}).fit(str(root), wait=False, logs=False)
+    message = str(info.value)
+    assert "s00.png" in message and f"environment={{'{MAX_IMAGE_MB_ENV}': '1'}}" in message, message
+    assert aws.requests == [] and aws.s3_keys() == []
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "nan"])
+def test_a_bad_size_limit_in_the_jobs_environment_is_refused_before_any_request(aws, value):
+    with pytest.raises(JobSettingsError, match=f"{MAX_IMAGE_MB_ENV}={value!r}"):
+        make(aws, environment={MAX_IMAGE_MB_ENV: value})
+    assert aws.requests == []

@@ -6,9 +6,9 @@ import pytest
 from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
 
-from unetseg.errors import ArtifactError, DataError
-from unetseg.job_rules import JobSettingsError
-from unetseg.estimator import UNetEstimator
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ArtifactError, DataError
 from unetseg.synthetic import make_demo_dataset
 
 

@@ -21,8 +21,9 @@ import pytest
 import yaml
 from conftest import IMAGE, recording_boto_session
 
-from unetseg import TrainConfig, local_mode
-from unetseg.estimator import UNetEstimator
+from unetseg import TrainConfig
+from unetseg.client import local_mode
+from unetseg.client.estimator import UNetEstimator
 from unetseg.synthetic import make_demo_dataset
 
 FAKE_DOCKER = textwrap.dedent("""\

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import BUCKET, IMAGE, ROLE
 
-from unetseg.errors import ConfigError, DataError
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.errors import ConfigError, DataError
+from unetseg.contract.sagemaker_env import IMAGE_URI_ENV
 
 BASE = dict(image_uri=IMAGE, role=ROLE, instance_type="ml.g5.xlarge")
 
@@ -101,7 +102,7 @@ CASES = {
     # role, image, names
     "no role outside local mode": (construct(role=None), JobSettingsError, "get_execution_role()"),
     "malformed role ARN": (construct(role="arn:aws:iam::1234:role/R"), JobSettingsError, "not an IAM role ARN"),
-    "no image": (construct(image_uri=None), JobSettingsError, "UNETSEG_IMAGE_URI"),
+    "no image": (construct(image_uri=None), JobSettingsError, IMAGE_URI_ENV),
     "region differs from session": (construct(region="eu-west-1"), JobSettingsError, "differs"),
     "base_job_name with underscore": (construct(base_job_name="my_job"), JobSettingsError, "no underscores"),
     "environment name with a dash": (construct(environment={"MY-VAR": "1"}), JobSettingsError, "MY-VAR"),

@@ -8,9 +8,10 @@ from sagemaker.parameter import CategoricalParameter, ContinuousParameter, Integ
 from sagemaker.tuner import HyperparameterTuner
 
 from unetseg import TrainConfig
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
-from unetseg.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.contract.metrics_log import SELECTION_METRIC, metric_definitions
+from unetseg.contract.sagemaker_env import CHECKPOINT_DIR_ENV
 
 HPS = {"classes": 3, "epochs": 30, "class_names": ["bg", "nucleus", "membrane"]}
 RANGES = {"lr": ContinuousParameter(1e-4, 1e-2, scaling_type="Logarithmic"), "batch_size": IntegerParameter(4, 32)}
@@ -137,5 +138,5 @@ def test_each_tuning_job_has_a_checkpoint_prefix_of_its_own(aws):
     assert prefixes == [f"s3://{BUCKET}/unetseg/{name}/checkpoints", f"s3://{BUCKET}/unetseg/cells-hpo-2/checkpoints",
                         f"s3://{BUCKET}/ck/cells-hpo-3"]
     first = aws.bodies["CreateHyperParameterTuningJob"][0]["TrainingJobDefinition"]
-    assert first["CheckpointConfig"]["LocalPath"] == first["Environment"]["UNETSEG_CHECKPOINT_DIR"] == "/opt/ml/ck"
+    assert first["CheckpointConfig"]["LocalPath"] == first["Environment"][CHECKPOINT_DIR_ENV] == "/opt/ml/ck"
     assert given.checkpoint_s3_uri == f"s3://{BUCKET}/ck/"  # the estimator's own jobs keep the URI given

@@ -1,4 +1,4 @@
-"""unetseg.image: building and pushing the training image.
+"""unetseg.client.docker_image: building and pushing the training image.
 
 The unit tests drive a fake `docker` on PATH that records every command line (and the stdin of `docker login`), and
 moto for STS and ECR. The `docker` tests use the real engine and a real registry (Debian's docker-registry) on
@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from support import free_port
-from unetseg import image
-from unetseg.errors import UnetsegError
-from unetseg.image import ImageError
+from unetseg.client import docker_image
+from unetseg.client.docker_image import ImageError
+from unetseg.contract.errors import UnetsegError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,19 +137,19 @@ MOTO_PASSWORD = "123456789012-auth-token"  # what moto's get_authorization_token
 # --- names -----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["unetseg", "team/unetseg", "a.b-c_d/e", "u1", "x" * 256])
 def test_valid_repository_names(name):
-    assert image.validate_repository(name) == name
+    assert docker_image.validate_repository(name) == name
 
 
 @pytest.mark.parametrize("name", ["", "u", "UNetSeg", "-unetseg", "unetseg-", "team//unetseg", "/unetseg",
                                   "unetseg/", "un etseg", "un:etseg", "a..b", "x" * 257])
 def test_invalid_repository_names(name):
     with pytest.raises(ImageError, match="invalid ECR repository name"):
-        image.validate_repository(name)
+        docker_image.validate_repository(name)
 
 
 def test_invalid_repository_fails_before_any_call(fake_docker, aws):
     with pytest.raises(ImageError, match="invalid ECR repository name") as info:
-        image.push_image("unetseg:latest", repository="My_Repo")
+        docker_image.push_image("unetseg:latest", repository="My_Repo")
     assert isinstance(info.value, UnetsegError) and "\n" not in str(info.value)
     assert fake_docker() == []
 
@@ -161,7 +161,7 @@ def test_invalid_repository_fails_before_any_call(fake_docker, aws):
     ("127.0.0.1:5000/a/b", ("127.0.0.1:5000/a/b", None)),
 ])
 def test_split_reference(ref, expected):
-    assert image.split_reference(ref) == expected
+    assert docker_image.split_reference(ref) == expected
 
 
 def test_image_requirements_cover_the_train_and_serve_extras():
@@ -191,20 +191,20 @@ def test_dockerfile_contract():
 
 
 def test_setup_cfg_lists_every_package():
-    """setup.cfg lists its packages by name (it must, to map unetseg.container to entry/): a new subpackage must be
+    """setup.cfg lists its packages by name (it must, to map unetseg.entry to entry/): a new subpackage must be
     added there or the wheel would lack it."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "unetseg").rglob("__init__.py")}
-    assert found | {"unetseg.container"} == listed
-    assert cfg["options"]["package_dir"].split() == ["unetseg.container", "=", "entry"]
+    assert found | {"unetseg.entry"} == listed
+    assert cfg["options"]["package_dir"].split() == ["unetseg.entry", "=", "entry"]
 
 
 @pytest.mark.slow
 def test_an_installed_wheel_lays_out_its_own_build_context(tmp_path):
     """Without a source checkout, `unetseg image build` builds from the files the wheel carries: entry/ as
-    unetseg.container (constraints.txt included) and the installed package itself."""
+    unetseg.entry (constraints.txt included) and the installed package itself."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
     shutil.rmtree(REPO / "build", ignore_errors=True)  # setuptools' scratch folder
@@ -213,9 +213,9 @@ def test_an_installed_wheel_lays_out_its_own_build_context(tmp_path):
     import zipfile
 
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("import sys, unetseg; from pathlib import Path; from unetseg import image; "
+    probe = ("import sys, unetseg; from pathlib import Path; from unetseg.client import docker_image; "
              "assert Path(unetseg.__file__).is_relative_to(sys.argv[1]), unetseg.__file__; "
-             "assert image.find_context() is None; image.packaged_context(Path(sys.argv[2]))")
+             "assert docker_image.find_context() is None; docker_image.packaged_context(Path(sys.argv[2]))")
     ctx = tmp_path / "context"
     env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the editable install's finder
     done = subprocess.run([sys.executable, "-c", probe, str(site), str(ctx)], env=env, cwd=tmp_path,
@@ -240,7 +240,7 @@ def test_build_command(fake_docker):
     """The classic builder (Docker 20.10's, or a newer CLI without buildx): single-platform linux/amd64, which it pushes
     as a Docker v2 schema 2 manifest, the one media type SageMaker accepts."""
     out = io.StringIO()
-    tag = image.build_image("unetseg:t1", base_image="unetseg-ci-base:abc", build_args={"X": "1"},
+    tag = docker_image.build_image("unetseg:t1", base_image="unetseg-ci-base:abc", build_args={"X": "1"},
                             bake_encoders=["resnet34", "efficientnet-b0:imagenet"], network="none", out=out)
     assert tag == "unetseg:t1"
     build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build" and "--help" not in c["argv"]][0]
@@ -261,7 +261,7 @@ def test_build_with_buildx_makes_one_docker_v2_manifest(fake_docker, monkeypatch
     default, which turn the pushed image into an OCI index that SageMaker refuses ("Unsupported manifest media type").
     One platform, no attestations, Docker media types, loaded into the engine's image store."""
     monkeypatch.setenv("FAKE_DOCKER_CLIENT", "buildx")
-    image.build_image("unetseg:t2", base_image="b:1", network="none", out=None)
+    docker_image.build_image("unetseg:t2", base_image="b:1", network="none", out=None)
     (build,) = [c for c in fake_docker() if c["argv"][:2] == ["buildx", "build"] and "--help" not in c["argv"]]
     argv = build["argv"]
     assert argv[argv.index("--platform") + 1] == "linux/amd64"
@@ -275,7 +275,7 @@ def test_build_with_buildx_makes_one_docker_v2_manifest(fake_docker, monkeypatch
 def test_build_with_a_buildx_that_has_no_attestation_flags(fake_docker, monkeypatch):
     """buildx before 0.10 adds no attestations and would reject --provenance: the flags follow what the client offers."""
     monkeypatch.setenv("FAKE_DOCKER_CLIENT", "old-buildx")
-    image.build_image("unetseg:t3", out=None)
+    docker_image.build_image("unetseg:t3", out=None)
     (argv,) = [c["argv"] for c in fake_docker() if c["argv"][:2] == ["buildx", "build"] and "--help" not in c["argv"]]
     assert not any(a.startswith(("--provenance", "--sbom")) for a in argv)
     assert argv[argv.index("--platform") + 1] == "linux/amd64"
@@ -285,7 +285,7 @@ def test_build_with_a_buildx_that_has_no_attestation_flags(fake_docker, monkeypa
 def test_docker_buildkit_0_keeps_the_classic_builder(fake_docker, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_CLIENT", "buildx")
     monkeypatch.setenv("DOCKER_BUILDKIT", "0")  # the user asked docker for its classic builder
-    image.build_image("unetseg:t4", out=None)
+    docker_image.build_image("unetseg:t4", out=None)
     builds = [c["argv"] for c in fake_docker() if c["argv"][0] in ("build", "buildx") and "--help" not in c["argv"]
               and c["argv"][:2] != ["buildx", "version"]]
     assert [b[0] for b in builds] == ["build"] and builds[0][builds[0].index("--platform") + 1] == "linux/amd64"
@@ -295,7 +295,7 @@ def test_push_from_the_containerd_image_store_pushes_the_amd64_manifest(fake_doc
     """The containerd image store keeps what a build made, index included, and `docker push` sends all of it; with
     --platform it sends the linux/amd64 manifest alone."""
     monkeypatch.setenv("FAKE_DOCKER_STORE", "containerd")
-    uri = image.push_image("unetseg:v1", out=None)
+    uri = docker_image.push_image("unetseg:v1", out=None)
     (push,) = [c["argv"] for c in fake_docker() if c["argv"][0] == "push" and "--help" not in c["argv"]]
     assert push == ["push", "--platform", "linux/amd64", uri]
 
@@ -303,7 +303,7 @@ def test_push_from_the_containerd_image_store_pushes_the_amd64_manifest(fake_doc
 def test_build_failure_carries_the_log_tail(fake_docker, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "build")
     with pytest.raises(ImageError, match=r"docker build of unetseg:latest failed \(exit 1\):.*torch==9\.9") as info:
-        image.build_image(out=None)
+        docker_image.build_image(out=None)
     assert "\n" not in str(info.value)
     assert info.value.log_tail[-1].startswith("The command")
 
@@ -311,20 +311,20 @@ def test_build_failure_carries_the_log_tail(fake_docker, monkeypatch):
 def test_no_docker_engine(fake_docker, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "engine")
     with pytest.raises(ImageError, match="no Docker engine.*Cannot connect to the Docker daemon"):
-        image.build_image(out=None)
+        docker_image.build_image(out=None)
 
 
 def test_no_docker_command(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ImageError, match="no Docker engine: the `docker` command is not installed"):
-        image.push_image("unetseg:latest")
+        docker_image.push_image("unetseg:latest")
 
 
 # --- push to ECR (moto) ----------------------------------------------------------------------------------------------
 def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, capsys):
     import boto3
 
-    uri = image.push_image("unetseg:v1", repository="team/unetseg")
+    uri = docker_image.push_image("unetseg:v1", repository="team/unetseg")
     assert uri == "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/unetseg:v1"
 
     repo = boto3.client("ecr").describe_repositories(repositoryNames=["team/unetseg"])["repositories"][0]
@@ -347,46 +347,46 @@ def test_push_to_an_existing_repository(fake_docker, aws):
     import boto3
 
     boto3.client("ecr").create_repository(repositoryName="unetseg")
-    assert image.push_image("unetseg", region="us-east-1", out=None).endswith("/unetseg:latest")
-    assert image.push_image("unetseg:latest", tag="2024-06-01", out=None).endswith("/unetseg:2024-06-01")
+    assert docker_image.push_image("unetseg", region="us-east-1", out=None).endswith("/unetseg:latest")
+    assert docker_image.push_image("unetseg:latest", tag="2024-06-01", out=None).endswith("/unetseg:2024-06-01")
     assert len(boto3.client("ecr").describe_repositories()["repositories"]) == 1
 
 
 def test_push_denied(fake_docker, aws, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "push")
     with pytest.raises(ImageError, match=r"push to .*/unetseg:latest denied: denied: .*ecr:InitiateLayerUpload") as info:
-        image.push_image("unetseg:latest", out=None)
+        docker_image.push_image("unetseg:latest", out=None)
     assert "\n" not in str(info.value)
 
 
 def test_push_without_a_local_image(fake_docker, aws, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "noimage")
     with pytest.raises(ImageError, match="no local image 'unetseg:latest': build it first"):
-        image.push_image("unetseg:latest", out=None)
+        docker_image.push_image("unetseg:latest", out=None)
 
 
 def test_no_aws_credentials(fake_docker, aws, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(ImageError, match="^no AWS credentials"):
-        image.push_image("unetseg:latest", out=None)
+        docker_image.push_image("unetseg:latest", out=None)
     assert not any(c["argv"][0] in ("login", "push") for c in fake_docker())
 
 
 def test_no_aws_region(fake_docker, aws, monkeypatch):
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     with pytest.raises(ImageError, match="no AWS region"):
-        image.push_image("unetseg:latest", out=None)
+        docker_image.push_image("unetseg:latest", out=None)
 
 
 def test_cli_push_prints_only_the_uri(fake_docker, aws, capsys):
-    assert image.main(["push", "--tag", "unetseg:v2", "--repository", "seg", "--region", "eu-west-1"]) == 0
+    assert docker_image.main(["push", "--tag", "unetseg:v2", "--repository", "seg", "--region", "eu-west-1"]) == 0
     out = capsys.readouterr().out
     assert out == "123456789012.dkr.ecr.eu-west-1.amazonaws.com/seg:v2\n"
 
 
 def test_cli_build_then_push(fake_docker, aws, capsys):
-    assert image.main(["build", "--tag", "unetseg:v3", "--base-image", "b:1", "--bake-weights", "resnet34",
+    assert docker_image.main(["build", "--tag", "unetseg:v3", "--base-image", "b:1", "--bake-weights", "resnet34",
                        "--build-arg", "A=b", "--push", "--repository", "seg"]) == 0
     assert capsys.readouterr().out == "123456789012.dkr.ecr.us-east-1.amazonaws.com/seg:v3\n"
     build = [c["argv"] for c in fake_docker() if c["argv"][0] == "build" and "--help" not in c["argv"]][0]
@@ -395,12 +395,13 @@ def test_cli_build_then_push(fake_docker, aws, capsys):
 
 def test_cli_build_checks_the_repository_before_building(fake_docker, aws):
     with pytest.raises(ImageError, match="invalid ECR repository name"):
-        image.main(["build", "--push", "--repository", "Bad Name"])
+        docker_image.main(["build", "--push", "--repository", "Bad Name"])
     assert not any(c["argv"][0] == "build" for c in fake_docker())
 
 
-def test_image_module_stays_light():
-    code = "import sys, unetseg.image; assert 'torch' not in sys.modules and 'boto3' not in sys.modules, sorted(sys.modules)"
+def test_building_the_image_needs_no_boto3():
+    """boto3 only once a push needs it (torch never: tests/test_layers.py checks the whole client)."""
+    code = "import sys, unetseg.client.docker_image; assert 'boto3' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -493,7 +494,7 @@ def tiny_image(tmp_path):
 
 @pytest.fixture
 def built_image(tmp_path):
-    """A one-file image that `unetseg image build` (image.build_image) makes: FROM scratch, no base, a second."""
+    """A one-file image that `unetseg image build` (docker_image.build_image) makes: FROM scratch, no base, a second."""
     docker = _engine_or_skip()
     context = tmp_path / "context"
     context.mkdir()
@@ -501,13 +502,13 @@ def built_image(tmp_path):
     (context / "unetseg-marker").write_text(marker)
     (context / "Dockerfile").write_text("FROM scratch\nCOPY unetseg-marker /etc/unetseg-marker\n")
     tag = f"unetseg-test-built:{marker[:12]}"
-    image.build_image(tag, context=context, dockerfile=context / "Dockerfile", network="none", out=None)
+    docker_image.build_image(tag, context=context, dockerfile=context / "Dockerfile", network="none", out=None)
     yield tag, marker
     subprocess.run([docker, "rmi", "-f", tag], capture_output=True)
 
 
 # What a registry may hold under a tag: the one SageMaker takes, and what it refuses ("Unsupported manifest media type").
-ACCEPT_ANY_MANIFEST = ", ".join([image.MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.manifest.v1+json",
+ACCEPT_ANY_MANIFEST = ", ".join([docker_image.MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.manifest.v1+json",
                                  "application/vnd.oci.image.index.v1+json",
                                  "application/vnd.docker.distribution.manifest.list.v2+json"])
 
@@ -568,7 +569,7 @@ def test_push_to_a_real_registry_and_pull_back(registry, built_image, tmp_path, 
     session = _FakeEcrSession(address, user, password)
     out = io.StringIO()
 
-    uri = image.push_image(local_tag, repository="team/unetseg-test", tag="v1", session=session, out=out)
+    uri = docker_image.push_image(local_tag, repository="team/unetseg-test", tag="v1", session=session, out=out)
     assert uri == f"{address}/team/unetseg-test:v1"
     assert session.created["team/unetseg-test"]["imageScanningConfiguration"] == {"scanOnPush": True}
     assert "digest: sha256:" in out.getvalue() and password not in out.getvalue()
@@ -576,7 +577,7 @@ def test_push_to_a_real_registry_and_pull_back(registry, built_image, tmp_path, 
     # What landed under the tag, asked for with every manifest type in Accept (so the registry answers with what it
     # holds): one Docker v2 schema 2 manifest for linux/amd64, not an index or list.
     kind, manifest = registry_get(address, "team/unetseg-test/manifests/v1", user, password, ACCEPT_ANY_MANIFEST)
-    assert kind == manifest["mediaType"] == image.MANIFEST_MEDIA_TYPE, (kind, manifest)
+    assert kind == manifest["mediaType"] == docker_image.MANIFEST_MEDIA_TYPE, (kind, manifest)
     assert "manifests" not in manifest and manifest["schemaVersion"] == 2
     assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
     _, config = registry_get(address, f"team/unetseg-test/blobs/{manifest['config']['digest']}", user, password, "*/*")
@@ -602,7 +603,7 @@ def test_push_without_login_is_denied(registry, tiny_image, tmp_path, monkeypatc
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # no stored login for this registry
     address, _, _ = registry
     with pytest.raises(ImageError, match=f"push to {re.escape(address)}/unetseg-test:v1 denied"):
-        image.push_to_registry(tiny_image[0], address, "unetseg-test", "v1", out=None)
+        docker_image.push_to_registry(tiny_image[0], address, "unetseg-test", "v1", out=None)
     subprocess.run(["docker", "rmi", f"{address}/unetseg-test:v1"], capture_output=True)
 
 
@@ -612,7 +613,7 @@ def test_wrong_password_fails_login_without_echoing_it(registry, tiny_image, tmp
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
     address, user, _ = registry
     with pytest.raises(ImageError, match=f"docker login to {re.escape(address)} failed") as info:
-        image.push_to_registry(tiny_image[0], address, "unetseg-test", "v1", user, "wrong-secret-123", out=None)
+        docker_image.push_to_registry(tiny_image[0], address, "unetseg-test", "v1", user, "wrong-secret-123", out=None)
     assert "wrong-secret-123" not in str(info.value)
 
 
@@ -629,9 +630,9 @@ def test_dockerfile_builds_offline_on_the_ci_base(source, tmp_path):
             pytest.fail(msg)
         pytest.skip(msg)
     tag = "unetseg:test-offline"
-    context = image.packaged_context(tmp_path / "context") if source == "installed package" else None
-    image.build_image(tag, base_image=base, network="none", context=context, out=None)
-    probe = ("import json, os, unetseg.entrypoint; "
+    context = docker_image.packaged_context(tmp_path / "context") if source == "installed package" else None
+    docker_image.build_image(tag, base_image=base, network="none", context=context, out=None)
+    probe = ("import json, os, unetseg.container.training_job; "
              "print(json.dumps({'code': sorted(os.listdir('/opt/ml/code')), "
              "'env': {k: os.environ.get(k) for k in ('SAGEMAKER_PROGRAM', 'PYTHONUNBUFFERED', "
              "'NO_ALBUMENTATIONS_UPDATE', 'HF_HUB_OFFLINE')}}))")
@@ -656,7 +657,7 @@ def test_a_failed_build_names_the_step_and_leaves_no_container(tmp_path):
     listing = lambda: set(subprocess.run([docker, "ps", "-aq"], capture_output=True, text=True).stdout.split())  # noqa: E731
     before = listing()
     with pytest.raises(ImageError, match="docker build of unetseg:test-broken failed") as info:
-        image.build_image("unetseg:test-broken", context=tmp_path, dockerfile=tmp_path / "Dockerfile",
+        docker_image.build_image("unetseg:test-broken", context=tmp_path, dockerfile=tmp_path / "Dockerfile",
                           network="none", out=None)
     assert any("broken-step" in line for line in info.value.log_tail)
     assert listing() == before  # --force-rm: the failed step's container is gone

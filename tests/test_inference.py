@@ -20,13 +20,15 @@ from PIL import Image
 from readiness import first_answer
 from support import free_port
 
-from unetseg import codecs
 from unetseg.cli import main as cli
-from unetseg.config import TrainConfig
+from unetseg.container.serving import InferenceApp
+from unetseg.contract import codecs
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, BATCH_ENV, BIND_TO_PORT_ENV, MAX_BODY_MB_ENV,
+                                            MAX_PAYLOAD_IN_MB_ENV, MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV,
+                                            REALTIME_MAX_PAYLOAD_BYTES, SERVING_MODE_ENV, TTA_ENV)
 from unetseg.model import load_model
-from unetseg.sagemaker_env import ASYNC_MAX_PAYLOAD_BYTES, REALTIME_MAX_PAYLOAD_BYTES
 from unetseg.segmenter import _starts
-from unetseg.serving import InferenceApp
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
 
@@ -193,14 +195,14 @@ def test_ping_fails_when_the_model_failed_to_load(tmp_path):
 
 def test_endpoint_default_tta_from_the_environment(trained, image, monkeypatch):
     # Batch transform sends no custom attributes: UNETSEG_TTA (the model's env) sets the default for every request.
-    monkeypatch.setenv("UNETSEG_TTA", "flip")
+    monkeypatch.setenv(TTA_ENV, "flip")
     app = InferenceApp(str(trained[0]), device="cpu")
     body = codecs.encode_image(image, codecs.PNG)
     status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY)
     assert status == 200 and np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(image, tta="flip"))
     status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="tta=none")
     assert np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(image))  # a request's own choice wins
-    monkeypatch.setenv("UNETSEG_TTA", "rotate")
+    monkeypatch.setenv(TTA_ENV, "rotate")
     status, _, payload = call(InferenceApp(str(trained[0]), device="cpu"), "/ping", method="GET")
     assert status == 500 and "UNETSEG_TTA='rotate'" in json.loads(payload)["error"]
 
@@ -239,8 +241,9 @@ def test_concurrent_requests_over_http(app, trained):
 
 
 def start_server(model_dir, env: dict, *args: str) -> subprocess.Popen:
-    """`python -m unetseg.serving` (what the image's `serve` runs): gunicorn and its workers, logging to a pipe."""
-    return subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(model_dir),
+    """`python -m unetseg.container.serving` (what the image's `serve` runs): gunicorn and its workers, logging to a
+    pipe."""
+    return subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
                              "--host", "127.0.0.1", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
@@ -263,7 +266,7 @@ def wait_healthy(proc: subprocess.Popen, port: int) -> None:
 
 def test_serve_command_runs_gunicorn_workers(trained, image):
     port = free_port()
-    proc = start_server(trained[0], {"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}, "--port", str(port))
+    proc = start_server(trained[0], {MODEL_SERVER_WORKERS_ENV: "2"}, "--port", str(port))
     try:
         wait_healthy(proc, port)
         url = f"http://127.0.0.1:{port}/invocations"
@@ -278,7 +281,7 @@ def test_serve_listens_on_sagemaker_bind_to_port(trained, image):
     """Each container of an inference pipeline gets its port in SAGEMAKER_BIND_TO_PORT (SageMaker runs `serve` with
     no arguments)."""
     port = free_port()
-    proc = start_server(trained[0], {"SAGEMAKER_BIND_TO_PORT": str(port), "SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
+    proc = start_server(trained[0], {BIND_TO_PORT_ENV: str(port), MODEL_SERVER_WORKERS_ENV: "1"})
     try:
         wait_healthy(proc, port)
         url = f"http://127.0.0.1:{port}/invocations"
@@ -294,7 +297,7 @@ def test_a_request_past_the_server_timeout_is_answered_504(trained):
     goes on while a request runs): a request that outlasts it is answered 504 with the reason, between two forward
     passes, and the worker serves the next request."""
     port = free_port()
-    proc = start_server(trained[0], {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "1", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"},
+    proc = start_server(trained[0], {MODEL_SERVER_TIMEOUT_ENV: "1", MODEL_SERVER_WORKERS_ENV: "1"},
                         "--port", str(port))
     # 2048 x 2048 (a smooth picture: a small PNG, far under the 6 MB limit) in 64-pixel tiles with d4 TTA: hundreds of
     # forward passes, many seconds on any CPU; the request may take one.
@@ -316,7 +319,7 @@ def test_a_request_past_the_server_timeout_is_answered_504(trained):
             status, payload = exc.code, exc.read()
         assert status == 504, (status, payload[:300])
         error = json.loads(payload)["error"]
-        assert "SAGEMAKER_MODEL_SERVER_TIMEOUT" in error and "1 s" in error, error
+        assert MODEL_SERVER_TIMEOUT_ENV in error and "1 s" in error, error
         done = int(re.search(r"after (\d+) forward pass", error).group(1))
         assert 0 < done < passes, (done, passes, error)  # stopped between passes, long before the end
         small = np.zeros((64, 64, 3), np.uint8)
@@ -330,8 +333,8 @@ def test_a_request_past_the_server_timeout_is_answered_504(trained):
 def test_the_body_limit_follows_the_mode(trained, monkeypatch):
     """A real-time endpoint carries at most 6 MB, so the server's default is that; a batch transform sends up to its
     MaxPayloadInMB (and asks /execution-parameters for it); async inference up to 1 GB."""
-    for name in ("SAGEMAKER_BATCH", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE",
-                 "SAGEMAKER_MODEL_SERVER_TIMEOUT"):
+    for name in (BATCH_ENV, MAX_PAYLOAD_IN_MB_ENV, MAX_BODY_MB_ENV, SERVING_MODE_ENV,
+                 MODEL_SERVER_TIMEOUT_ENV):
         monkeypatch.delenv(name, raising=False)
 
     def status_for(app, length: int) -> tuple[int, str]:
@@ -346,15 +349,15 @@ def test_the_body_limit_follows_the_mode(trained, monkeypatch):
     assert status == 413 and f"limit of {REALTIME_MAX_PAYLOAD_BYTES} bytes" in error and "batch transform" in error
     assert status_for(realtime, REALTIME_MAX_PAYLOAD_BYTES)[0] == 400  # read, and found empty: within the limit
 
-    monkeypatch.setenv("SAGEMAKER_BATCH", "true")
-    monkeypatch.setenv("SAGEMAKER_MAX_PAYLOAD_IN_MB", "20")
+    monkeypatch.setenv(BATCH_ENV, "true")
+    monkeypatch.setenv(MAX_PAYLOAD_IN_MB_ENV, "20")
     batch = InferenceApp(str(trained[0]), device="cpu")
     assert json.loads(call(batch, "/execution-parameters", method="GET")[2])["MaxPayloadInMB"] == 20
     assert status_for(batch, 20 * 2**20)[0] == 400 and status_for(batch, 20 * 2**20 + 1)[0] == 413
 
-    monkeypatch.delenv("SAGEMAKER_BATCH")
-    monkeypatch.delenv("SAGEMAKER_MAX_PAYLOAD_IN_MB")
-    monkeypatch.setenv("UNETSEG_SERVING_MODE", "async")
+    monkeypatch.delenv(BATCH_ENV)
+    monkeypatch.delenv(MAX_PAYLOAD_IN_MB_ENV)
+    monkeypatch.setenv(SERVING_MODE_ENV, "async")
     asynchronous = InferenceApp(str(trained[0]), device="cpu")
     assert status_for(asynchronous, ASYNC_MAX_PAYLOAD_BYTES)[0] == 400
     assert status_for(asynchronous, ASYNC_MAX_PAYLOAD_BYTES + 1)[0] == 413
@@ -363,7 +366,7 @@ def test_the_body_limit_follows_the_mode(trained, monkeypatch):
 def test_a_realtime_answer_over_6_mb_is_refused_with_the_reason(trained, monkeypatch):
     """6 MB each way: the float16 probabilities of a 1024 x 1024 image with 3 classes are 6 MB and a header, which
     SageMaker would drop with an error naming nothing. The server says so, and what to ask for instead."""
-    for name in ("SAGEMAKER_BATCH", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE"):
+    for name in (BATCH_ENV, MAX_BODY_MB_ENV, SERVING_MODE_ENV):
         monkeypatch.delenv(name, raising=False)
     app = InferenceApp(str(trained[0]), device="cpu")
     ramp = np.linspace(0, 255, 1024, dtype=np.float32)

@@ -34,7 +34,8 @@ import pytest
 
 from docker_support import (LOCAL_NETWORK, docker, network_info, opt_ml_tree)
 from support import TINY
-from unetseg.metrics_log import EPOCH_METRICS, parse_line, regex_for
+from unetseg.contract.metrics_log import EPOCH_METRICS, parse_line, regex_for
+from unetseg.contract.sagemaker_env import PROCS_PER_HOST_ENV
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -76,7 +77,7 @@ def local_session(local_network, tmp_path_factory):
 
 
 def estimator(image: str, session, tmp_path: Path, **kwargs):
-    from unetseg.estimator import UNetEstimator
+    from unetseg.client.estimator import UNetEstimator
 
     return UNetEstimator(image_uri=image, instance_type="local", sagemaker_session=session,
                          hyperparameters=kwargs.pop("hyperparameters", HPS), environment=ONE_THREAD,
@@ -168,7 +169,7 @@ def test_local_mode_two_containers_train_one_model_with_ddp(training_image, loca
 # --- 3. a dataset that only the container finds broken --------------------------------------------------------------
 
 def test_local_mode_failure_carries_the_failure_file(training_image, local_session, tmp_path, capfd):
-    from unetseg.local_mode import LocalTrainingError
+    from unetseg.client.local_mode import LocalTrainingError
 
     data = make_demo_dataset(tmp_path / "data", kind="binary", train=4, validation=2, size=32)
     broken = sorted((data / "train" / "masks").iterdir())[1]
@@ -249,7 +250,7 @@ def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, 
     straight = tmp_path / "straight"
     shutil.copytree(spot, straight)  # the same tree, before anything ran on it
     tag = uuid.uuid4().hex[:8]
-    env = {"UNETSEG_PROCS_PER_HOST": str(procs)}
+    env = {PROCS_PER_HOST_ENV: str(procs)}
 
     started = time.monotonic()
     code, log = run_train(training_image, straight, f"unetseg-ci-straight-{tag}", env=env)

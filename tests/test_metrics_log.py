@@ -1,6 +1,6 @@
 import re
 
-from unetseg import metrics_log as ml
+from unetseg.contract import metrics_log as ml
 
 
 def test_line_format_and_parse_round_trip():

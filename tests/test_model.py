@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from support import TINY
-from unetseg.config import TrainConfig
-from unetseg.errors import ArtifactError
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import ArtifactError
 from unetseg.model import artifact_config, build_model, freeze_unused, load_model, save_artifact
 
 CFG = TrainConfig(**TINY, classes=3, class_names=["bg", "a", "b"])
@@ -109,7 +109,7 @@ def test_encoder_weights_from_a_local_file(tmp_path):
     save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(tmp_path / "enc.safetensors"))
     model = build_model(CFG.replace(encoder_weights=str(tmp_path / "enc.safetensors")))
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), source.encoder.state_dict().values()))
-    from unetseg.errors import ConfigError
+    from unetseg.contract.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such file"):
         build_model(CFG.replace(encoder_weights=str(tmp_path / "nope.pth")))
@@ -144,7 +144,7 @@ def test_init_model_copies_every_matching_tensor_and_a_new_class_count_gets_a_fr
 
 
 def test_init_model_with_another_architecture_names_the_differences(artifact):
-    from unetseg.errors import ConfigError
+    from unetseg.contract.errors import ConfigError
     from unetseg.model import read_init_model
 
     other = CFG.replace(encoder_depth=4, decoder_channels=[32, 16, 8, 8], in_channels=1)

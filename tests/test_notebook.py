@@ -20,6 +20,8 @@ import pytest
 from conftest import REGION
 from support import free_port
 
+from unetseg.contract.sagemaker_env import IMAGE_URI_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 IMAGE = "111122223333.dkr.ecr.us-east-1.amazonaws.com/unetseg:quickstart"
@@ -76,7 +78,7 @@ def kernel_environment(endpoint: str, sdk_config: str) -> dict[str, str]:
         "SAGEMAKER_SUPPRESS_V2_WARNING": "1",
         # The SDK's telemetry opt-out (conftest's config file): otherwise fit() calls an S3 bucket and STS.
         "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": sdk_config, "SAGEMAKER_USER_CONFIG_OVERRIDE": sdk_config,
-        "UNETSEG_IMAGE_URI": IMAGE,
+        IMAGE_URI_ENV: IMAGE,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": str(os.cpu_count() or 1),
         "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations asks PyPI for a newer version on import

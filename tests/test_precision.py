@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from support import TINY
-from unetseg.config import TrainConfig
-from unetseg.errors import ConfigError
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.errors import ConfigError
 from unetseg.model import build_model, freeze_unused, normalization
 from unetseg.training import autocast_dtype, build_optimizer, lr_schedule, restore
 

@@ -1,8 +1,8 @@
 """The client half of inference: UNetPredictor's serializer and deserializer against the real server, and the
 requests UNetEstimator.deploy() / transformer() send.
 
-- Wire formats: the bytes ImageSerializer produces go through the real `unetseg.serving.InferenceApp` (called as a
-  WSGI app, or behind the SDK's own `Predictor.predict` with a botocore hook answering InvokeEndpoint), and
+- Wire formats: the bytes ImageSerializer produces go through the real `unetseg.container.serving.InferenceApp`
+  (called as a WSGI app, or behind the SDK's own `Predictor.predict` with a botocore hook answering InvokeEndpoint), and
   MaskDeserializer turns the response into what `Segmenter.predict` / `predict_proba` give for the same image.
 - Requests: under moto, the CreateModel / CreateEndpointConfig / CreateEndpoint and CreateTransformJob bodies.
 - Local mode (slow): `deploy(instance_type="local")` and a local batch transform through the SDK's real local-mode
@@ -29,12 +29,14 @@ import numpy as np
 import pytest
 from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
+from support import ENGINE_ONLY_MODULES
 
-from unetseg import codecs
-from unetseg.estimator import UNetEstimator
-from unetseg.job_rules import JobSettingsError
-from unetseg.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer, decode_response,
-                               request_options)
+from unetseg.client.estimator import UNetEstimator
+from unetseg.client.job_rules import JobSettingsError
+from unetseg.client.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer,
+                                      decode_response, request_options)
+from unetseg.contract import codecs
+from unetseg.contract.sagemaker_env import MAX_BODY_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_WORKERS_ENV, TTA_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["background", "disc", "square"]
@@ -48,7 +50,7 @@ def artifact(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from support import TINY
 
-    from unetseg.config import TrainConfig
+    from unetseg.contract.config import TrainConfig
     from unetseg.model import artifact_config, build_model, save_artifact
 
     cfg = TrainConfig(**TINY, classes=3, class_names=CLASS_NAMES)
@@ -64,7 +66,7 @@ def artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(artifact):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     app = InferenceApp(str(artifact[0]), device="cpu")
     assert app.model is not None, app.load_error
@@ -273,7 +275,7 @@ def test_predictor_predict_goes_through_the_sdk(app, segmenter):
 # --- real-time payload limits: 6 MB each way, checked before sending ------------------------------------------------
 
 def test_a_request_over_the_realtime_limit_is_refused_before_sending(app):
-    from unetseg.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
+    from unetseg.contract.sagemaker_env import REALTIME_MAX_PAYLOAD_BYTES
 
     sent: list[dict] = []
     predictor = UNetPredictor("seg-endpoint", sagemaker_session=endpoint_session(app, sent), content_type=codecs.NPY)
@@ -330,11 +332,11 @@ def test_deploy_creates_model_config_and_endpoint_with_the_training_image(aws):
     assert model_data == f"s3://{BUCKET}/unetseg/{est.latest_training_job.name}/output/model.tar.gz"
 
     predictor = est.deploy(instance_type="ml.c5.xlarge", endpoint_name="cells", wait=False,
-                           model_server_workers=2, env={"UNETSEG_MAX_PIXELS": "20000000"})
+                           model_server_workers=2, env={MAX_PIXELS_ENV: "20000000"})
     model = aws.sent("CreateModel")
     assert model["PrimaryContainer"] == {
         "Image": IMAGE, "ModelDataUrl": model_data,
-        "Environment": {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "UNETSEG_MAX_PIXELS": "20000000"}}
+        "Environment": {MODEL_SERVER_WORKERS_ENV: "2", MAX_PIXELS_ENV: "20000000"}}
     assert model["ExecutionRoleArn"] == ROLE
     config = aws.sent("CreateEndpointConfig")
     assert config["ProductionVariants"] == [{
@@ -422,14 +424,14 @@ def test_transformer_runs_a_folder_of_images(aws):
 def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
     est = trained_estimator(aws)
     transformer = est.transformer(2, "ml.c5.2xlarge", accept=codecs.JSON, output_path=f"s3://{BUCKET}/out/",
-                                  max_payload=20, env={"UNETSEG_MAX_BODY_MB": "20", "UNETSEG_TTA": "flip"})
+                                  max_payload=20, env={MAX_BODY_MB_ENV: "20", TTA_ENV: "flip"})
     transformer.transform(f"s3://{BUCKET}/images/", wait=False, logs=False)
     transformer.transform(f"s3://{BUCKET}/photos/", content_type="image/jpeg", wait=False, logs=False)
     first, second = aws.bodies["CreateTransformJob"]
     assert first["TransformInput"]["ContentType"] == "image/png"
     assert second["TransformInput"]["ContentType"] == "image/jpeg"
     assert first["TransformOutput"]["Accept"] == codecs.JSON
-    assert (first["MaxPayloadInMB"], first["Environment"]) == (20, {"UNETSEG_MAX_BODY_MB": "20", "UNETSEG_TTA": "flip"})
+    assert (first["MaxPayloadInMB"], first["Environment"]) == (20, {MAX_BODY_MB_ENV: "20", TTA_ENV: "flip"})
     assert first["TransformResources"] == {"InstanceCount": 2, "InstanceType": "ml.c5.2xlarge"}
 
 
@@ -445,7 +447,7 @@ def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):
      "model_server_workers=0"),
     (lambda est: est.deploy(instance_type="ml.c5.xlarge", env={"1BAD": "x"}), JobSettingsError, "1BAD"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/",
-                                 env={"UNETSEG_TTA": "rot90"}), JobSettingsError, "UNETSEG_TTA='rot90'"),
+                                 env={TTA_ENV: "rot90"}), JobSettingsError, "UNETSEG_TTA='rot90'"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path="/tmp/x"), JobSettingsError,
      "output_path"),
     (lambda est: est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/o/").transform(
@@ -490,7 +492,7 @@ def test_deploy_and_transformer_import_no_torch():
             import strict_aws  # SageMaker's own request validation, as in every moto-backed test
             boto3.setup_default_session(region_name="us-east-1")
             strict_aws.install(boto3.DEFAULT_SESSION.events)
-            from unetseg.estimator import UNetEstimator
+            from unetseg.client.estimator import UNetEstimator
             s3 = boto3.client("s3", region_name="us-east-1")
             s3.create_bucket(Bucket={BUCKET!r})
             for channel in ("train", "validation"):
@@ -503,7 +505,7 @@ def test_deploy_and_transformer_import_no_torch():
             predictor.serializer.serialize(np.zeros((16, 16, 3), np.uint8))
             est.transformer(instance_type="ml.c5.xlarge", output_path="s3://{BUCKET}/o/").transform(
                 "s3://{BUCKET}/images/", wait=False, logs=False)
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "segmentation_models_pytorch"))
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {ENGINE_ONLY_MODULES!r})
         assert not heavy, heavy
         print("ok")
     """)
@@ -552,7 +554,7 @@ FAKE_DOCKER = textwrap.dedent("""\
 SERVER = textwrap.dedent("""\
     import os, signal, sys
     from wsgiref.simple_server import WSGIRequestHandler, make_server
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, *args):

@@ -41,9 +41,12 @@ from PIL import Image
 from bombs import PNG_SIGNATURE, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from readiness import first_answer
 from support import TINY, free_port
-from unetseg import codecs
-from unetseg.config import TrainConfig
-from unetseg.sagemaker_env import CUSTOM_ATTRIBUTES_MAX_CHARS
+from unetseg.contract import codecs
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.sagemaker_env import (BATCH_ENV, BIND_TO_PORT_ENV, CUSTOM_ATTRIBUTES_MAX_CHARS, MAX_BODY_MB_ENV,
+                                            MAX_IMAGE_MB_ENV, MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV,
+                                            MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, SERVING_MODE_ENV,
+                                            TTA_ENV)
 
 # The stated bound, as for the data check and predict (tests/test_bad_input.py): on bombs a worker peaks at most
 # 256 MiB above its peak serving good images, and under 1.5 GiB in all.
@@ -70,7 +73,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     app = InferenceApp(str(model_dir), device="cpu", max_body_bytes=2**20)
     assert app.model is not None, app.load_error
@@ -320,7 +323,7 @@ def test_a_bomb_is_refused_from_its_header(app, case):
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(model_dir):
     """A real deflate bomb (a valid PNG of zeros, 48 MB decoded from a 50 kB body) under the decoded-size limit
     (UNETSEG_MAX_IMAGE_MB) but over the server's pixel limit: 413 from the IHDR, nothing decoded."""
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     small = InferenceApp(str(model_dir), device="cpu", max_pixels=1_000_000)
     body = real_png_bomb(4000, 4000)
@@ -475,7 +478,7 @@ def test_the_body_read_stops_at_the_deadline(model_dir):
     from gunicorn.http.body import Body, LengthReader
     from gunicorn.http.unreader import SocketUnreader
 
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     timed = InferenceApp(str(model_dir), device="cpu", timeout_s=2)
     server, client = socket.socketpair()
@@ -530,10 +533,11 @@ class _Broken:
 # =================================================================================================================
 
 def start_server(model_dir: Path, port: int, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "unetseg.serving", "--model-dir", str(model_dir), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
-                                            "SAGEMAKER_MODEL_SERVER_WORKERS": "1", **env})
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", MODEL_SERVER_WORKERS_ENV: "1",
+               **env}
+    return subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=environ)
 
 
 def stop_server(proc: subprocess.Popen) -> str:
@@ -614,8 +618,8 @@ def payload(received: bytes) -> bytes:
 def served(model_dir):
     """The real command, one worker (4 threads), requests limited to STALL_TIMEOUT_S and bodies to 1 MiB."""
     port = free_port()
-    proc = start_server(model_dir, port, {"SAGEMAKER_MODEL_SERVER_TIMEOUT": str(STALL_TIMEOUT_S),
-                                          "UNETSEG_MAX_BODY_MB": "1"})
+    proc = start_server(model_dir, port, {MODEL_SERVER_TIMEOUT_ENV: str(STALL_TIMEOUT_S),
+                                          MAX_BODY_MB_ENV: "1"})
     try:
         status, body, _ = first_answer(f"http://127.0.0.1:{port}/ping", timeout=120, alive=lambda: proc.poll() is None,
                                        logs=lambda: stop_server(proc))
@@ -717,22 +721,22 @@ def test_expect_100_continue_is_served(served, app):
 # =================================================================================================================
 
 BAD_SETTINGS = {
-    "UNETSEG_MAX_BODY_MB": ["abc", "0", "-1", "nan", "inf", "1e400"],
-    "UNETSEG_MAX_IMAGE_MB": ["abc", "0", "inf"],
-    "UNETSEG_MAX_PIXELS": ["abc", "0", "-5", "1.5", "inf"],
-    "SAGEMAKER_MODEL_SERVER_TIMEOUT": ["1m", "0", "-1", "1.5"],
-    "SAGEMAKER_MODEL_SERVER_WORKERS": ["two", "0", "-1"],
-    "UNETSEG_TTA": ["rotate"],
-    "UNETSEG_SERVING_MODE": ["streaming"],
-    "SAGEMAKER_BATCH": ["maybe"],
-    "SAGEMAKER_MAX_PAYLOAD_IN_MB": ["101", "x", "-1"],
-    "SAGEMAKER_BIND_TO_PORT": ["http", "70000", "0"],
+    MAX_BODY_MB_ENV: ["abc", "0", "-1", "nan", "inf", "1e400"],
+    MAX_IMAGE_MB_ENV: ["abc", "0", "inf"],
+    MAX_PIXELS_ENV: ["abc", "0", "-5", "1.5", "inf"],
+    MODEL_SERVER_TIMEOUT_ENV: ["1m", "0", "-1", "1.5"],
+    MODEL_SERVER_WORKERS_ENV: ["two", "0", "-1"],
+    TTA_ENV: ["rotate"],
+    SERVING_MODE_ENV: ["streaming"],
+    BATCH_ENV: ["maybe"],
+    MAX_PAYLOAD_IN_MB_ENV: ["101", "x", "-1"],
+    BIND_TO_PORT_ENV: ["http", "70000", "0"],
 }
 
 
 @pytest.mark.parametrize("name, value", [(name, value) for name, values in BAD_SETTINGS.items() for value in values])
 def test_a_bad_setting_is_named_by_ping_and_every_request(model_dir, monkeypatch, caplog, name, value):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
     monkeypatch.setenv(name, value)
     app = InferenceApp(str(model_dir), device="cpu")  # no exception: the worker lives, and says why it is unhealthy
@@ -744,12 +748,12 @@ def test_a_bad_setting_is_named_by_ping_and_every_request(model_dir, monkeypatch
 
 
 def test_good_settings_are_taken(model_dir, monkeypatch):
-    from unetseg.serving import InferenceApp
+    from unetseg.container.serving import InferenceApp
 
-    for name, value in {"UNETSEG_MAX_BODY_MB": "0.5", "UNETSEG_MAX_PIXELS": "64e6", "UNETSEG_MAX_IMAGE_MB": "100",
-                        "SAGEMAKER_MODEL_SERVER_TIMEOUT": "30", "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
-                        "UNETSEG_TTA": "Flip", "UNETSEG_SERVING_MODE": "ASYNC", "SAGEMAKER_BATCH": "false",
-                        "SAGEMAKER_BIND_TO_PORT": "9090"}.items():
+    for name, value in {MAX_BODY_MB_ENV: "0.5", MAX_PIXELS_ENV: "64e6", MAX_IMAGE_MB_ENV: "100",
+                        MODEL_SERVER_TIMEOUT_ENV: "30", MODEL_SERVER_WORKERS_ENV: "2",
+                        TTA_ENV: "Flip", SERVING_MODE_ENV: "ASYNC", BATCH_ENV: "false",
+                        BIND_TO_PORT_ENV: "9090"}.items():
         monkeypatch.setenv(name, value)
     app = InferenceApp(str(model_dir), device="cpu")
     assert call(app, "/ping", method="GET")[0] == 200
@@ -760,8 +764,8 @@ def test_good_settings_are_taken(model_dir, monkeypatch):
 @pytest.mark.slow
 def test_the_real_server_starts_names_each_bad_setting_once_and_stays_unhealthy(model_dir):
     port = free_port()
-    bad = {"UNETSEG_MAX_BODY_MB": "abc", "SAGEMAKER_MODEL_SERVER_WORKERS": "two", "UNETSEG_MAX_PIXELS": "lots",
-           "UNETSEG_MAX_IMAGE_MB": "0", "SAGEMAKER_BIND_TO_PORT": "http"}
+    bad = {MAX_BODY_MB_ENV: "abc", MODEL_SERVER_WORKERS_ENV: "two", MAX_PIXELS_ENV: "lots",
+           MAX_IMAGE_MB_ENV: "0", BIND_TO_PORT_ENV: "http"}
     proc = start_server(model_dir, port, bad)
     try:
         status, body, _ = first_answer(f"http://127.0.0.1:{port}/ping", timeout=120, alive=lambda: proc.poll() is None,

@@ -7,9 +7,12 @@ import os
 
 import pytest
 
-from unetseg import serving
-from unetseg.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB, BATCH_TIMEOUT_S,
-                                   REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S)
+from unetseg.container import serving
+from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_ENV, BATCH_MAX_PAYLOAD_MB,
+                                            BATCH_TIMEOUT_S, BIND_TO_PORT_ENV, MAX_BODY_MB_ENV, MAX_IMAGE_MB_ENV,
+                                            MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_TIMEOUT_ENV,
+                                            MODEL_SERVER_WORKERS_ENV, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S,
+                                            SERVING_MODE_ENV, TTA_ENV)
 
 
 class _Arbiter:
@@ -59,9 +62,9 @@ def test_a_replacement_worker_takes_the_gpu_of_the_one_it_replaces(monkeypatch, 
     assert os.environ["OMP_NUM_THREADS"] == str(8 // workers)  # the CPU cores shared among the workers
 
 
-SETTINGS = ("SAGEMAKER_BATCH", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "UNETSEG_MAX_BODY_MB", "UNETSEG_SERVING_MODE",
-            "SAGEMAKER_MODEL_SERVER_TIMEOUT", "SAGEMAKER_MODEL_SERVER_WORKERS", "SAGEMAKER_BIND_TO_PORT", "UNETSEG_TTA",
-            "UNETSEG_MAX_PIXELS", "UNETSEG_MAX_IMAGE_MB")
+SETTINGS = (BATCH_ENV, MAX_PAYLOAD_IN_MB_ENV, MAX_BODY_MB_ENV, SERVING_MODE_ENV,
+            MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, BIND_TO_PORT_ENV, TTA_ENV,
+            MAX_PIXELS_ENV, MAX_IMAGE_MB_ENV)
 
 
 @pytest.fixture
@@ -74,12 +77,12 @@ def environ(monkeypatch):
 
 @pytest.mark.parametrize("values, mode, body, timeout", [
     ({}, "realtime", REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S),
-    ({"SAGEMAKER_BATCH": "true"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20, BATCH_TIMEOUT_S),
-    ({"SAGEMAKER_BATCH": "True", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}, "batch", 20 * 2**20, BATCH_TIMEOUT_S),
-    ({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20,
+    ({BATCH_ENV: "true"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20, BATCH_TIMEOUT_S),
+    ({BATCH_ENV: "True", MAX_PAYLOAD_IN_MB_ENV: "20"}, "batch", 20 * 2**20, BATCH_TIMEOUT_S),
+    ({BATCH_ENV: "true", MAX_PAYLOAD_IN_MB_ENV: "0"}, "batch", BATCH_MAX_PAYLOAD_MB * 2**20,
      BATCH_TIMEOUT_S),  # 0: the job set no limit of its own; the service's 100 MB still holds
-    ({"UNETSEG_SERVING_MODE": "async"}, "async", ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S),
-    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "300", "UNETSEG_MAX_BODY_MB": "50"}, "realtime", 50 * 2**20, 300),
+    ({SERVING_MODE_ENV: "async"}, "async", ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S),
+    ({MODEL_SERVER_TIMEOUT_ENV: "300", MAX_BODY_MB_ENV: "50"}, "realtime", 50 * 2**20, 300),
 ])
 def test_limits_follow_the_mode(environ, values, mode, body, timeout):
     environ(values)
@@ -88,36 +91,36 @@ def test_limits_follow_the_mode(environ, values, mode, body, timeout):
 
 
 @pytest.mark.parametrize("values, fragment", [
-    ({"UNETSEG_SERVING_MODE": "streaming"}, "UNETSEG_SERVING_MODE='streaming': use realtime, batch or async"),
-    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "1m"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='1m': a whole number of seconds"),
-    ({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "0"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='0': a whole number of seconds"),
-    ({"UNETSEG_MAX_BODY_MB": "-1"}, "UNETSEG_MAX_BODY_MB='-1': a positive number of megabytes"),
-    ({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "101"},
+    ({SERVING_MODE_ENV: "streaming"}, "UNETSEG_SERVING_MODE='streaming': use realtime, batch or async"),
+    ({MODEL_SERVER_TIMEOUT_ENV: "1m"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='1m': a whole number of seconds"),
+    ({MODEL_SERVER_TIMEOUT_ENV: "0"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT='0': a whole number of seconds"),
+    ({MAX_BODY_MB_ENV: "-1"}, "UNETSEG_MAX_BODY_MB='-1': a positive number of megabytes"),
+    ({BATCH_ENV: "true", MAX_PAYLOAD_IN_MB_ENV: "101"},
      "SAGEMAKER_MAX_PAYLOAD_IN_MB='101': 0 to 100"),
-    ({"SAGEMAKER_BIND_TO_PORT": "http"}, "SAGEMAKER_BIND_TO_PORT='http': a port number"),
+    ({BIND_TO_PORT_ENV: "http"}, "SAGEMAKER_BIND_TO_PORT='http': a port number"),
 ])
 def test_a_bad_setting_is_named_and_its_default_used(environ, values, fragment):
     environ(values)
     settings = serving.read_settings()
     assert len(settings.problems) == 1 and settings.problems[0].startswith(fragment), settings.problems
     assert "\n" not in settings.problems[0]
-    defaults = serving.ServerSettings("batch" if "SAGEMAKER_BATCH" in values else "realtime",
-                                      BATCH_MAX_PAYLOAD_MB * 2**20 if "SAGEMAKER_BATCH" in values else
+    defaults = serving.ServerSettings("batch" if BATCH_ENV in values else "realtime",
+                                      BATCH_MAX_PAYLOAD_MB * 2**20 if BATCH_ENV in values else
                                       REALTIME_MAX_PAYLOAD_BYTES,
-                                      BATCH_TIMEOUT_S if "SAGEMAKER_BATCH" in values else REALTIME_TIMEOUT_S,
+                                      BATCH_TIMEOUT_S if BATCH_ENV in values else REALTIME_TIMEOUT_S,
                                       serving.DEFAULT_MAX_PIXELS, "none", None, serving.DEFAULT_PORT, settings.problems)
     assert settings == defaults
 
 
 def test_every_bad_setting_is_named_at_once(environ):
-    environ({"UNETSEG_SERVING_MODE": "x", "UNETSEG_MAX_BODY_MB": "y", "UNETSEG_MAX_IMAGE_MB": "z",
-             "SAGEMAKER_MODEL_SERVER_WORKERS": "w"})
+    environ({SERVING_MODE_ENV: "x", MAX_BODY_MB_ENV: "y", MAX_IMAGE_MB_ENV: "z",
+             MODEL_SERVER_WORKERS_ENV: "w"})
     names = [problem.split("=")[0] for problem in serving.read_settings().problems]
-    assert names == ["UNETSEG_SERVING_MODE", "UNETSEG_MAX_BODY_MB", "SAGEMAKER_MODEL_SERVER_WORKERS",
-                     "UNETSEG_MAX_IMAGE_MB"]
+    assert names == [SERVING_MODE_ENV, MAX_BODY_MB_ENV, MODEL_SERVER_WORKERS_ENV,
+                     MAX_IMAGE_MB_ENV]
 
 
 def test_the_port_comes_from_sagemaker_bind_to_port(environ):
     assert serving.read_settings().port == 8080
-    environ({"SAGEMAKER_BIND_TO_PORT": "9123"})
+    environ({BIND_TO_PORT_ENV: "9123"})
     assert serving.read_settings().port == 9123  # an inference pipeline's container (serve's --port wins)

@@ -45,8 +45,8 @@ from PIL import Image
 from readiness import NotReady, first_answer
 from support import TINY, free_port
 
-from unetseg import codecs
-from unetseg.predictor import decode_response
+from unetseg.client.predictor import decode_response
+from unetseg.contract import codecs
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -97,7 +97,7 @@ def trained(local_bridge, offline_aws, tmp_path_factory):
     """One tiny local-mode training job for the module."""
     from sagemaker.local import LocalSession
 
-    from unetseg.estimator import UNetEstimator
+    from unetseg.client.estimator import UNetEstimator
 
     image, _ = local_bridge
     root = tmp_path_factory.mktemp("serving")
@@ -141,7 +141,7 @@ def running(container: str) -> bool:
 @pytest.fixture
 def removed(monkeypatch):
     """name -> state of each container that unetseg removes after the SDK stopped it, as it was just before."""
-    from unetseg import local_mode
+    from unetseg.client import local_mode
 
     states = {}
     real_remove = local_mode.remove_containers
@@ -158,7 +158,7 @@ def removed(monkeypatch):
 def test_local_endpoint_predicts_what_the_model_predicts(trained, images, capfd, removed):
     from sagemaker.local import LocalSession
 
-    from unetseg.predictor import UNetPredictor
+    from unetseg.client.predictor import UNetPredictor
 
     require_free_port(SERVING_PORT, "a local endpoint (the SDK publishes its container on the host)")
     est, model = trained.estimator, trained.model

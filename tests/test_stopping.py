@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import process_tree
 from support import REPO, TINY, free_port, sagemaker_tree
-from unetseg.metrics_log import parse_line
+from unetseg.contract.metrics_log import parse_line
+from unetseg.contract.sagemaker_env import MASTER_PORT_ENV
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.slow
@@ -122,7 +123,7 @@ def test_two_processes_stop_with_loader_workers_and_resume_exactly(tmp_path):
     code, log = stop_after(spot, step=3)
     epoch, batch = assert_stopped_inside_an_epoch(code, log, tmp_path / "spot", steps_per_epoch=16)
 
-    spot["UNETSEG_MASTER_PORT"] = str(free_port())
+    spot[MASTER_PORT_ENV] = str(free_port())
     resumed = run_entry(spot)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert f"epoch {epoch}, batch {batch}" in resumed.stdout, resumed.stdout[-3000:]

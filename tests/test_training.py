@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from support import REPO, TINY, free_port, run_entry, sagemaker_tree, write_pair
-from unetseg.config import TrainConfig
+from unetseg.contract.config import TrainConfig
+from unetseg.contract.metrics_log import EPOCH_METRICS, SELECTION_METRIC, metric_definitions, parse_line
 from unetseg.metrics import confusion, summarize
-from unetseg.metrics_log import EPOCH_METRICS, SELECTION_METRIC, metric_definitions, parse_line
 from unetseg.model import load_model
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
@@ -277,7 +277,7 @@ def test_the_predictions_picture_draws_small_crops_of_large_images(tmp_path, mon
 
 
 def test_resuming_refuses_another_model_and_names_changed_hyperparameters(tmp_path):
-    from unetseg.errors import ConfigError
+    from unetseg.contract.errors import ConfigError
     from unetseg.training import check_resumable
 
     saved = TrainConfig(**TINY).to_hyperparameters()

@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import TrainConfig  # noqa: E402  (pydantic only)
-from .errors import ArtifactError, ConfigError, DataError, UnetsegError  # noqa: E402
+from .contract.config import TrainConfig  # noqa: E402  (pydantic only)
+from .contract.errors import ArtifactError, ConfigError, DataError, UnetsegError  # noqa: E402
 
 _LAZY = {
-    "UNetEstimator": "unetseg.estimator",
+    "UNetEstimator": "unetseg.client.estimator",
     "load_model": "unetseg.model",
     "Segmenter": "unetseg.segmenter",
     "make_demo_dataset": "unetseg.synthetic",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .estimator import UNetEstimator  # noqa: F401
+    from .client.estimator import UNetEstimator  # noqa: F401
     from .model import load_model  # noqa: F401
     from .segmenter import Segmenter  # noqa: F401
     from .synthetic import make_demo_dataset  # noqa: F401

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import OutputError, write_failure_reason
+from .contract.errors import OutputError, write_failure_reason
 
 # The first words of a WriteFailed message, by errno: "disk full writing /opt/ml/checkpoints/last.pt: ..."
 HEADLINES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",

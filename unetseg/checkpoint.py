@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import replace_atomically
-from .errors import UnetsegError
+from .contract.errors import UnetsegError
 
 LAST, BEST = "last.pt", "best.safetensors"
 # What save_state writes; a file without one of them is another version's or no checkpoint at all.

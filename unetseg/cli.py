@@ -7,24 +7,25 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .codecs import TTA_MODES
-from .config import TrainConfig
-from .errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.codecs import TTA_MODES
+from .contract.config import TrainConfig
+from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
+from .contract.sagemaker_env import stopped_exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["image"]:  # build and push the container image: its own argument parser
-        from . import image
+        from .client import docker_image
 
-        return _guarded(lambda: image.main(argv[1:]))
+        return _guarded(lambda: docker_image.main(argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
@@ -116,20 +117,17 @@ def parse_hyperparameters(tokens: Sequence[str]) -> dict[str, str]:
 
 
 def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optional[Path]]:
-    """A folder with train/ (and validation/ or val/) is a dataset root; a folder with images/ is the training channel.
-    Either reading of an ambiguous folder would silently ignore data, so it is refused."""
-    if not (data / "train").is_dir():
-        return data, validation
-    if (data / "images").is_dir():
-        raise UsageError(f"--data {data}: holds both images/ (a dataset channel) and train/ (a folder of channels); "
-                         f"give --data {data / 'train'}, or move one of them away")
-    if validation is None:
-        found = [data / name for name in ("validation", "val") if (data / name).is_dir()]
-        if len(found) > 1:
-            raise UsageError(f"--data {data}: both validation/ and val/ are there; keep one, or choose one with "
-                             f"--validation {found[0]}")
-        validation = found[0] if found else None
-    return data / "train", validation
+    """The training and validation folders of --data, read as fit() and the container read a dataset root
+    (contract/layout.py); --validation names the validation folder itself, so validation/ and val/ in --data are
+    then left alone."""
+    if not data.is_dir():
+        return data, validation  # the data check says it is not there
+    folders, files = folder_names(data)
+    if validation is not None:
+        folders = [name for name in folders if name not in VALIDATION_FOLDERS]
+    layout = read_layout(folders, f"--data {data}", files)
+    found = data / layout.validation if layout.validation else None
+    return data / layout.train, validation or found
 
 
 def _train(args, extra: Sequence[str]) -> int:
@@ -156,7 +154,7 @@ def _run_training(cfg: TrainConfig, train_dir: Path, val_dir: Optional[Path], ou
                           "resumes from the last checkpoint written") from None
     if result.interrupted:
         print(f"interrupted; resume with the same command and --output {output}", file=sys.stderr)
-        return 128 + signal.Signals[result.interrupted]
+        return stopped_exit_code(result.interrupted)
     return 0
 
 
@@ -185,10 +183,10 @@ def _demo(args, _extra) -> int:
     from .synthetic import demo_hyperparameters, make_demo_dataset
 
     data = make_demo_dataset(args.output / "data", kind=args.kind)
-    print(f"synthetic {args.kind} dataset: {data} (train/, validation/)")
+    print(f"synthetic {args.kind} dataset: {data} ({TRAIN_CHANNEL}/, {VALIDATION_CHANNEL}/)")
     cfg = TrainConfig(**demo_hyperparameters(args.kind), epochs=args.epochs)
     shutil.rmtree(args.output / "run", ignore_errors=True)  # a fresh run each time: its checkpoint would resume
-    return _run_training(cfg, data / "train", data / "validation", args.output / "run")
+    return _run_training(cfg, data / TRAIN_CHANNEL, data / VALIDATION_CHANNEL, args.output / "run")
 
 
 def _demo_data(args, _extra) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .sagemaker_env import TrainingEnv
+from .contract.sagemaker_env import MASTER_PORT_ENV, PROCS_PER_HOST_ENV, TrainingEnv
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -38,7 +38,7 @@ class DistContext:
 
 
 def procs_per_host(env: TrainingEnv) -> int:
-    override = os.environ.get("UNETSEG_PROCS_PER_HOST")
+    override = os.environ.get(PROCS_PER_HOST_ENV)
     if override:
         return max(1, int(override))
     gpus = env.num_gpus or torch.cuda.device_count()  # SM_NUM_GPUS reads 0 where nvidia-smi is missing
@@ -50,7 +50,7 @@ def torchrun_command(env: TrainingEnv, nproc: int, module: str) -> Optional[list
     if nproc * len(env.hosts) == 1:
         return None
     master = env.master_host if len(env.hosts) > 1 else "127.0.0.1"
-    port = os.environ.get("UNETSEG_MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    port = os.environ.get(MASTER_PORT_ENV, str(DEFAULT_MASTER_PORT))
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={len(env.hosts)}", f"--node_rank={env.host_rank}", f"--nproc_per_node={nproc}",

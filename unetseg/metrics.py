@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .contract.metrics_log import class_metric
 from .data.masks import IGNORE_INDEX
-from .metrics_log import class_metric
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:

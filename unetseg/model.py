@@ -28,8 +28,8 @@ from .segmenter import Segmenter
 
 from . import __version__
 from .atomic import replace_atomically
-from .config import TrainConfig
-from .errors import ArtifactError, ConfigError
+from .contract.config import TrainConfig
+from .contract.errors import ArtifactError, ConfigError
 
 FORMAT = "unetseg-model"
 FORMAT_VERSION = 1

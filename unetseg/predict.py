@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .codecs import encode_mask_png
-from .data.headers import max_image_bytes
+from .contract.codecs import encode_mask_png
+from .contract.image_headers import max_image_bytes
 from .data.io import declared_size, read_image
 from .data.scan import IMAGE_EXTENSIONS
-from .errors import DataError, OutputError, UsageError, write_failure_reason
+from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
+from .contract.layout import IMAGES
 from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
@@ -35,7 +36,7 @@ def find_images(source: Path) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise DataError(f"{source}: no such image or folder")
-    folder = source / "images" if (source / "images").is_dir() else source
+    folder = source / IMAGES if (source / IMAGES).is_dir() else source
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not images:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")

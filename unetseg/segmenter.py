@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .codecs import TTA_MODES
+from .contract.codecs import TTA_MODES
 from .data.io import unit_float
 from .visualize import overlay
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .contract.layout import IMAGES, MASKS, TRAIN_CHANNEL, VALIDATION_CHANNEL
+
 KINDS = {
     "binary": ["background", "object"],
     "multiclass": ["background", "disc", "square"],
@@ -36,15 +38,15 @@ def make_demo_dataset(root: str | Path, *, kind: str = "binary", train: int = 48
         raise ValueError(f"channels={channels}: choose 1 or 3")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    for split, count in (("train", train), ("validation", validation)):
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    for split, count in ((TRAIN_CHANNEL, train), (VALIDATION_CHANNEL, validation)):
+        (root / split / IMAGES).mkdir(parents=True, exist_ok=True)
+        (root / split / MASKS).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             image, labels = _sample(rng, size, channels)
             mask = labels if kind == "multiclass" else (labels > 0).astype(np.uint8) * 255
             name = f"{split}_{i:04d}"
-            Image.fromarray(image.squeeze(-1) if channels == 1 else image).save(root / split / "images" / f"{name}.png")
-            Image.fromarray(mask).save(root / split / "masks" / f"{name}.png")
+            Image.fromarray(image.squeeze(-1) if channels == 1 else image).save(root / split / IMAGES / f"{name}.png")
+            Image.fromarray(mask).save(root / split / MASKS / f"{name}.png")
     return root
 
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..errors import DataError
-from .headers import max_image_bytes
+from ..contract.config import TrainConfig
+from ..contract.errors import DataError
+from ..contract.image_headers import max_image_bytes
 from .io import declared_size, read_image, read_mask
 from .masks import MaskCodec, mask_values, resolve_mode, squeeze_gray
 from .scan import MAX_LISTED, Sample

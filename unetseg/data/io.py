@@ -7,8 +7,8 @@ a PNG it cannot decode goes to PIL for a precise error. JPEG goes through PIL, w
 OpenCV silently fills with grey. tifffile reads multi-channel and 16-bit TIFFs; masks go through PIL, which keeps
 palette indices.
 
-Every reader checks the size the file's header declares before decoding (see headers.py: UNETSEG_MAX_IMAGE_MB), so
-a few hundred bytes that claim 40000 x 40000 pixels cost a few hundred bytes, not gigabytes.
+Every reader checks the size the file's header declares before decoding (contract/image_headers.py:
+UNETSEG_MAX_IMAGE_MB), so a few hundred bytes that claim 40000 x 40000 pixels cost a few hundred bytes, not gigabytes.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from .headers import Declared, check_declared, declared_file, max_image_bytes, open_failure
+from ..contract.errors import DataError
+from ..contract.image_headers import Declared, check_declared, declared_file, max_image_bytes, open_failure
 
 _TIFF = (".tif", ".tiff")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..contract.errors import DataError
 
 IGNORE_INDEX = 255
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import DataError
+from ..contract.errors import DataError
+from ..contract.layout import IMAGES, MASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")  # lossless only: JPEG smears class boundaries into new values
@@ -31,7 +32,7 @@ def pair_channel(root: str | Path) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    missing = [name for name in ("images", "masks") if not (root / name).is_dir()]
+    missing = [name for name in (IMAGES, MASKS) if not (root / name).is_dir()]
     if missing:
         found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
         raise DataError(
@@ -40,17 +41,18 @@ def pair_channel(root: str | Path) -> list[Sample]:
         )
 
     problems: list[str] = []
-    images = _index_folder(root / "images", IMAGE_EXTENSIONS, problems)
-    masks = _index_folder(root / "masks", MASK_EXTENSIONS, problems)
+    images = _index_folder(root / IMAGES, IMAGE_EXTENSIONS, problems)
+    masks = _index_folder(root / MASKS, MASK_EXTENSIONS, problems)
     if not images and not problems:
-        raise DataError(f"{root / 'images'}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+        raise DataError(f"{root / IMAGES}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
 
     no_mask = [images[s] for s in sorted(images.keys() - masks.keys())]
     no_image = [masks[s] for s in sorted(masks.keys() - images.keys())]
     if no_mask:
-        problems.append(_listing(f"{len(no_mask)} image(s) without a mask of the same name in {root / 'masks'}", no_mask))
+        problems.append(_listing(f"{len(no_mask)} image(s) without a mask of the same name in {root / MASKS}", no_mask))
     if no_image:
-        problems.append(_listing(f"{len(no_image)} mask(s) without an image of the same name in {root / 'images'}", no_image))
+        problems.append(_listing(f"{len(no_image)} mask(s) without an image of the same name in {root / IMAGES}",
+                                 no_image))
     if problems:
         raise DataError(f"dataset {root} is not usable:\n  " + "\n  ".join(problems))
     return [Sample(stem, images[stem], masks[stem]) for stem in sorted(images)]
@@ -71,7 +73,7 @@ def _index_folder(folder: Path, allowed: Sequence[str], problems: list[str]) -> 
             continue
         by_stem[path.stem] = path
     if unknown:
-        kind = "mask" if folder.name == "masks" else "image"
+        kind = "mask" if folder.name == MASKS else "image"
         hint = " (masks must be lossless: JPEG is not accepted)" if any(p.suffix.lower() in (".jpg", ".jpeg") for p in unknown) and kind == "mask" else ""
         problems.append(_listing(f"{len(unknown)} file(s) in {folder} with an unknown {kind} extension; "
                                  f"allowed: {', '.join(allowed)}{hint}", unknown))

@@ -1,4 +1,7 @@
-"""The SageMaker training container contract in one place: SM_* variables and the /opt/ml tree.
+"""SageMaker's contract in one place: every environment variable's name (SageMaker's and unetseg's own, for training
+and for serving), the /opt/ml tree, and the service's limits. Code uses the constants below, never the spelled names,
+as the training toolkit keeps its names in params.py (tests/test_sagemaker_env.py checks that no other module spells
+one); `TrainingEnv` reads a training job's environment, as the toolkit's environment.py does.
 
 SageMaker (and the sagemaker-training toolkit) hands a job its inputs as environment variables and files:
 
@@ -8,7 +11,9 @@ SageMaker (and the sagemaker-training toolkit) hands a job its inputs as environ
 - SM_MODEL_DIR (/opt/ml/model, tarred to model.tar.gz), SM_OUTPUT_DATA_DIR (/opt/ml/output/data, tarred to
   output.tar.gz), SM_OUTPUT_DIR (/opt/ml/output; the `failure` file lives there);
 - SM_HOSTS / SM_CURRENT_HOST, else /opt/ml/input/config/resourceconfig.json;
-- SM_NUM_GPUS, which reads 0 where nvidia-smi is missing: the engine falls back to torch.cuda.device_count().
+- SM_NUM_GPUS, which reads 0 where nvidia-smi is missing: the engine falls back to torch.cuda.device_count();
+- SM_NETWORK_INTERFACE_NAME (the toolkit's copy of resourceconfig.json's network_interface_name): the interface that
+  NCCL and gloo must use between hosts.
 
 The job's CheckpointConfig.LocalPath (default /opt/ml/checkpoints) is what SageMaker syncs with checkpoint_s3_uri; it
 is in /opt/ml/input/config/checkpointconfig.json, and UNetEstimator also passes it as UNETSEG_CHECKPOINT_DIR.
@@ -31,14 +36,47 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
-INIT_MODEL_CHANNEL = "init_model"  # an input channel holding a trained unetseg model.tar.gz to fine-tune from
+
+# --- a training job's environment, as SageMaker and its training toolkit set it ------------------------------------
+HPS_ENV = "SM_HPS"
+CHANNELS_ENV = "SM_CHANNELS"
+CHANNEL_ENV_PREFIX = "SM_CHANNEL_"  # + the channel's name in upper case: its folder
+HOSTS_ENV, CURRENT_HOST_ENV = "SM_HOSTS", "SM_CURRENT_HOST"
+NUM_GPUS_ENV = "SM_NUM_GPUS"
+NETWORK_INTERFACE_ENV = "SM_NETWORK_INTERFACE_NAME"
+MODEL_DIR_ENV, OUTPUT_DIR_ENV, OUTPUT_DATA_DIR_ENV = "SM_MODEL_DIR", "SM_OUTPUT_DIR", "SM_OUTPUT_DATA_DIR"
+INPUT_DATA_DIR_ENV, INPUT_CONFIG_DIR_ENV = "SM_INPUT_DATA_DIR", "SM_INPUT_CONFIG_DIR"
+JOB_NAME_ENV = "TRAINING_JOB_NAME"
+
+# --- unetseg's own, in the container ------------------------------------------------------------------------------
+OPT_ML_ENV = "UNETSEG_OPT_ML"  # moves the whole /opt/ml tree (tests, local runs)
 CHECKPOINT_DIR_ENV = "UNETSEG_CHECKPOINT_DIR"  # where checkpoints go instead of <root>/checkpoints
+PROCS_PER_HOST_ENV = "UNETSEG_PROCS_PER_HOST"  # training processes per host instead of one per GPU (CPU tests)
+MASTER_PORT_ENV = "UNETSEG_MASTER_PORT"  # torchrun's rendezvous port
+RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
+MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"  # the largest decoded image, in training, predict and serving
+
+# --- serving: SageMaker's settings of an inference container, and unetseg's ---------------------------------------
+MODEL_SERVER_WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
+MODEL_SERVER_TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"  # seconds per request
+BIND_TO_PORT_ENV = "SAGEMAKER_BIND_TO_PORT"  # an inference pipeline's container listens here instead of on 8080
+BATCH_ENV = "SAGEMAKER_BATCH"  # set (true) in a batch transform's container
+MAX_PAYLOAD_IN_MB_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"  # a batch transform's MaxPayloadInMB
+SERVING_MODE_ENV = "UNETSEG_SERVING_MODE"  # realtime, batch or async: the limits to serve by
+MAX_BODY_MB_ENV = "UNETSEG_MAX_BODY_MB"
+MAX_PIXELS_ENV = "UNETSEG_MAX_PIXELS"
+TTA_ENV = "UNETSEG_TTA"  # the test-time augmentation of requests that name none
+SERVING_MODEL_DIR_ENV = "UNETSEG_MODEL_DIR"  # instead of /opt/ml/model
+
+# --- the notebook's -----------------------------------------------------------------------------------------------
+IMAGE_URI_ENV = "UNETSEG_IMAGE_URI"  # UNetEstimator's image when none is given
 
 # Payload and time limits of SageMaker inference, which only the real service enforces (the SDK and moto do not):
 # the predictor checks requests against them before sending, and the server's defaults follow the mode it serves.
@@ -50,10 +88,19 @@ BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeout
 ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
 CUSTOM_ATTRIBUTES_MAX_CHARS = 1024  # InvokeEndpoint CustomAttributes: at most 1024 visible ASCII characters
 
+# A failed job writes its error to <output dir>/failure; SageMaker shows this many characters of it as FailureReason.
+FAILURE_REASON_LIMIT = 1024
+
 # Stopping a job (spot reclaim, StopTrainingJob, MaxRuntime reached): SageMaker sends SIGTERM to the container's PID 1,
 # then SIGKILL this many seconds later.
 STOP_GRACE_S = 120
-# The folder where each process that must hear a stop request registers (unetseg/stop_registry.py). entry/init.py
+
+
+def stopped_exit_code(sig: int | str) -> int:
+    """How a run stopped by signal `sig` (its number, or its name: "SIGTERM") exits: 128 + the number, as a shell
+    reports a process killed by it. PID 1, the training job and `unetseg train` answer a stop alike."""
+    return 128 + int(signal.Signals[sig] if isinstance(sig, str) else sig)
+# The folder where each process that must hear a stop request registers (container/stop_registry.py). entry/init.py
 # (PID 1) creates it and hands its path down in this variable, and passes SIGTERM on to those processes only.
 STOP_REGISTRY_ENV = "UNETSEG_STOP_REGISTRY"
 
@@ -69,6 +116,7 @@ class TrainingEnv:
     hosts: list[str] = field(default_factory=lambda: ["algo-1"])
     current_host: str = "algo-1"
     num_gpus: Optional[int] = None  # None: unknown here, the engine asks torch
+    network_interface: Optional[str] = None  # the interface between hosts; None: not named (one host, or not SageMaker)
     job_name: Optional[str] = None
     tuning_trial: bool = False  # a training job of a hyperparameter tuning job
     checkpoints_synced: bool = False  # SageMaker syncs the checkpoint folder with S3 (the job has a CheckpointConfig)
@@ -96,16 +144,16 @@ class TrainingEnv:
     @classmethod
     def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "TrainingEnv":
         env = os.environ if environ is None else environ
-        root = Path(env.get("UNETSEG_OPT_ML", DEFAULT_ROOT))
-        config_dir = Path(env.get("SM_INPUT_CONFIG_DIR", root / "input" / "config"))
+        root = Path(env.get(OPT_ML_ENV, DEFAULT_ROOT))
+        config_dir = Path(env.get(INPUT_CONFIG_DIR_ENV, root / "input" / "config"))
 
         resource = _read_json(config_dir / "resourceconfig.json") or {}
-        hosts = json.loads(env["SM_HOSTS"]) if env.get("SM_HOSTS") else resource.get("hosts", ["algo-1"])
-        current = env.get("SM_CURRENT_HOST") or resource.get("current_host", hosts[0])
+        hosts = json.loads(env[HOSTS_ENV]) if env.get(HOSTS_ENV) else resource.get("hosts", ["algo-1"])
+        current = env.get(CURRENT_HOST_ENV) or resource.get("current_host", hosts[0])
 
-        gpus = env.get("SM_NUM_GPUS")
+        gpus = env.get(NUM_GPUS_ENV)
         hyperparameters = _hyperparameters(env, config_dir)
-        job_name = env.get("TRAINING_JOB_NAME") or None
+        job_name = env.get(JOB_NAME_ENV) or None
         checkpoint_config = _read_json(config_dir / "checkpointconfig.json")  # SageMaker's, for a CheckpointConfig
         synced = (checkpoint_config or {}).get("LocalPath")
         checkpoint_dir = Path(env.get(CHECKPOINT_DIR_ENV) or synced or root / "checkpoints")
@@ -114,14 +162,15 @@ class TrainingEnv:
             checkpoint_dir = checkpoint_dir / job_name
         return cls(
             hyperparameters=hyperparameters,
-            channels=_channels(env, Path(env.get("SM_INPUT_DATA_DIR", root / "input" / "data"))),
-            model_dir=Path(env.get("SM_MODEL_DIR", root / "model")),
-            output_data_dir=Path(env.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
-            output_dir=Path(env.get("SM_OUTPUT_DIR", root / "output")),
+            channels=_channels(env, Path(env.get(INPUT_DATA_DIR_ENV, root / "input" / "data"))),
+            model_dir=Path(env.get(MODEL_DIR_ENV, root / "model")),
+            output_data_dir=Path(env.get(OUTPUT_DATA_DIR_ENV, root / "output" / "data")),
+            output_dir=Path(env.get(OUTPUT_DIR_ENV, root / "output")),
             checkpoint_dir=checkpoint_dir,
             hosts=list(hosts),
             current_host=current,
             num_gpus=int(gpus) if gpus not in (None, "") and int(gpus) > 0 else None,
+            network_interface=env.get(NETWORK_INTERFACE_ENV) or resource.get("network_interface_name") or None,
             job_name=job_name,
             tuning_trial=tuning_trial,
             checkpoints_synced=checkpoint_config is not None,
@@ -136,16 +185,17 @@ def _read_json(path: Path) -> Any:
 
 
 def _hyperparameters(env: Mapping[str, str], config_dir: Path) -> dict[str, Any]:
-    if env.get("SM_HPS"):
-        return json.loads(env["SM_HPS"])
+    if env.get(HPS_ENV):
+        return json.loads(env[HPS_ENV])
     return _read_json(config_dir / "hyperparameters.json") or {}
 
 
 def _channels(env: Mapping[str, str], data_dir: Path) -> dict[str, Path]:
-    if env.get("SM_CHANNELS"):
-        names = json.loads(env["SM_CHANNELS"])
-        return {name: Path(env.get(f"SM_CHANNEL_{name.upper()}", data_dir / name)) for name in names}
-    found = {key[len("SM_CHANNEL_"):].lower(): Path(value) for key, value in env.items() if key.startswith("SM_CHANNEL_")}
+    if env.get(CHANNELS_ENV):
+        names = json.loads(env[CHANNELS_ENV])
+        return {name: Path(env.get(CHANNEL_ENV_PREFIX + name.upper(), data_dir / name)) for name in names}
+    found = {key[len(CHANNEL_ENV_PREFIX):].lower(): Path(value) for key, value in env.items()
+             if key.startswith(CHANNEL_ENV_PREFIX)}
     if found:
         return found
     if data_dir.is_dir():

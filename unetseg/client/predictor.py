@@ -7,9 +7,10 @@
     probs = predictor.predict_proba(image)          # (C, H, W) float32 class probabilities
     summary = predictor.predict_json(image)         # {"pixel_counts": {...}, "mask": (H, W) uint8, ...}
 
-The wire formats are unetseg.codecs', the same module the server (unetseg.serving) decodes and encodes with:
-requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG, probabilities
-as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as application/json.
+The wire formats are unetseg.contract.codecs', the same module the server (unetseg.container.serving) decodes and
+encodes with: requests go as image/png (default), image/jpeg or application/x-npy; masks come back as a palette PNG,
+probabilities as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as
+application/json.
 
 A real-time endpoint carries at most 6 MB each way (sagemaker_env.REALTIME_MAX_PAYLOAD_BYTES). The predictor refuses
 before sending a request body over it, and a request whose answer is known to be over it (probabilities: float16,
@@ -30,12 +31,13 @@ from sagemaker.predictor import Predictor
 from sagemaker.serializers import BaseSerializer
 from sagemaker.transformer import Transformer
 
-from . import codecs
+from ..contract import codecs
+from ..contract.errors import UnetsegError
+from ..contract.sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
 from . import job_rules as rules
-from .errors import UnetsegError
-from .sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
+from .local_mode import LOCAL_OUTPUT_DIR
+from .quiet_sdk import quiet_v2_notice
 
-LOCAL_OUTPUT_DIR = "unetseg-output"  # as UNetEstimator's local mode: ./unetseg-output/<job name>/
 _EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
 
 
@@ -153,7 +155,7 @@ class UNetPredictor(Predictor):
     def __init__(self, endpoint_name: str, sagemaker_session: Any = None, serializer: Optional[BaseSerializer] = None,
                  deserializer: Optional[BaseDeserializer] = None, *, content_type: str = codecs.PNG,
                  classes: Optional[int] = None, **kwargs: Any):
-        _quiet_v2_notice(type(self).__name__)
+        quiet_v2_notice(type(self).__name__)
         super().__init__(endpoint_name, sagemaker_session=sagemaker_session,
                          serializer=serializer or ImageSerializer(content_type),
                          deserializer=deserializer or MaskDeserializer(), **kwargs)
@@ -288,16 +290,6 @@ def request_options(custom_attributes: Optional[str] = None, *, tile: Optional[i
             raise ValueError(f"tta={tta!r}: use one of {', '.join(codecs.TTA_MODES)}")
         parts.append(f"tta={tta}")
     return "; ".join(parts) or None
-
-
-def _quiet_v2_notice(class_name: str) -> None:
-    """As in estimator.py: the SDK's per-class v2 notice would name UNetPredictor as if it were deprecated."""
-    try:
-        from sagemaker import deprecations
-
-        deprecations._v2_deprecation_warned.add(class_name)
-    except (ImportError, AttributeError):  # pragma: no cover - another SDK version: keep its warning
-        pass
 
 
 class UNetTransformer(Transformer):

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from sagemaker.parameter import CategoricalParameter, ParameterRange
 from sagemaker.tuner import HyperparameterTuner
 
+from ..contract.config import TrainConfig
+from ..contract.errors import ConfigError
+from ..contract.metrics_log import SELECTION_METRIC
 from . import job_rules as rules
-from .config import TrainConfig
-from .errors import ConfigError
 from .job_rules import JobSettingsError
-from .metrics_log import SELECTION_METRIC
 
 if TYPE_CHECKING:  # pragma: no cover
     from .estimator import UNetEstimator

@@ -17,19 +17,21 @@ No torch, no OpenCV: the notebook's predictor and the server's decoder use it to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ConfigError, DataError, ImageTooLargeError
+from .errors import ConfigError, DataError, ImageTooLargeError
+from .sagemaker_env import MAX_IMAGE_MB_ENV
 
-MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"
 DEFAULT_MAX_IMAGE_MB = 2048
 DEFLATE_MAX_RATIO = 1032  # deflate codes a 258-byte match in at least 2 bits
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,9 +62,11 @@ class Declared:
         return f"{self.width}x{self.height} image ({self.channels} channel(s) of {8 * self.sample_bytes} bits)"
 
 
-def max_image_bytes() -> int:
-    """The largest decoded image unetseg reads, in bytes (UNETSEG_MAX_IMAGE_MB, read at each call)."""
-    text = os.environ.get(MAX_IMAGE_MB_ENV, "").strip()
+def max_image_bytes(environ: Optional[Mapping[str, str]] = None) -> int:
+    """The largest decoded image unetseg reads, in bytes: UNETSEG_MAX_IMAGE_MB of `environ`, else of the job whose
+    data is being checked (`job_limit`), else of this process; read at each call."""
+    env = environ if environ is not None else _job_environment if _job_environment is not None else os.environ
+    text = env.get(MAX_IMAGE_MB_ENV, "").strip()
     if not text:
         return DEFAULT_MAX_IMAGE_MB << 20
     try:
@@ -70,9 +74,28 @@ def max_image_bytes() -> int:
     except ValueError:
         mib = math.nan
     if not (math.isfinite(mib) and mib > 0):
-        raise ConfigError(f"{MAX_IMAGE_MB_ENV}={os.environ[MAX_IMAGE_MB_ENV]!r}: give the largest decoded image in "
-                          f"MiB, a number above 0 (default {DEFAULT_MAX_IMAGE_MB})")
+        raise ConfigError(f"{MAX_IMAGE_MB_ENV}={env[MAX_IMAGE_MB_ENV]!r}: give the largest decoded image in MiB, a "
+                          f"number above 0 (default {DEFAULT_MAX_IMAGE_MB})")
     return int(mib * 2**20)
+
+
+# The environment of the job whose data this process checks (the notebook's check of a training job's data), else None.
+_job_environment: Optional[Mapping[str, str]] = None
+_job_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def job_limit(environment: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, every reader in this process (in every thread: the data check decodes in a pool) takes the
+    size limit from `environment`, a job's, as that job's container will: not from the notebook's own environment.
+    One job at a time: a second block waits for the first."""
+    global _job_environment
+    with _job_lock:
+        _job_environment = dict(environment)
+        try:
+            yield
+        finally:
+            _job_environment = None
 
 
 def check_declared(declared: Declared, name: str, stored_bytes: Optional[int] = None) -> None:
@@ -84,11 +107,9 @@ def check_declared(declared: Declared, name: str, stored_bytes: Optional[int] = 
                         "truncated or its header forged")
     limit = max_image_bytes()
     if declared.decoded_bytes > limit:
-        needed = -(-declared.decoded_bytes // 2**20)
         raise ImageTooLargeError(
             f"{name}: its header declares a {declared.describe()} that decodes to {_mib(declared.decoded_bytes)}, over "
-            f"the limit of {_mib(limit)} for one image; if the image is real and this machine has the memory, raise "
-            f"the limit: {MAX_IMAGE_MB_ENV}={needed}"
+            f"the limit of {_mib(limit)} for one image; {_raise_the_limit(declared.decoded_bytes)}"
         )
 
 
@@ -149,8 +170,18 @@ def open_failure(exc: Exception, name: str | Path) -> DataError:
 def _pil_bomb_text(exc: Exception) -> str:
     pixels = re.search(r"\((\d+) pixels\)", str(exc))
     amount = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than PIL opens"
-    return (f"its header declares {amount}, over the limit of {_mib(max_image_bytes())} for one image; if the image "
-            f"is real and this machine has the memory, raise {MAX_IMAGE_MB_ENV}")
+    return f"its header declares {amount}, over the limit of {_mib(max_image_bytes())} for one image; " + \
+        _raise_the_limit(None)
+
+
+def _raise_the_limit(needed_bytes: Optional[int]) -> str:
+    """What to do about a real image over the limit, where the limit is set: this process's, or the job's."""
+    mib = -(-needed_bytes // 2**20) if needed_bytes else None
+    if _job_environment is not None:
+        return ("if the image is real and the training instance has the memory, raise the job's limit: "
+                f"UNetEstimator(..., environment={{'{MAX_IMAGE_MB_ENV}': '{mib or '<MiB>'}'}})")
+    return ("if the image is real and this machine has the memory, raise "
+            + (f"the limit: {MAX_IMAGE_MB_ENV}={mib}" if mib else MAX_IMAGE_MB_ENV))
 
 
 def _declared_tiff(path: Path) -> Optional[Declared]:

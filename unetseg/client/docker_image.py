@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Sequence
 
-from .errors import UnetsegError
+from ..contract.errors import UnetsegError
 
 DEFAULT_TAG = "unetseg:latest"
 DEFAULT_REPOSITORY = "unetseg"
@@ -148,8 +148,8 @@ def find_context() -> Optional[Path]:
     return None
 
 
-# The installed package carries entry/ as unetseg.container (setup.cfg), constraints.txt included.
-_CONTAINER_FILES = ("Dockerfile", "train.py", "init.py", "serve", "requirements-image.in")
+# The installed package carries entry/ as unetseg.entry (setup.cfg), constraints.txt included.
+_ENTRY_FILES = ("Dockerfile", "train.py", "init.py", "serve", "requirements-image.in")
 # What the Dockerfile's `pip install --no-deps --no-build-isolation` needs to install the copied package.
 _PACKAGED_SETUP = """\
 [metadata]
@@ -172,22 +172,23 @@ _PACKAGED_PYPROJECT = '[build-system]\nrequires = ["setuptools>=64", "wheel"]\nb
 def packaged_context(target: Path) -> Path:
     """Lay out, in `target`, the build context of an installed unetseg (no source checkout): the layout
     entry/Dockerfile expects, with this very package as the code that goes into the image."""
-    from . import __version__
+    from .. import __version__
 
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     try:
-        container = Path(str(importlib.resources.files("unetseg.container")))
-    except ModuleNotFoundError:  # imported from a bare source tree (PYTHONPATH) rather than installed
-        container = package / "container"
-    missing = [name for name in (*_CONTAINER_FILES, "constraints.txt") if not (container / name).is_file()]
+        entry = Path(str(importlib.resources.files("unetseg.entry")))
+    except ModuleNotFoundError:  # a source tree on PYTHONPATH, not installed: entry/ lies beside the package
+        entry = package.parent / "entry"
+    missing = [name for name in (*_ENTRY_FILES, "constraints.txt") if not (entry / name).is_file()]
     if missing:
-        raise ImageError(f"no build context: {container} lacks {', '.join(missing)}; reinstall unetseg, or build "
+        raise ImageError(f"no build context: {entry} lacks {', '.join(missing)}; reinstall unetseg, or build "
                          "from a clone of the repository (or pass context=)")
     (target / "entry").mkdir(parents=True, exist_ok=True)
-    for name in _CONTAINER_FILES:
-        shutil.copy2(container / name, target / "entry" / name)
-    shutil.copy2(container / "constraints.txt", target / "constraints.txt")
-    shutil.copytree(package, target / "unetseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "container"),
+    for name in _ENTRY_FILES:
+        shutil.copy2(entry / name, target / "entry" / name)
+    shutil.copy2(entry / "constraints.txt", target / "constraints.txt")
+    # unetseg/entry is the wheel's copy of entry/, which goes to the context's entry/ above
+    shutil.copytree(package, target / "unetseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "entry"),
                     dirs_exist_ok=True)
     (target / "setup.cfg").write_text(_PACKAGED_SETUP.format(version=__version__))
     (target / "pyproject.toml").write_text(_PACKAGED_PYPROJECT)
@@ -388,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m unetseg.image ...
+if __name__ == "__main__":  # python -m unetseg.client.docker_image ...
     try:
         sys.exit(main())
     except UnetsegError as exc:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .sagemaker_env import STOP_REGISTRY_ENV
+from ..contract.sagemaker_env import STOP_REGISTRY_ENV
 
 
 def folder() -> Optional[Path]:

@@ -7,7 +7,7 @@ Responses, chosen by Accept:
 - application/json: per-class pixel counts and the mask run-length encoded in row-major order.
 
 A request is never decoded on the word of its header alone: the size an image or .npy header declares is checked
-first (data/headers.py: UNETSEG_MAX_IMAGE_MB, and the caller's pixel limit), so a bomb costs its own bytes.
+first (image_headers.py: UNETSEG_MAX_IMAGE_MB, and the caller's pixel limit), so a bomb costs its own bytes.
 
 The server reads a request with decode_request: the body must be the format its content type names (PIL alone would
 read any format it knows), and the pixels must be ones a model takes (request_pixels): HxW or HxWxC, at least one
@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .data.headers import Declared, check_declared, declared_pil, declared_png
 from .errors import DataError, ImageTooLargeError
+from .image_headers import Declared, check_declared, declared_pil, declared_png
 
 PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
 REQUEST_TYPES = (PNG, JPEG, NPY)

@@ -24,7 +24,8 @@ import re
 import shutil
 import subprocess
 
-from .errors import UnetsegError
+from ..contract.errors import UnetsegError
+from ..contract.sagemaker_env import FAILURE_REASON_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _NOT_INSTALLED = (
 
 
 sdk_compose_detection = None  # the SDK's own check, once install_compose_detection() has replaced it
-FAILURE_REASON_LIMIT = 1024  # characters of /opt/ml/output/failure that SageMaker shows as the job's FailureReason
+LOCAL_OUTPUT_DIR = "unetseg-output"  # local jobs', endpoints' and transforms' default output, under the current folder
 
 
 class LocalTrainingError(UnetsegError, RuntimeError):

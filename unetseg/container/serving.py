@@ -1,8 +1,8 @@
 """The SageMaker inference contract from the training image: `docker run <image> serve`.
 
 HTTP on port 8080 (or SAGEMAKER_BIND_TO_PORT, which an inference pipeline sets): GET /ping (200 once the model is
-loaded, 500 with the reason when it failed to load or a setting is bad), POST /invocations (see unetseg.codecs for the
-formats), GET /execution-parameters (batch transform). The model comes from /opt/ml/model (SageMaker extracts
+loaded, 500 with the reason when it failed to load or a setting is bad), POST /invocations (see contract/codecs.py for
+the formats), GET /execution-parameters (batch transform). The model comes from /opt/ml/model (SageMaker extracts
 model.tar.gz there). gunicorn runs one worker per GPU, or a few on a CPU instance, each loading the model once;
 requests inside a worker take turns on the model. Errors the client caused get a 4xx with a one-line reason in JSON;
 anything else a 500 that names no internals (the traceback goes to the endpoint's log).
@@ -18,7 +18,7 @@ headers, or stops reading its answer, for as long as the time limit loses its co
 Settings by environment, all read and checked by read_settings: SAGEMAKER_MODEL_SERVER_WORKERS,
 SAGEMAKER_MODEL_SERVER_TIMEOUT (seconds; default by mode), UNETSEG_SERVING_MODE (realtime, batch or async; default
 batch under SAGEMAKER_BATCH, else realtime), UNETSEG_MAX_BODY_MB (default by mode), UNETSEG_MAX_PIXELS (height x width,
-default 64 million), UNETSEG_MAX_IMAGE_MB (decoded bytes of one image, data/headers.py), UNETSEG_MODEL_DIR,
+default 64 million), UNETSEG_MAX_IMAGE_MB (decoded bytes of one image, contract/image_headers.py), UNETSEG_MODEL_DIR,
 UNETSEG_TTA (the test-time augmentation of requests that name none; batch transform cannot send custom attributes).
 A bad value does not stop the server: it is one line in the log at start, and /ping answers 500 naming it, so the
 endpoint never turns healthy on a guessed value.
@@ -43,12 +43,15 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from . import codecs
-from .errors import ConfigError
-from .sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_MAX_PAYLOAD_MB, BATCH_TIMEOUT_S,
-                            CUSTOM_ATTRIBUTES_MAX_CHARS, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S)
+from ..contract import codecs
+from ..contract.errors import ConfigError
+from ..contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_ENV, BATCH_MAX_PAYLOAD_MB,
+                                      BATCH_TIMEOUT_S, BIND_TO_PORT_ENV, CUSTOM_ATTRIBUTES_MAX_CHARS, MAX_BODY_MB_ENV,
+                                      MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_TIMEOUT_ENV,
+                                      MODEL_SERVER_WORKERS_ENV, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S,
+                                      SERVING_MODE_ENV, SERVING_MODEL_DIR_ENV, TTA_ENV)
 
-log = logging.getLogger("unetseg.serving")
+log = logging.getLogger("unetseg.container.serving")  # not __name__: `python -m` runs it as __main__
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080  # SageMaker's; an inference pipeline names another in SAGEMAKER_BIND_TO_PORT
@@ -58,9 +61,10 @@ STATUS = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found", 405: "405
           406: "406 Not Acceptable", 408: "408 Request Timeout", 413: "413 Payload Too Large",
           415: "415 Unsupported Media Type", 500: "500 Internal Server Error", 504: "504 Gateway Timeout"}
 # What to send instead when a request is too large or too slow for the mode.
-INSTEAD = {"realtime": "a batch transform, or async inference (UNETSEG_SERVING_MODE=async), for larger or slower ones",
-           "batch": "a larger MaxPayloadInMB (at most 100) or ModelClientConfig InvocationsTimeoutInSeconds",
-           "async": "smaller images, or a larger SAGEMAKER_MODEL_SERVER_TIMEOUT and InvocationTimeoutSeconds"}
+INSTEAD = {"realtime": f"a batch transform, or async inference ({SERVING_MODE_ENV}=async), for larger or slower ones",
+           "batch": f"a larger MaxPayloadInMB (at most {BATCH_MAX_PAYLOAD_MB}) or ModelClientConfig "
+                    "InvocationsTimeoutInSeconds",
+           "async": f"smaller images, or a larger {MODEL_SERVER_TIMEOUT_ENV} and InvocationTimeoutSeconds"}
 BODY_READ_BYTES = 1 << 20  # one read of the request body: what gunicorn's reader takes from the socket at most
 
 
@@ -135,26 +139,26 @@ _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "
 
 def read_settings() -> ServerSettings:
     """The server's settings from os.environ, each checked here, and only here."""
-    from .data.headers import max_image_bytes
+    from ..contract.image_headers import max_image_bytes
 
     read = _Reader(os.environ)
-    named = read.get("UNETSEG_SERVING_MODE", _one_of(MODES), "use realtime, batch or async")
-    batch = read.get("SAGEMAKER_BATCH", lambda text: _BOOLEANS[text.lower()], "true or false", False)
+    named = read.get(SERVING_MODE_ENV, _one_of(MODES), "use realtime, batch or async")
+    batch = read.get(BATCH_ENV, lambda text: _BOOLEANS[text.lower()], "true or false", False)
     # 0 (or unset): the job named no limit of its own, and SageMaker's own maximum holds.
-    payload_mb = read.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _whole(0, BATCH_MAX_PAYLOAD_MB),
+    payload_mb = read.get(MAX_PAYLOAD_IN_MB_ENV, _whole(0, BATCH_MAX_PAYLOAD_MB),
                           f"0 to {BATCH_MAX_PAYLOAD_MB} (megabytes)")
     mode = named or ("batch" if batch else "realtime")
     body, timeout = {"realtime": (REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S),
                      "batch": ((payload_mb or BATCH_MAX_PAYLOAD_MB) * 2**20, BATCH_TIMEOUT_S),
                      "async": (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S)}[mode]
-    body_mb = read.get("UNETSEG_MAX_BODY_MB", _positive, "a positive number of megabytes")
-    timeout = read.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", _whole(1), "a whole number of seconds, 1 or more", timeout)
-    max_pixels = read.get("UNETSEG_MAX_PIXELS", _count, "a whole number of pixels (height x width), 1 or more",
+    body_mb = read.get(MAX_BODY_MB_ENV, _positive, "a positive number of megabytes")
+    timeout = read.get(MODEL_SERVER_TIMEOUT_ENV, _whole(1), "a whole number of seconds, 1 or more", timeout)
+    max_pixels = read.get(MAX_PIXELS_ENV, _count, "a whole number of pixels (height x width), 1 or more",
                           DEFAULT_MAX_PIXELS)
-    tta = read.get("UNETSEG_TTA", _one_of(codecs.TTA_MODES), f"use one of {', '.join(codecs.TTA_MODES)}", "none")
-    workers = read.get("SAGEMAKER_MODEL_SERVER_WORKERS", _whole(1), "a whole number of workers, 1 or more")
-    port = read.get("SAGEMAKER_BIND_TO_PORT", _whole(1, 65535), "a port number (1-65535)", DEFAULT_PORT)
-    try:  # read by the decoder at each request (data/headers.py); checked here so that a bad one is named at start
+    tta = read.get(TTA_ENV, _one_of(codecs.TTA_MODES), f"use one of {', '.join(codecs.TTA_MODES)}", "none")
+    workers = read.get(MODEL_SERVER_WORKERS_ENV, _whole(1), "a whole number of workers, 1 or more")
+    port = read.get(BIND_TO_PORT_ENV, _whole(1, 65535), "a port number (1-65535)", DEFAULT_PORT)
+    try:  # read by the decoder at each request (image_headers.py); checked here so that a bad one is named at start
         max_image_bytes()
     except ConfigError as exc:
         read.problems.append(str(exc))
@@ -207,7 +211,7 @@ class InferenceApp:
         self.max_pixels = max_pixels or settings.max_pixels
         self.timeout_s = timeout_s or settings.timeout_s
         try:
-            from .model import load_model
+            from ..model import load_model
 
             self.model = load_model(model_dir, device=device)
             # Every forward pass (a tile batch, a TTA orientation) first checks the request's deadline.
@@ -322,7 +326,7 @@ class InferenceApp:
         declared = _content_length(environ.get("CONTENT_LENGTH"))
         if declared is not None and declared > self.max_body:
             raise HttpError(413, f"the body of {declared} bytes (Content-Length) is over the limit of {self.max_body} "
-                                 f"bytes for {self.settings.mode} inference (UNETSEG_MAX_BODY_MB); use "
+                                 f"bytes for {self.settings.mode} inference ({MAX_BODY_MB_ENV}); use "
                                  f"{INSTEAD[self.settings.mode]}")
         if declared is None and not environ.get("wsgi.input_terminated"):
             return bytearray()
@@ -346,14 +350,14 @@ class InferenceApp:
         if (watch is not None and watch.fired) or isinstance(failure, BlockingIOError):  # the socket's own wait
             framing = f"Content-Length {declared}" if declared is not None else "chunked"
             raise HttpError(408, f"the request body ({framing}) did not arrive in full within the time limit of "
-                                 f"{self.timeout_s:g} s (SAGEMAKER_MODEL_SERVER_TIMEOUT): the client sent less than "
+                                 f"{self.timeout_s:g} s ({MODEL_SERVER_TIMEOUT_ENV}): the client sent less than "
                                  "it declared, or stalled; send the whole body at once")
         if failure is not None:
             raise HttpError(400, f"the request body could not be read ({type(failure).__name__}: "
                                  f"{_clip(str(failure), 200)})")
         if declared is None and len(body) > self.max_body:
             raise HttpError(413, f"the body (chunked, no Content-Length) is over the limit of {self.max_body} bytes "
-                                 f"for {self.settings.mode} inference (UNETSEG_MAX_BODY_MB); use "
+                                 f"for {self.settings.mode} inference ({MAX_BODY_MB_ENV}); use "
                                  f"{INSTEAD[self.settings.mode]}")
         if declared is not None and len(body) < declared:
             raise HttpError(400, f"the request body ended after {len(body)} of {declared} bytes (its "
@@ -386,7 +390,7 @@ class InferenceApp:
     def _timed_out(self, started: float, where: str) -> HttpError:
         return HttpError(504, f"prediction stopped {where} at {time.monotonic() - started:.1f} s, the time limit "
                               f"of {self.timeout_s:g} s for {self.settings.mode} inference "
-                              f"(SAGEMAKER_MODEL_SERVER_TIMEOUT); send a smaller image or fewer TTA views, or use "
+                              f"({MODEL_SERVER_TIMEOUT_ENV}); send a smaller image or fewer TTA views, or use "
                               f"{INSTEAD[self.settings.mode]}")
 
 
@@ -567,7 +571,7 @@ class _StalledClient(logging.Filter):
 def serve(model_dir: Optional[str] = None, port: Optional[int] = None, host: str = "0.0.0.0") -> None:
     from gunicorn.app.base import BaseApplication
 
-    model_dir = model_dir or os.environ.get("UNETSEG_MODEL_DIR", DEFAULT_MODEL_DIR)
+    model_dir = model_dir or os.environ.get(SERVING_MODEL_DIR_ENV, DEFAULT_MODEL_DIR)
     settings = read_settings()
     report_problems(settings)  # once, here; the workers serve 500s that name them (the container must not die silent)
     port = settings.port if port is None else port
@@ -601,9 +605,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="serve", description="SageMaker inference server for a unetseg model")
-    parser.add_argument("--model-dir", default=None, help=f"default: $UNETSEG_MODEL_DIR or {DEFAULT_MODEL_DIR}")
+    parser.add_argument("--model-dir", default=None, help=f"default: ${SERVING_MODEL_DIR_ENV} or {DEFAULT_MODEL_DIR}")
     parser.add_argument("--port", type=int, default=None,
-                        help=f"default: $SAGEMAKER_BIND_TO_PORT (inference pipelines) or {DEFAULT_PORT}")
+                        help=f"default: ${BIND_TO_PORT_ENV} (inference pipelines) or {DEFAULT_PORT}")
     parser.add_argument("--host", default="0.0.0.0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)

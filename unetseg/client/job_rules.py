@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from .config import TrainConfig
-from .errors import ConfigError
-from .sagemaker_env import CHECKPOINT_DIR_ENV
+from ..contract.config import TrainConfig
+from ..contract.errors import ConfigError
+from ..contract.sagemaker_env import CHECKPOINT_DIR_ENV, MAX_IMAGE_MB_ENV, TTA_ENV
 
 
 class JobSettingsError(ConfigError):
@@ -286,13 +286,14 @@ def default_max_wait(max_run: int) -> int:
     return max(max_run, min(SPOT_MAX_WAIT_FACTOR * max_run, MAX_RUNTIME_LIMIT_S))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_whole(value: Any, minimum: Optional[int] = None) -> bool:
+    """A whole number as SageMaker takes one, at least `minimum`: an int, and not a bool (Python counts True as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
 
 
 def runtime_problems(*, max_run: Any, max_wait: Any, use_spot_instances: bool) -> list[str]:
     problems = []
-    if not _is_int(max_run) or not 1 <= max_run <= MAX_RUNTIME_LIMIT_S:
+    if not is_whole(max_run) or not 1 <= max_run <= MAX_RUNTIME_LIMIT_S:
         problems.append(f"max_run={max_run!r} must be a whole number of seconds from 1 to {MAX_RUNTIME_LIMIT_S} "
                         "(SageMaker's limit of 28 days)")
     if max_wait is None:
@@ -300,9 +301,9 @@ def runtime_problems(*, max_run: Any, max_wait: Any, use_spot_instances: bool) -
     if not use_spot_instances:
         problems.append(f"max_wait={max_wait!r} is only used with use_spot_instances=True; "
                         "set use_spot_instances=True or drop max_wait")
-    elif not _is_int(max_wait) or max_wait < 1:
+    elif not is_whole(max_wait, minimum=1):
         problems.append(f"max_wait={max_wait!r} must be a whole number of seconds")
-    elif _is_int(max_run) and max_wait < max_run:
+    elif is_whole(max_run) and max_wait < max_run:
         problems.append(f"max_wait={max_wait} is shorter than max_run={max_run}; SageMaker needs max_wait >= max_run "
                         f"(max_wait counts the wait for spot capacity plus the run; default {SPOT_MAX_WAIT_FACTOR}x max_run)")
     return problems
@@ -312,19 +313,19 @@ def resource_problems(*, kind: Optional[InstanceKind], instance_count: Any, volu
                       keep_alive_period_in_seconds: Any, input_mode: Any,
                       use_spot_instances: bool = False) -> list[str]:
     problems = []
-    if not _is_int(instance_count) or instance_count < 1:
+    if not is_whole(instance_count, minimum=1):
         problems.append(f"instance_count={instance_count!r} must be a whole number >= 1")
     elif kind is not None and kind.instance_type == "local_gpu" and instance_count > 1:
         problems.append(f"instance_type='local_gpu' runs one container on this machine's GPUs; "
                         f"instance_count={instance_count} must be 1 (use instance_type='local' for several CPU containers)")
-    if not _is_int(volume_size) or volume_size < 1:
+    if not is_whole(volume_size, minimum=1):
         problems.append(f"volume_size={volume_size!r} must be a whole number of GB >= 1")
     elif kind is not None and kind.local_storage_gb is not None and volume_size > kind.local_storage_gb:
         problems.append(f"volume_size={volume_size}: {kind.instance_type} has {kind.local_storage_gb} GB of NVMe "
                         "instance storage, which SageMaker uses instead of an EBS volume, and it refuses a larger "
                         f"volume; use at most {kind.local_storage_gb} GB, or an instance type with more storage")
     if keep_alive_period_in_seconds is not None and (
-            not _is_int(keep_alive_period_in_seconds) or not 0 <= keep_alive_period_in_seconds <= KEEP_ALIVE_LIMIT_S):
+            not is_whole(keep_alive_period_in_seconds) or not 0 <= keep_alive_period_in_seconds <= KEEP_ALIVE_LIMIT_S):
         problems.append(f"keep_alive_period_in_seconds={keep_alive_period_in_seconds!r} must be from 0 to "
                         f"{KEEP_ALIVE_LIMIT_S} seconds")
     elif keep_alive_period_in_seconds and use_spot_instances:
@@ -551,11 +552,18 @@ def environment_problems(environment: Any) -> list[str]:
     not_str = [key for key, value in environment.items() if not isinstance(value, str)]
     if not_str:
         problems.append(f"environment values must be strings; not for {not_str}")
-    from .codecs import TTA_MODES
+    from ..contract.codecs import TTA_MODES  # numpy and PIL: imported only when there is an environment to check
+    from ..contract.image_headers import max_image_bytes
 
-    tta = environment.get("UNETSEG_TTA")
+    if isinstance(environment.get(MAX_IMAGE_MB_ENV), str):
+        try:
+            max_image_bytes(environment)  # the container would refuse it at start (training) or serve no request
+        except ConfigError as exc:
+            problems.append(str(exc))
+    tta = environment.get(TTA_ENV)
     if isinstance(tta, str) and tta.strip().lower() not in TTA_MODES:
-        problems.append(f"UNETSEG_TTA={tta!r}: the server's default test-time augmentation is one of {', '.join(TTA_MODES)}")
+        problems.append(f"{TTA_ENV}={tta!r}: the server's default test-time augmentation is one of "
+                        f"{', '.join(TTA_MODES)}")
     return problems
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,20 +28,22 @@ from typing import Any, Mapping, Optional, Sequence
 from sagemaker.estimator import Estimator
 from sagemaker.vpc_utils import VPC_CONFIG_DEFAULT as _VPC_CONFIG_DEFAULT
 
+from ..contract.config import TrainConfig
+from ..contract.errors import ArtifactError
+from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
+from ..contract.layout import INIT_MODEL_CHANNEL
+from ..contract.sagemaker_env import (CHECKPOINT_DIR_ENV, IMAGE_URI_ENV, MODEL_SERVER_TIMEOUT_ENV,
+                                      MODEL_SERVER_WORKERS_ENV)
 from . import job_rules as rules
-from .config import TrainConfig
-from .errors import ArtifactError
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
-from .metrics_log import all_metric_names, metric_definitions, per_class_names
+from .local_mode import LOCAL_OUTPUT_DIR
+from .quiet_sdk import keep_root_logging_quiet, quiet_v2_notice
 from .s3_upload import bucket_facts
-from .sagemaker_env import CHECKPOINT_DIR_ENV, INIT_MODEL_CHANNEL
 
 logger = logging.getLogger(__name__)
 
-IMAGE_URI_ENV = "UNETSEG_IMAGE_URI"
 OUTPUT_PREFIX = "unetseg"  # s3://<default bucket>/[<session prefix>/]unetseg/ when no output_path is given
-LOCAL_OUTPUT_DIR = "unetseg-output"  # local mode's default output folder, under the current directory
 DEFAULT_VOLUME_GB = 30
 # The SDK requires a role even in local mode, where Docker never uses it; an ARN (with '/') avoids an IAM lookup.
 _LOCAL_MODE_ROLE = "arn:aws:iam::000000000000:role/unetseg-local-mode"
@@ -157,7 +158,7 @@ class UNetEstimator(Estimator):
 
         # 3. The session (no request is sent by creating it), then what depends on it.
         session = _session_for(kind, sagemaker_session, region)
-        _keep_root_logging_quiet()
+        keep_root_logging_quiet()
         if not kind.local:
             role = role or _role_from_sdk_config(session)
             rules.raise_if([rules.role_problem(role, local=False)])
@@ -176,7 +177,7 @@ class UNetEstimator(Estimator):
         self._file_output_root = _file_output_root(output_path, kind)
         self._bucket_regions: dict[str, Optional[str]] = {}  # buckets found to exist, and their region
         self._s3_client: Any = None
-        _quiet_v2_notice(type(self).__name__)
+        quiet_v2_notice(type(self).__name__)
 
         super().__init__(
             image_uri=image_uri,
@@ -268,6 +269,7 @@ class UNetEstimator(Estimator):
             datasets_uri=self._datasets_uri,
             config=self._config,
             check_bucket=self._check_bucket,
+            environment=self.environment or {},
         )
         channels = resolver.resolve(inputs, init_model=init_model)
         self._fit_volume_to(channels.file_mode_bytes)
@@ -364,7 +366,7 @@ class UNetEstimator(Estimator):
         model is loaded.
         """
         model_data = self.trained_model_data("load_model()")
-        from .model import load_model as open_artifact  # the engine: imports torch
+        from ..model import load_model as open_artifact  # the engine: imports torch
 
         if local_dir is not None:
             Path(local_dir).mkdir(parents=True, exist_ok=True)
@@ -425,10 +427,10 @@ class UNetEstimator(Estimator):
         from .predictor import UNetPredictor
 
         environment = dict(env or {})
-        for name, value in (("SAGEMAKER_MODEL_SERVER_WORKERS", model_server_workers),
-                            ("SAGEMAKER_MODEL_SERVER_TIMEOUT", model_server_timeout)):
+        for name, value in ((MODEL_SERVER_WORKERS_ENV, model_server_workers),
+                            (MODEL_SERVER_TIMEOUT_ENV, model_server_timeout)):
             if value is not None:
-                if not _is_positive_int(value):
+                if not rules.is_whole(value, minimum=1):
                     raise JobSettingsError(f"{name.lower().removeprefix('sagemaker_')}={value!r}: use a whole number "
                                            "of 1 or more")
                 environment[name] = str(int(value))
@@ -461,7 +463,7 @@ class UNetEstimator(Estimator):
         if kwargs.get("serverless_inference_config") is None:
             kind = rules.parse_instance_type(instance_type, self._image_cuda)
             initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
-            if not _is_positive_int(initial_instance_count):
+            if not rules.is_whole(initial_instance_count, minimum=1):
                 raise JobSettingsError(f"initial_instance_count={initial_instance_count!r}: use 1 or more")
             if kind.local:
                 if kwargs.get("sagemaker_session") is None:
@@ -587,23 +589,6 @@ def _session_for(kind: rules.InstanceKind, session: Any, region: Optional[str]) 
     return sagemaker.Session(boto_session=boto_session)
 
 
-def _keep_root_logging_quiet() -> None:
-    """sagemaker/experiments/_metrics.py calls `logging.basicConfig(level=INFO)` when first imported, which fit()
-    does: from then on every library's INFO records print in a notebook (botocore's endpoint lookups among them).
-    Import it now, and put the root logger back as it was."""
-    if "sagemaker.experiments._metrics" in sys.modules:
-        return
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    try:
-        import sagemaker.experiments._metrics  # noqa: F401
-    except ImportError:  # pragma: no cover - another SDK version
-        return
-    if root.handlers != handlers:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
 def _role_from_sdk_config(session: Any) -> Optional[str]:
     """SageMaker.TrainingJob.RoleArn from the SDK's config files, as the SDK itself would read it."""
     from sagemaker.config import TRAINING_JOB_ROLE_ARN_PATH
@@ -625,25 +610,9 @@ def _ecr_image_uri(session: Any, repository: str, tag: str, account: Optional[st
     return ecr_image_uri(account, region, repository, tag)
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _file_output_root(output_path: Optional[str], kind: rules.InstanceKind) -> Optional[str]:
     if not kind.local:
         return None
     if output_path is None:
         return (Path.cwd() / LOCAL_OUTPUT_DIR).as_uri() + "/"
     return output_path if output_path.startswith("file://") else None
-
-
-def _quiet_v2_notice(class_name: str) -> None:
-    """The SDK warns "<class> is part of the SageMaker Python SDK v2, which is on path of deprecation" naming the
-    subclass, which reads as if UNetEstimator were deprecated. The package-level v2 notice on `import sagemaker`
-    still shows; only this misleading per-class one is marked as already shown (sagemaker/deprecations.py)."""
-    try:
-        from sagemaker import deprecations
-
-        deprecations._v2_deprecation_warned.add(class_name)
-    except (ImportError, AttributeError):  # pragma: no cover - another SDK version: keep its warning
-        pass

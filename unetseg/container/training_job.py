@@ -4,7 +4,7 @@
 module under torchrun and supervises it; each worker (rank) then runs `main()` again and trains.
 
 Stopping (SIGTERM): the training process, and under torchrun each rank and the supervisor, register in the stop
-registry (unetseg/stop_registry.py), so that PID 1 signals them and not their DataLoader workers. A stop exits with
+registry (stop_registry.py), so that PID 1 signals them and not their DataLoader workers. A stop exits with
 128 + the signal and writes no failure file. Under torchrun the ranks report their stop and their failures to the
 supervisor through files, which then reports for the host: a stop as a stop, a failure as the error of the rank that
 failed first (not torchrun's summary, and not another rank's "connection closed" that followed it).
@@ -25,14 +25,12 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import WriteFailed, replace_atomically
+from ..contract.errors import DataError
+from ..contract.layout import IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, read_layout
+from ..contract.sagemaker_env import RANK_REPORTS_ENV, STOP_GRACE_S, TrainingEnv, stopped_exit_code
 from . import stop_registry
-from .atomic import WriteFailed, replace_atomically
-from .errors import DataError
-from .sagemaker_env import INIT_MODEL_CHANNEL, STOP_GRACE_S, TrainingEnv
 
-TRAIN_CHANNELS, VALIDATION_CHANNELS = ("train", "training"), ("validation", "val")
-FAILURE_LIMIT = 1024  # SageMaker shows this many characters of the failure file as the job's FailureReason
-RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
 # torchrun SIGKILLs the ranks this long after it SIGTERMs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default). Stops
 # no longer pass through torchrun, but it still ends the other ranks when one fails, and a rank may be writing then:
 # give them SageMaker's grace period, less the time this supervisor needs to report before SageMaker's SIGKILL.
@@ -44,14 +42,14 @@ def main() -> int:
     with stop_registry.registered(stop_registry.folder()):
         try:
             if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: decide how many processes this host runs
-                from .distributed import procs_per_host, torchrun_command
+                from ..distributed import procs_per_host, torchrun_command
 
                 command = torchrun_command(env, procs_per_host(env), module=__name__)
                 if command:
-                    if len(env.hosts) > 1 and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
+                    if len(env.hosts) > 1 and env.network_interface:
                         # Multi-host: NCCL and gloo pick an interface by guessing; SageMaker names the right one.
                         for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
-                            os.environ.setdefault(var, os.environ["SM_NETWORK_INTERFACE_NAME"])
+                            os.environ.setdefault(var, env.network_interface)
                     return supervise(command, env.failure_file)
             return run(env)
         except KeyboardInterrupt:  # SIGINT (docker run's Ctrl-C) outside the training loop, which handles its own
@@ -61,7 +59,7 @@ def main() -> int:
             if reports:  # a stop, as run() reports it: exit 0 so that torchrun does not take it for a failure
                 report_rank(Path(reports), "stopped", {"signal": "SIGINT"})
                 return 0
-            return 128 + signal.SIGINT
+            return stopped_exit_code(signal.SIGINT)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the failure file
             if not report_rank_failure(exc):
                 write_failure(env.failure_file, exc)
@@ -69,8 +67,8 @@ def main() -> int:
 
 
 def run(env: TrainingEnv) -> int:
-    from .config import TrainConfig
-    from .training import RunPaths, train
+    from ..contract.config import TrainConfig
+    from ..training import RunPaths, train
 
     cfg = TrainConfig.from_hyperparameters(env.hyperparameters)
     train_dir, val_dir = pick_channels(env.channels)
@@ -86,24 +84,21 @@ def run(env: TrainingEnv) -> int:
         # workers included, while they may still be finishing: a rank that stopped cleanly exits 0 and says why.
         report_rank(Path(reports), "stopped", {"signal": result.interrupted})
         return 0
-    return 128 + signal.Signals[result.interrupted]
+    return stopped_exit_code(result.interrupted)
 
 
 def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
-    channels = {name: path for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
-    for role, names in (("training", TRAIN_CHANNELS), ("validation", VALIDATION_CHANNELS)):
-        given = [n for n in names if n in channels]
-        if len(given) > 1:  # using one would silently drop the other
-            raise DataError(f"two {role} channels, " + " and ".join(repr(n) for n in given) +
-                            f"; send one: which of them holds the {role} data is not clear")
-    train = next((channels[n] for n in TRAIN_CHANNELS if n in channels), None)
-    if train is None and len(channels) == 1:
-        train = next(iter(channels.values()))
-    if train is None:
-        raise DataError(f"no training data: expected a channel named 'train' (or 'validation' beside it); "
-                        f"this job has {sorted(channels) or 'no channels'}")
-    val = next((channels[n] for n in VALIDATION_CHANNELS if n in channels), None)
-    return train, val
+    """The training and validation folders among the job's channels, read as fit() and `unetseg train` read a dataset
+    root (contract/layout.py): the channels are the folders of /opt/ml/input/data."""
+    data = {name: Path(path) for name, path in channels.items() if name != INIT_MODEL_CHANNEL}
+    layout = read_layout(data, "the job's input channels")
+    if layout.train == "":  # channels named images and masks: their folder is the one channel
+        root = {data[IMAGES].parent, data[MASKS].parent}
+        if len(root) != 1:
+            raise DataError(f"the job's channels {IMAGES!r} and {MASKS!r} are in different folders ({sorted(root)}); "
+                            f"send one channel {TRAIN_CHANNEL!r} holding {IMAGES}/ and {MASKS}/")
+        return root.pop(), None
+    return data[layout.train], data[layout.validation] if layout.validation else None
 
 
 def supervise(command: list[str], failure_file: Path) -> int:
@@ -144,7 +139,7 @@ def host_outcome(code: int, reports: Path, stops: list[int], failure_file: Path)
         return code or 1
     stopped = stops + [signal.Signals[json.loads(p.read_text())["signal"]] for p in reports.glob("stopped.*")]
     if stopped:  # also when a rank died of the request before it could act on it (still starting up)
-        return 128 + stopped[0]
+        return stopped_exit_code(stopped[0])
     if code != 0:
         write_failure(failure_file, RuntimeError(f"distributed training exited with code {code}, and no process "
                                                  f"reported an error of its own (killed?); see the job log"))

@@ -21,20 +21,19 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .config import TrainConfig
-from .data.scan import Sample, pair_channel, split_holdout
-from .errors import DataError
+from ..contract.config import TrainConfig
+from ..contract.errors import DataError
+from ..contract.image_headers import job_limit
+from ..contract.layout import (CHANNELS, IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, VALIDATION_CHANNEL,
+                               folder_names, listing, read_layout)
+from ..data.scan import Sample, pair_channel, split_holdout
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
 from .s3_upload import is_object, list_children, prefix_size, progress_bar, sync_folder
-from .sagemaker_env import INIT_MODEL_CHANNEL
 
-TRAIN, VALIDATION = "train", "validation"
-CHANNELS = (TRAIN, VALIDATION, INIT_MODEL_CHANNEL)
-_VALIDATION_FOLDERS = ("validation", "val")
 CHECK_PROGRESS_DELAY_S = 1.0  # the data check's bar shows once a check has taken this long
 
 
@@ -52,6 +51,7 @@ class InputResolver:
     datasets_uri: Callable[[], str]  # s3://.../datasets/ where local folders are uploaded (resolved on first upload)
     config: Optional[TrainConfig] = None  # the job's hyperparameters: local data is read with them (None: pairing only)
     check_bucket: Callable[[str, str], None] = lambda setting, uri: None  # (setting, s3 URI): raises if unusable
+    environment: Mapping[str, str] = field(default_factory=dict)  # the job's: its image size limit, for instance
     progress: bool = True
 
     def resolve(self, inputs: Any, init_model: Any = None) -> Channels:
@@ -69,7 +69,7 @@ class InputResolver:
             raise DataError("fit() needs training data: an S3 prefix with train/ (and validation/) under it, a local "
                             "folder of the same layout, or a dict {'train': ..., 'validation': ...}")
         if isinstance(inputs, (TrainingInput, FileSystemInput)):
-            inputs = {TRAIN: inputs}
+            inputs = {TRAIN_CHANNEL: inputs}
         if isinstance(inputs, Mapping):
             return self._from_dict(inputs)
         if isinstance(inputs, (str, os.PathLike)):
@@ -90,16 +90,11 @@ class InputResolver:
         root = f"s3://{bucket}/{prefix}"
         if not folders and not files:
             self._refuse_object(uri)
-        if TRAIN in folders:
-            found = {TRAIN: root + "train/"}
-            validation = _validation_folder(folders, root)
-            if validation:
-                found[VALIDATION] = root + validation + "/"
-        elif "images" in folders and "masks" in folders:
-            found = {TRAIN: root}  # the prefix is itself one channel; the container holds out val_fraction
-        else:
-            raise DataError(f"{root}: expected train/ (and validation/) or images/ + masks/ under it; "
-                            f"found {_listing(folders, files)}")
+        layout = read_layout(folders, root, files)
+        # layout.train "": the prefix is itself the channel, and the container holds out val_fraction of it
+        found = {TRAIN_CHANNEL: root + (layout.train + "/" if layout.train else "")}
+        if layout.validation:
+            found[VALIDATION_CHANNEL] = root + layout.validation + "/"
         for channel_uri in found.values():
             if channel_uri != root:
                 self._check_s3_channel(channel_uri)
@@ -111,10 +106,10 @@ class InputResolver:
         folders, files = list_children(self.s3_client(), bucket, prefix)
         if not folders and not files and given:
             self._refuse_object(given)
-        missing = [name + "/" for name in ("images", "masks") if name not in folders]
+        missing = [name + "/" for name in (IMAGES, MASKS) if name not in folders]
         if missing:
-            raise DataError(f"{uri}: a channel needs images/ and masks/, missing {', '.join(missing)}; "
-                            f"found {_listing(folders, files)}")
+            raise DataError(f"{uri}: a channel needs {IMAGES}/ and {MASKS}/, missing {', '.join(missing)}; "
+                            f"found {listing(folders, files)}")
 
     def _refuse_object(self, uri: str) -> None:
         """An S3 URI of a file where a prefix (folder) is meant; said only once the prefix was found empty."""
@@ -147,16 +142,9 @@ class InputResolver:
         return path.resolve()
 
     def _from_local_folder(self, folder: Path) -> Channels:
-        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if TRAIN in subfolders:
-            validation = _validation_folder(subfolders, str(folder) + "/")
-            layout = {TRAIN: TRAIN, **({VALIDATION: validation} if validation else {})}
-        elif "images" in subfolders and "masks" in subfolders:
-            layout = {TRAIN: ""}
-        else:
-            files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-            raise DataError(f"{folder}: expected train/ (and validation/) or images/ + masks/ in it; "
-                            f"found {_listing(subfolders, files)}")
+        folders, files = folder_names(folder)
+        found = read_layout(folders, str(folder), files)
+        layout = {TRAIN_CHANNEL: found.train, **({VALIDATION_CHANNEL: found.validation} if found.validation else {})}
         paired = {channel: pair_channel(folder / sub) for channel, sub in layout.items()}  # every image has its mask
         self._check_local_data(paired, validation_elsewhere=False, where=str(folder))
         if self.local:
@@ -167,15 +155,15 @@ class InputResolver:
         """Read every local file as the container will, before anything is sent; one DataError names each bad file."""
         if self.config is None:
             return
-        from .data.checks import check_dataset  # numpy and PIL, no torch: imported only for local data
+        from ..data.checks import check_dataset  # numpy and PIL, no torch: imported only for local data
 
-        if TRAIN in paired and VALIDATION not in paired and not validation_elsewhere:
-            split_holdout(paired[TRAIN], self.config.val_fraction, self.config.seed)  # at least two samples
+        if TRAIN_CHANNEL in paired and VALIDATION_CHANNEL not in paired and not validation_elsewhere:
+            split_holdout(paired[TRAIN_CHANNEL], self.config.val_fraction, self.config.seed)  # at least two samples
         samples = [sample for channel in paired.values() for sample in channel]
         no_cache = self.config.replace(cache_images="off")  # the container caches decoded pixels; the notebook must not
-        with progress_bar(len(samples), f"check {where}", self.progress, unit="file",
-                          delay=CHECK_PROGRESS_DELAY_S) as bar:
-            check_dataset(_CountedReads(samples, bar.update), no_cache)
+        with job_limit(self.environment), progress_bar(len(samples), f"check {where}", self.progress, unit="file",
+                                                       delay=CHECK_PROGRESS_DELAY_S) as bar:
+            check_dataset(_CountedReads(samples, bar.update), no_cache)  # as the job's container will read the files
 
     def _upload(self, folder: Path, layout: Mapping[str, str], name: Optional[str] = None) -> Channels:
         target = self.datasets_uri().rstrip("/") + "/" + _s3_safe(name or folder.name) + "/"
@@ -234,15 +222,15 @@ class InputResolver:
             hint = " (use 'validation')" if "val" in unknown else ""
             raise DataError(f"unknown channel name(s) {unknown}{hint}: the unetseg container reads "
                             f"{', '.join(CHANNELS)}")
-        if TRAIN not in inputs:
-            raise DataError(f"fit() inputs {sorted(inputs)} have no 'train' channel")
+        if TRAIN_CHANNEL not in inputs:
+            raise DataError(f"fit() inputs {sorted(inputs)} have no {TRAIN_CHANNEL!r} channel")
         # Local folders first, all together: their problems need no request, and one mask convention spans them.
         folders = {name: self._local_path(os.fspath(value)) for name, value in inputs.items()
                    if name != INIT_MODEL_CHANNEL and isinstance(value, (str, os.PathLike))
                    and not os.fspath(value).startswith("s3://")}
         paired = {name: pair_channel(folder) for name, folder in folders.items()}
         if paired:
-            self._check_local_data(paired, validation_elsewhere=VALIDATION in inputs,
+            self._check_local_data(paired, validation_elsewhere=VALIDATION_CHANNEL in inputs,
                                    where=", ".join(str(folder) for folder in folders.values()))
         channels: dict[str, Any] = {}
         total = 0
@@ -318,21 +306,6 @@ def _refuse_sharding(name: str, value: Any) -> None:
             f"channel {name!r} has distribution='ShardedByS3Key': SageMaker would give each instance a different part "
             "of the objects under the prefix, splitting images from their masks; use distribution='FullyReplicated' "
             "(each training process already reads only its own share of the files)")
-
-
-def _validation_folder(folders: list[str], where: str) -> Optional[str]:
-    present = [name for name in _VALIDATION_FOLDERS if name in folders]
-    if len(present) > 1:
-        raise DataError(f"{where}: both validation/ and val/ are there; keep one, so the validation channel is clear")
-    return present[0] if present else None
-
-
-def _listing(folders: list[str], files: list[str], limit: int = 10) -> str:
-    names = [f + "/" for f in folders] + list(files)
-    if not names:
-        return "nothing (is the path right?)"
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _s3_safe(name: str) -> str:
