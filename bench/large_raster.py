@@ -120,7 +120,8 @@ def main() -> None:
         if "error" in r:
             print(f"{r['side']:>6} {r['mode']:>9}  failed: {r['error']}")
         else:
-            print(f"{r['side']:>6} {r['mode']:>9} {r['peak_rss_mib']:>13.0f} {r['seconds']:>9.1f} {r['s_per_mpx']:>7.2f}")
+            print(f"{r['side']:>6} {r['mode']:>9} {r['peak_rss_mib']:>13.0f} {r['seconds']:>9.1f} "
+                  f"{r['s_per_mpx']:>7.2f}")
     windowed = [r for r in rows if r.get("mode") == "windowed" and "error" not in r]
     if len(windowed) > 1:
         ratio = windowed[-1]["peak_rss_mib"] / windowed[0]["peak_rss_mib"]

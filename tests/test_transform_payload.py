@@ -70,3 +70,20 @@ def test_payload_times_concurrency_above_the_service_maximum_is_refused(aws):
     with pytest.raises(JobSettingsError, match=r"max_payload=30 x max_concurrent_transforms=4.*at most 100"):
         est.transformer(instance_type="ml.c5.xlarge", output_path=f"s3://{BUCKET}/masks/", max_payload=30,
                         max_concurrent_transforms=4)
+
+
+def test_the_server_reads_a_tiff_request_as_the_image():
+    import io
+
+    import numpy as np
+    import tifffile
+
+    from unetseg.contract import codecs
+
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), rng.integers(0, 65536, (30, 20), dtype=np.uint16)):
+        body = io.BytesIO()
+        tifffile.imwrite(body, image, compression="zlib")
+        assert np.array_equal(codecs.decode_request(body.getvalue(), "image/tiff"), image)
+    with pytest.raises(codecs.CodecError, match="not image/tiff"):
+        codecs.decode_request(codecs.encode_image(image.astype(np.uint8), codecs.PNG), "image/tiff")

@@ -110,8 +110,9 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
     if bar is not None:
         bar.close()
     if problems:
-        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {len(images) + len(rasters)} "
-                        "images could not be used:\n  " + "\n  ".join(problems))
+        total = len(images) + len(rasters)
+        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {total} images could not be "
+                        "used:\n  " + "\n  ".join(problems))
     return written
 
 

@@ -57,7 +57,8 @@ def predict_raster(model: Segmenter, path: Path, output: Path, *, probabilities:
     and with `probabilities` `<stem>_proba.tif` (one uint8 band per class: probability x 255) into `output`."""
     mask_path = output / f"{path.stem}.tif"
     if mask_path.resolve() == path.resolve():
-        raise OutputError(f"{path}: its mask {mask_path.name} would overwrite the image itself; choose another --output")
+        raise OutputError(f"{path}: its mask {mask_path.name} would overwrite the image itself; choose another "
+                          "--output")
     with open_source(path, backend) as source:
         if source.bands != model.in_channels:
             raise DataError(f"{path}: the image has {source.bands} band(s), but the model takes {model.in_channels}")

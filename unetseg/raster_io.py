@@ -192,9 +192,9 @@ class _TiffSource(RasterSource):
         seg_bytes = self.seg_h * self.seg_w * (1 if self.planar else self.bands) * self.dtype.itemsize
         if seg_bytes > max_image_bytes():
             self.close()
-            raise DataError(f"{path}: its pixels are stored in blocks of {self.seg_w}x{self.seg_h}, each decoded whole, "
-                            "over the size limit for one image; install unetseg[geo] (rasterio), or rewrite the file "
-                            "tiled (e.g. gdal_translate -co TILED=YES)")
+            raise DataError(f"{path}: its pixels are stored in blocks of {self.seg_w}x{self.seg_h}, each decoded "
+                            "whole, over the size limit for one image; install unetseg[geo] (rasterio), or rewrite the "
+                            "file tiled (e.g. gdal_translate -co TILED=YES)")
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached = 0
         self._segment(0)  # a compression tifffile cannot decode fails here, naming the file
@@ -229,7 +229,8 @@ class _TiffSource(RasterSource):
         for r in range(y0 // self.seg_h, -(-y1 // self.seg_h)):
             for c in range(x0 // self.seg_w, -(-x1 // self.seg_w)):
                 top, left = r * self.seg_h, c * self.seg_w
-                ys, xs = slice(max(y0, top), min(y1, top + self.seg_h)), slice(max(x0, left), min(x1, left + self.seg_w))
+                ys = slice(max(y0, top), min(y1, top + self.seg_h))
+                xs = slice(max(x0, left), min(x1, left + self.seg_w))
                 for plane in range(planes):
                     seg = self._segment(plane * self.rows * self.cols + r * self.cols + c)
                     block = seg[ys.start - top:ys.stop - top, xs.start - left:xs.stop - left]
@@ -285,13 +286,13 @@ class RasterSink:
             if array is not None:
                 if array.dtype != np.uint8:
                     array = np.rint(np.clip(array, 0, 1) * 255).astype(np.uint8)
-                self._guarded(lambda: writer.write(y0, x0, array))
+                self._guarded(writer.write, y0, x0, array)
 
     def close(self) -> list[Path]:
         for writer in self._writers:
             self._guarded(writer.close)
         for partial, (target, _) in zip(self.partials, self.targets):
-            self._guarded(lambda: os.replace(partial, target))
+            self._guarded(os.replace, partial, target)
         return [target for target, _ in self.targets]
 
     def abort(self) -> None:
@@ -301,9 +302,9 @@ class RasterSink:
         for partial in self.partials:
             partial.unlink(missing_ok=True)
 
-    def _guarded(self, act) -> None:
+    def _guarded(self, act, *args) -> None:
         try:
-            act()
+            act(*args)
         except OSError as exc:
             self.abort()
             raise OutputError(f"could not write {self.targets[0][0]}: {write_failure_reason(exc.errno, exc)}; free "

@@ -510,7 +510,7 @@ class UNetEstimator(Estimator):
         if max_payload is not None and not 0 <= max_payload <= BATCH_MAX_PAYLOAD_MB:
             payload = (f"max_payload={max_payload}: a batch transform's MaxPayloadInMB is 0 to {BATCH_MAX_PAYLOAD_MB} "
                        "(megabytes per request); larger images: `unetseg predict` reads TIFFs window by window")
-        elif max_payload and max_concurrent_transforms and max_payload * max_concurrent_transforms > BATCH_MAX_PAYLOAD_MB:
+        elif (max_payload or 0) * (max_concurrent_transforms or 0) > BATCH_MAX_PAYLOAD_MB:
             payload = (f"max_payload={max_payload} x max_concurrent_transforms={max_concurrent_transforms}: SageMaker "
                        f"allows at most {BATCH_MAX_PAYLOAD_MB} MB in flight per instance; lower one of them")
         rules.raise_if([None if output_path is None or kind.local else rules.s3_uri_problem("output_path", output_path),

@@ -301,8 +301,9 @@ def oversized_inputs(s3: Any, prefix_uri: str, limit_mb: int) -> list[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", ()):
             if item["Size"] > limit:
-                found.append(f"s3://{bucket}/{item['Key']} is {item['Size'] / 2**20:.1f} MiB, over the batch transform's "
-                             f"payload limit of {limit_mb} MiB (MaxPayloadInMB, at most {BATCH_MAX_PAYLOAD_MB}): run "
+                found.append(f"s3://{bucket}/{item['Key']} is {item['Size'] / 2**20:.1f} MiB, over the batch "
+                             f"transform's payload limit of {limit_mb} MiB (MaxPayloadInMB, at most "
+                             f"{BATCH_MAX_PAYLOAD_MB}): run "
                              "`unetseg predict --input <the file>` where it is (a notebook or processing job: it reads "
                              "TIFFs window by window), or cut the image into smaller files")
     return found
