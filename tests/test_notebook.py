@@ -153,4 +153,3 @@ def test_quickstart_runs_top_to_bottom_against_moto(moto_server, tmp_path, _sdk_
     local = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file())
     mirrored = sorted(k.split(f"/datasets/{data_dir.name}/", 1)[1] for k in uploaded if f"/datasets/{data_dir.name}/" in k)
     assert len(local) == 128 and mirrored == local
-    assert seconds < 300, f"the quickstart took {seconds:.0f} s; it should stay a couple of minutes on a CPU"
