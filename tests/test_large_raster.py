@@ -11,8 +11,8 @@ import rasterio
 import tifffile
 import torch
 from rasterio.transform import from_origin
-from support import TINY
 
+from support import TINY
 from unetseg.cli import main as cli
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.errors import OutputError

@@ -4,8 +4,8 @@ fail inside the job after the instances start; it is named before CreateTransfor
 from __future__ import annotations
 
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
 
+from conftest import BUCKET, IMAGE, ROLE
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.sagemaker_env import BATCH_MAX_PAYLOAD_MB

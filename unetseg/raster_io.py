@@ -25,8 +25,9 @@ import math
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def raster_header(path: Path, backend: Optional[str] = None) -> Optional[tuple[i
         return None
 
 
-def open_source(path: Path, backend: Optional[str] = None) -> "RasterSource":
+def open_source(path: Path, backend: Optional[str] = None) -> RasterSource:
     """The TIFF at `path` as a windowed source; DataError naming the file when it cannot be read."""
     if resolve_backend(backend) == "rasterio":
         return _RasterioSource(Path(path))
@@ -109,7 +110,7 @@ class RasterSource:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "RasterSource":
+    def __enter__(self) -> RasterSource:
         return self
 
     def __exit__(self, *exc) -> None:
