@@ -18,20 +18,20 @@ import math
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import load_file, save_file
 
-from .segmenter import Segmenter
-
 from . import __version__
 from .atomic import replace_atomically
 from .contract.config import TrainConfig
 from .contract.errors import ArtifactError, ConfigError
+from .segmenter import Segmenter
 
 FORMAT = "unetseg-model"
 FORMAT_VERSION = 2  # 2: the architecture only in "hyperparameters"; an older unetseg then says to upgrade
@@ -71,7 +71,8 @@ def build_model(cfg: TrainConfig, *, pretrained: bool = True) -> torch.nn.Module
     kwargs: dict[str, Any] = {}
     if cfg.encoder_depth != 5:
         if "encoder_depth" not in accepted:
-            raise ConfigError(f"hyperparameter 'encoder_depth' = {cfg.encoder_depth}: {cfg.arch} has a fixed depth of 5")
+            raise ConfigError(f"hyperparameter 'encoder_depth' = {cfg.encoder_depth}: {cfg.arch} has a fixed depth "
+                              "of 5")
         kwargs["encoder_depth"] = cfg.encoder_depth
     if cfg.decoder_channels is not None:  # TrainConfig allows it for DECODER_WIDTH_ARCHITECTURES only
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
@@ -99,13 +100,15 @@ def build_model(cfg: TrainConfig, *, pretrained: bool = True) -> torch.nn.Module
 def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no such file")
-    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    state = (load_file(path) if path.suffix == ".safetensors"
+             else torch.load(path, map_location="cpu", weights_only=True))
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
     if not set(state) & set(own):
-        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the {type(model.encoder).__name__} encoder")
+        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the "
+                          f"{type(model.encoder).__name__} encoder")
     try:
         model.encoder.load_state_dict(state, strict=False)  # a classifier head in the file is fine to skip
     except RuntimeError as exc:
@@ -309,8 +312,9 @@ def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=
     for field in FORMAT1_COPIES:  # format 1's second copy, where there is one: which copy built the weights is unknown
         theirs = getattr(cfg, field)
         if field in config and config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r} (the architecture "
-                                    "is stated twice, as unetseg wrote it before model format 2, and the copies differ)")
+            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r} (the "
+                                    "architecture is stated twice, as unetseg wrote it before model format 2, and the "
+                                    "copies differ)")
     _check_list(bad, config, "class_names", cfg.classes, lambda v: isinstance(v, str), "a name (text)")
     _check_list(bad, config, "class_colors", cfg.classes, _is_colour, "[r, g, b] with values 0..255")
     if config.get("mask_mode") not in ("binary", "index", "palette"):

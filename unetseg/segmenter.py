@@ -10,7 +10,8 @@ that follows the tile and the image width, not the image.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

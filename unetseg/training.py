@@ -14,10 +14,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,18 +27,26 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, distributed
 from .contract.config import TrainConfig
+from .contract.errors import ConfigError
+from .contract.metrics_log import SELECTION_METRIC, format_line
 from .data.checks import CheckedDataset, check_dataset
 from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
 from .data.masks import IGNORE_INDEX
 from .data.scan import pair_channel, split_holdout
 from .data.transforms import train_transform
 from .distributed import DistContext, all_gather_objects, all_reduce
-from .contract.errors import ConfigError
 from .losses import build_loss, class_weights
 from .metrics import confusion, summarize
-from .contract.metrics_log import SELECTION_METRIC, format_line
-from .model import (ARCHITECTURE_FIELDS, artifact_config, build_model, freeze_unused, load_matching,
-                    normalization, read_init_model, save_artifact)
+from .model import (
+    ARCHITECTURE_FIELDS,
+    artifact_config,
+    build_model,
+    freeze_unused,
+    load_matching,
+    normalization,
+    read_init_model,
+    save_artifact,
+)
 from .segmenter import Segmenter, native_bf16, prepare_input
 from .visualize import prediction_grid
 
