@@ -85,8 +85,9 @@ class TrainConfig(BaseModel):
     image_size: int = Field(256, ge=16, le=8192, description="square training crop; must divide by 2**encoder_depth")
     augment: Literal["none", "light", "default", "strong"] = "default"
     normalize: Literal["auto", "imagenet", "dataset", "per_image"] = Field(
-        "auto", description="pixels are first divided by their bit depth (8-bit by 255, 16-bit by 65535, floats as they "
-        "are); then imagenet: ImageNet mean/std; dataset: each band's mean/std measured on the training data; "
+        "auto",
+        description="pixels are first divided by their bit depth (8-bit by 255, 16-bit by 65535, floats as they are); "
+        "then imagenet: ImageNet mean/std; dataset: each band's mean/std measured on the training data; "
         "per_image: zero mean, unit std per image; auto: imagenet for 1 or 3 channels, dataset for other counts"
     )
     val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out fraction when there is no validation channel")

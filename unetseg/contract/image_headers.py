@@ -195,7 +195,8 @@ def _raise_the_limit(needed_bytes: Optional[int]) -> str:
 
 def declared_tiff(source: Any, kind: str = "uncompressed TIFF") -> Optional[Declared]:
     """From a TIFF's IFDs (a path or a file object): series 0 at full resolution, as multiband.read_tiff decodes it,
-    every band counted whatever its layout (interleaved, planar, a page per band). None where tifffile cannot parse it."""
+    every band counted whatever its layout (interleaved, planar, a page per band). None where tifffile cannot parse
+    it."""
     try:
         import tifffile
 

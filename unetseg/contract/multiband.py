@@ -23,7 +23,8 @@ GDAL_NODATA_TAG = 42113
 
 def read_tiff(source: Any, name: str) -> tuple[np.ndarray, Optional[float]]:
     """(HxWxC array of the TIFF's own dtype, its no-data value or None) of series 0 at full resolution. `source`: a
-    path or a file object; `name`: the file or request that errors name. Raises DataError for a layout that is not one image of N bands."""
+    path or a file object; `name`: the file or request that errors name. Raises DataError for a layout that is not
+    one image of N bands."""
     import tifffile
 
     with tifffile.TiffFile(source) as tif:
