@@ -294,6 +294,31 @@ def test_a_7_band_16_bit_model_learns_from_the_two_bands_that_carry_the_signal(m
 
 
 @pytest.mark.slow
+def test_two_training_processes_store_the_statistics_of_the_whole_training_set(tmp_path):
+    """As SageMaker runs it (entry/train.py, string hyperparameters), with 2 processes (gloo) that each check half of
+    the files: config.json holds the statistics of all the training images, not of rank 0's half."""
+    from support import free_port, run_entry, sagemaker_tree
+
+    data = tmp_path / "data"
+    multispectral_dataset(data / "train", 6, size=32, seed=2)
+    multispectral_dataset(data / "validation", 2, size=32, seed=3)
+    hps = {**TINY, "epochs": 1, "num_workers": 2, "in_channels": BANDS}
+    env = sagemaker_tree(tmp_path / "ml", hps, {"train": data / "train", "validation": data / "validation"})
+    env.update(PYTHONUNBUFFERED="1", UNETSEG_PROCS_PER_HOST="2", UNETSEG_MASTER_PORT=str(free_port()))
+    done = run_entry(env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "on 2 x cpu" in done.stdout
+
+    norm = json.loads((tmp_path / "ml/model/config.json").read_text())["normalization"]
+    pixels = np.concatenate([read_image(p).reshape(-1, BANDS) for p in sorted((data / "train/images").iterdir())])
+    pixels = pixels.astype(np.float64) / 65535
+    half = np.concatenate([read_image(p).reshape(-1, BANDS) for p in sorted((data / "train/images").iterdir())[::2]])
+    assert not np.allclose(half.mean(0) / 65535, pixels.mean(0), rtol=1e-6)  # a rank's half differs from the whole
+    np.testing.assert_allclose(norm["mean"], pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(norm["std"], pixels.std(0), rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_predict_writes_masks_for_n_band_tiffs_and_names_an_image_of_other_bands(multispectral_model, tmp_path):
     from PIL import Image
 

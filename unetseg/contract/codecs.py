@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError, ImageTooLargeError
 from .image_headers import Declared, check_declared, declared_pil, declared_png, declared_tiff
-from .multiband import read_tiff, without_nodata
+from .multiband import npy_header, read_tiff, without_nodata
 
 PNG, JPEG, TIFF, NPY, JSON = "image/png", "image/jpeg", "image/tiff", "application/x-npy", "application/json"
 REQUEST_TYPES = (PNG, JPEG, TIFF, NPY)
@@ -187,11 +187,7 @@ def _decode_npy(body: bytes, max_pixels: Optional[int]) -> np.ndarray:
     """A .npy body, its header checked first: numpy allocates the array its header declares before reading it."""
     stream = io.BytesIO(body)
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f".npy format version {version[0]}.{version[1]}; send version 1.0 or 2.0")
-        shape, _, dtype = read_header[version](stream)
+        shape, dtype = npy_header(stream)
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise CodecError(f"body is not a readable .npy array ({exc})") from None
     described = f"array of shape {'x'.join(map(str, shape)) or '()'} and dtype {dtype}"
