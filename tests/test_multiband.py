@@ -271,8 +271,8 @@ def multispectral_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("multispectral")
     multispectral_dataset(root / "train", 24, seed=0)
     multispectral_dataset(root / "validation", 8, seed=1)
-    cfg = TrainConfig(**{**TINY, "image_size": 64, "batch_size": 8, "epochs": 8, "seed": 0, "num_workers": 2,
-                         "augment": "default"}, in_channels=BANDS)
+    cfg = TrainConfig(**{**TINY, "image_size": 64, "batch_size": 8, "epochs": 8, "seed": 0, "num_workers": 2},
+                      in_channels=BANDS)
     result = train(cfg, RunPaths(root / "train", root / "validation", root / "model", root / "ckpt", root / "out"),
                    progress=False)
     return root, result
