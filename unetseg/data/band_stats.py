@@ -8,7 +8,8 @@ and the training processes alike, in sample order, so every process gets the sam
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import numpy as np
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class CheckedDataset:
     # (samples, 3, channels) per-band pixel count, mean, M2 (band_stats.py), where the normalization is measured
     sample_band_moments: Optional[np.ndarray] = field(default=None, repr=False)
 
-    def subset(self, indices: Sequence[int]) -> "CheckedDataset":
+    def subset(self, indices: Sequence[int]) -> CheckedDataset:
         pick = lambda items: [items[i] for i in indices]  # noqa: E731
         return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
                               pick(self.sizes), pick(self.cached) if self.cached is not None else None,
@@ -96,7 +97,7 @@ class _FileFacts:
     valid: Optional[np.ndarray] = None  # HxW pixels that hold data; None = all
     moments: Optional[np.ndarray] = None  # (3, channels) band moments, where the normalization is measured
 
-    def without_pixels(self) -> "_FileFacts":
+    def without_pixels(self) -> _FileFacts:
         """What other processes need to know: small enough to send."""
         return _FileFacts(self.channels, self.dtype, self.values, None, None, None, self.moments)
 
@@ -157,11 +158,12 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
     dtypes = {f.dtype for f in good.values()}
     if len(dtypes) > 1:
         first = {d: next(samples[i].image for i, f in good.items() if f.dtype == d) for d in dtypes}
-        problems.append(f"{first[max(dtypes)]}: images mix bit depths (" +
-                        ", ".join(f"{p.name} is {d}" for d, p in sorted(first.items())) + "); convert them to one depth")
+        depths = ", ".join(f"{p.name} is {d}" for d, p in sorted(first.items()))
+        problems.append(f"{first[max(dtypes)]}: images mix bit depths ({depths}); convert them to one depth")
 
     if codec is None and good:
-        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, {samples[i].mask: f.values for i, f in good.items()})
+        values = {samples[i].mask: f.values for i, f in good.items()}
+        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, values)
         colours = tuple(tuple(c) for c in cfg.class_colors) if cfg.class_colors else None
         codec = MaskCodec(mode, cfg.classes, colours)
     for i, fact in good.items():
@@ -239,7 +241,8 @@ def _read(sample: Sample, cfg: TrainConfig, keep: bool) -> _FileFacts | str:
             channels, f"; set in_channels={channels} for {channels}-band data")
         return f"{sample.image}: image has {channels} channel(s), but in_channels={cfg.in_channels}{hint}"
     if image.shape[:2] != raw.shape[:2]:  # headers agreed; the decoded pixels must too
-        return f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image size {image.shape[1]}x{image.shape[0]}"
+        return (f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image size "
+                f"{image.shape[1]}x{image.shape[0]}")
     values = mask_values(raw if valid is None else raw[valid][None])  # no-data pixels are no class's
     if image.dtype.kind == "f" and cfg.resolved_normalize == "imagenet":
         low, high = float(image.min()), float(image.max())
