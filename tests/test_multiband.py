@@ -418,4 +418,4 @@ def test_the_server_decoder_checks_a_tiff_body_size_before_decoding(monkeypatch)
     with pytest.raises(codecs.ImageTooLarge, match=f"{BANDS} channel"):
         codecs.decode_request(body, codecs.TIFF)
     with pytest.raises(codecs.CodecError, match="a PNG image, not image/tiff"):
-        codecs.decode_request(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, codecs.TIFF)
+        codecs.decode_request(codecs.encode_image(np.zeros((8, 8), np.uint8), codecs.PNG), codecs.TIFF)

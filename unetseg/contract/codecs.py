@@ -178,7 +178,8 @@ def _decode_tiff(body: bytes, max_pixels: Optional[int]) -> Optional[np.ndarray]
     _check_size(declared, max_pixels, len(body))
     try:
         image, nodata = read_tiff(io.BytesIO(body), "the request body")
-        return without_nodata(image, nodata, "the request body")[0]
+        image = without_nodata(image, nodata, "the request body")[0]
+        return image[..., 0] if image.shape[2] == 1 else image  # one band: HxW, as a grayscale PNG decodes
     except DataError as exc:
         raise CodecError(str(exc)) from None
     except MemoryError:
