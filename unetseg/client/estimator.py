@@ -33,7 +33,7 @@ from ..contract.errors import ArtifactError
 from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
 from ..contract.layout import INIT_MODEL_CHANNEL
 from ..contract.sagemaker_env import (CHECKPOINT_DIR_ENV, IMAGE_URI_ENV, MODEL_SERVER_TIMEOUT_ENV,
-                                      MODEL_SERVER_WORKERS_ENV)
+                                      MODEL_SERVER_WORKERS_ENV, SERVING_MODE_ENV)
 from . import job_rules as rules
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
@@ -448,7 +448,8 @@ class UNetEstimator(Estimator):
         return model
 
     def deploy(self, initial_instance_count: Optional[int] = None, instance_type: Optional[str] = None,
-               serializer: Any = None, deserializer: Any = None, **kwargs: Any) -> Any:
+               serializer: Any = None, deserializer: Any = None, *, async_inference: bool = False,
+               **kwargs: Any) -> Any:
         """Host the latest job's model on an endpoint and return its `UNetPredictor`:
 
             predictor = est.deploy(instance_type="ml.g5.xlarge")     # or "local" / "local_gpu" (Docker here)
@@ -456,12 +457,23 @@ class UNetEstimator(Estimator):
             predictor.delete_endpoint()
 
         A real-time endpoint carries at most 6 MB each way; the predictor checks each request before sending it.
+        `async_inference=True` (or an `async_inference_config=AsyncInferenceConfig(...)`) deploys the same image as
+        an asynchronous endpoint instead (images up to 1 GB through S3, requests up to an hour, scale-to-zero) and
+        returns a `UNetAsyncPredictor`; its objects go under the job's output, <output_path>/<job>/async-input/,
+        async-output/ and async-failures/, unless the config names others. Local mode has no asynchronous inference:
+        there it deploys a real-time local endpoint, with a warning.
         `initial_instance_count` defaults to 1. Everything else is `Estimator.deploy`'s (endpoint_name, wait,
         serverless_inference_config, ...) or `create_model`'s (env, model_server_workers, ...).
         """
         rules.raise_if([rules.job_name_problem(name, kwargs.get(name)) for name in ("endpoint_name", "model_name")])
+        is_async = bool(async_inference) or kwargs.get("async_inference_config") is not None
+        if is_async and kwargs.get("serverless_inference_config") is not None:
+            raise JobSettingsError("async_inference and serverless_inference_config exclude each other: a serverless "
+                                   "endpoint is real-time; pass one of them")
+        local = False
         if kwargs.get("serverless_inference_config") is None:
             kind = rules.parse_instance_type(instance_type, self._image_cuda)
+            local = kind.local
             initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
             if not rules.is_whole(initial_instance_count, minimum=1):
                 raise JobSettingsError(f"initial_instance_count={initial_instance_count!r}: use 1 or more")
@@ -473,12 +485,48 @@ class UNetEstimator(Estimator):
                 kwargs["wait"] = False
             elif not kind.local:
                 self._check_hostable_remotely(instance_type)
+        input_path = self._prepare_async_deploy(kwargs, local=local) if is_async else None
+        from sagemaker.predictor_async import AsyncPredictor
+
         from .predictor import UNetPredictor
 
         predictor = super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+        if isinstance(predictor, AsyncPredictor):  # the SDK's wrapper: ours does what it does, and decodes as ours
+            predictor = predictor.predictor
         if isinstance(predictor, UNetPredictor):
             predictor.classes = self._config.classes  # the size of its probabilities, checked before each request
+        if input_path is not None:
+            predictor.input_path = input_path
         return predictor
+
+    def _prepare_async_deploy(self, kwargs: dict, *, local: bool) -> Optional[str]:
+        """Set deploy()'s `kwargs` for an asynchronous endpoint; return where its input images go (None: local).
+
+        SageMaker does not tell a container that it serves asynchronously: the Model's environment does
+        (UNETSEG_SERVING_MODE=async: bodies up to 1 GB, 900 s a request, no 6 MB limit on the answer)."""
+        from .async_inference import ASYNC_INPUT_FOLDER, default_config, job_prefix
+        from .predictor import UNetAsyncPredictor
+
+        environment = dict(kwargs.get("env") or {})
+        named = environment.get(SERVING_MODE_ENV)
+        if named not in (None, "async"):
+            raise JobSettingsError(f"env {SERVING_MODE_ENV}={named!r} with async_inference: an asynchronous endpoint "
+                                   "serves with the async limits; leave it out")
+        kwargs["env"] = {**environment, SERVING_MODE_ENV: "async"}
+        kwargs.setdefault("predictor_cls", UNetAsyncPredictor)
+        if local:
+            kwargs.pop("async_inference_config", None)
+            warnings.warn("local mode has no asynchronous inference: this deploys a real-time local endpoint (with the "
+                          "async limits: 1 GB a request, 900 s), whose predict_async() answers at once; deploy to an "
+                          "ml.* instance type for an asynchronous endpoint", UserWarning, stacklevel=3)
+            return None
+        if self.latest_training_job is None:
+            return None  # Estimator.deploy says that a training job is needed
+        prefix = job_prefix(self.output_path, self.latest_training_job.name)
+        kwargs["async_inference_config"] = default_config(
+            prefix, config=kwargs.get("async_inference_config"),
+            max_concurrent_invocations=kwargs.get("model_server_workers"))
+        return prefix + ASYNC_INPUT_FOLDER + "/"
 
     def transformer(self, instance_count: int = 1, instance_type: Optional[str] = None,
                     strategy: Optional[str] = "SingleRecord", assemble_with: Optional[str] = None,
