@@ -24,9 +24,10 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
+from conftest import BUCKET
 from PIL import Image
-from test_predictor import local_docker  # noqa: F401 - a fixture: the docker double that runs the real server
+# The model artifact and the docker double that runs the real server (fixtures), and helpers.
+from test_predictor import CLASS_NAMES, artifact, call, local_docker, rgb, trained_estimator  # noqa: F401
 
 from unetseg.client.async_inference import AsyncInferenceFailed, AsyncResultTimeout
 from unetseg.client.estimator import UNetEstimator
@@ -36,35 +37,10 @@ from unetseg.contract import codecs
 from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, MODEL_SERVER_WORKERS_ENV,
                                             REALTIME_MAX_PAYLOAD_BYTES, SERVING_MODE_ENV)
 
-CLASS_NAMES = ["background", "disc", "square"]
-
-
-# --- a model and the real server ------------------------------------------------------------------------------------
+# --- the real server, in async mode -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    """(model folder, model.tar.gz) of a small untrained 3-class model: predictions are arbitrary but exact."""
-    import tarfile
-
-    torch = pytest.importorskip("torch")
-    from support import TINY
-
-    from unetseg.contract.config import TrainConfig
-    from unetseg.model import artifact_config, build_model, save_artifact
-
-    cfg = TrainConfig(**TINY, classes=3, class_names=CLASS_NAMES)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("artifact") / "model"
-    save_artifact(folder, build_model(cfg).state_dict(), artifact_config(cfg, "index"), [{"epoch": 1}])
-    archive = folder.parent / "model.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(folder.iterdir()):
-            tar.add(path, arcname=path.name)
-    return folder, archive
-
-
-@pytest.fixture(scope="module")
-def app(artifact):
+def app(artifact):  # noqa: F811 - the fixture
     """The server in async mode, as an async endpoint runs it (deploy sets UNETSEG_SERVING_MODE=async)."""
     from unetseg.container.serving import InferenceApp
 
@@ -79,44 +55,7 @@ def app(artifact):
     return app
 
 
-def call(app, body: bytes, content_type: str, accept: str | None = None, custom: str | None = None):
-    """One POST /invocations through the WSGI app: (status, response content type, body)."""
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/invocations", "CONTENT_TYPE": content_type,
-               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
-    if accept:
-        environ["HTTP_ACCEPT"] = accept
-    if custom:
-        environ["HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"] = custom
-    answer = {}
-
-    def start_response(status, headers):
-        answer["status"], answer["headers"] = int(status.split()[0]), dict(headers)
-
-    payload = b"".join(app(environ, start_response))
-    return answer["status"], answer["headers"]["Content-Type"], payload
-
-
-def rgb(seed: int = 0, shape=(40, 56, 3)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-# --- an estimator with a job, and the async endpoint's service side --------------------------------------------------
-
-def trained_estimator(aws, **overrides) -> UNetEstimator:
-    """An estimator with a training job in moto (which reports it Completed)."""
-    s3 = aws.boto_session.client("s3")
-    for channel in ("train", "validation"):
-        s3.put_object(Bucket=BUCKET, Key=f"ds/{channel}/images/a.png", Body=b"i")
-        s3.put_object(Bucket=BUCKET, Key=f"ds/{channel}/masks/a.png", Body=b"m")
-    kwargs = dict(image_uri=IMAGE, role=ROLE, instance_type="ml.g5.2xlarge", sagemaker_session=aws.session,
-                  hyperparameters={"classes": 3, "class_names": CLASS_NAMES})
-    kwargs.update(overrides)
-    est = UNetEstimator(**kwargs)
-    est.fit(f"s3://{BUCKET}/ds/", wait=False, logs=False)
-    aws.requests.clear()
-    aws.bodies.clear()
-    return est
-
+# --- an estimator with a job, and the async endpoint's service side ---------------------------------------------------
 
 class AsyncEndpoint:
     """SageMaker's side of InvokeEndpointAsync: answers with the locations the endpoint config names (as the service
@@ -170,7 +109,7 @@ def async_endpoint(aws, est: UNetEstimator) -> tuple[UNetAsyncPredictor, AsyncEn
     return predictor, AsyncEndpoint(aws, config["S3OutputPath"], config["S3FailurePath"]), config
 
 
-# --- deploy ------------------------------------------------------------------------------------------------------------
+# --- deploy -----------------------------------------------------------------------------------------------------------
 
 def test_async_deploy_sends_the_async_config_and_sets_the_servers_mode(aws):
     est = trained_estimator(aws)
@@ -237,7 +176,7 @@ def test_a_bad_sns_topic_is_refused_as_the_service_refuses_it(aws):
             notification_config={"SuccessTopic": "segmentation-done"}))
 
 
-# --- the predictor's round trip through S3 -------------------------------------------------------------------------
+# --- the predictor's round trip through S3 ----------------------------------------------------------------------------
 
 def test_predict_async_uploads_the_image_and_decodes_the_servers_answer(aws, app):
     est = trained_estimator(aws)
@@ -285,6 +224,27 @@ def test_an_answer_that_appears_while_waiting_is_returned(aws, app):
         assert np.array_equal(handle.result(timeout=60, poll_s=0.05), app.model.predict(image))
     finally:
         writer.join()
+
+
+def test_an_answer_stored_without_its_content_type_is_told_by_its_bytes(aws, app):
+    """S3 keeps the Content-Type the endpoint's answer came with; an object copied or rewritten by other tools may carry
+    none (binary/octet-stream). PNG, .npy and JSON cannot be mistaken for one another by their first bytes."""
+    est = trained_estimator(aws)
+    predictor, endpoint, _ = async_endpoint(aws, est)
+    s3 = aws.boto_session.client("s3")
+    image = rgb(12)
+    expected = {"mask": app.model.predict(image), "probabilities": app.model.predict_proba(image)}
+    for output in ("mask", "probabilities", "json"):
+        handle = predictor.predict_async(image, output=output)
+        endpoint.run(app, handle)
+        bucket, key = handle.output_location[len("s3://"):].split("/", 1)
+        s3.put_object(Bucket=bucket, Key=key, Body=s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert s3.head_object(Bucket=bucket, Key=key)["ContentType"] == "binary/octet-stream"
+        answer = handle.result(timeout=5)
+        if output == "json":
+            assert np.array_equal(answer["mask"], expected["mask"])
+        else:
+            np.testing.assert_allclose(answer, expected[output], atol=1e-3)
 
 
 def test_an_s3_image_is_sent_as_it_is_and_a_file_is_streamed(aws, app, tmp_path):
@@ -375,11 +335,12 @@ def test_the_realtime_predictor_is_unchanged_by_async(aws):
     est = trained_estimator(aws)
     predictor = est.deploy(instance_type="ml.c5.xlarge", wait=False)
     assert type(predictor) is UNetPredictor and not hasattr(predictor, "predict_async")
-    assert SERVING_MODE_ENV not in (aws.sent("CreateModel")["PrimaryContainer"].get("Environment") or {})
+    environment = aws.sent("CreateModel")["PrimaryContainer"].get("Environment") or {}
+    assert SERVING_MODE_ENV not in environment
     assert "AsyncInferenceConfig" not in aws.sent("CreateEndpointConfig")
 
 
-# --- scale to zero -------------------------------------------------------------------------------------------------------
+# --- scale to zero ----------------------------------------------------------------------------------------------------
 
 def record_params(aws, services=("application-auto-scaling", "cloudwatch")) -> list[tuple[str, dict]]:
     """(operation, parameters) of every request to `services`, as sent (after strict_aws checked them)."""
@@ -464,7 +425,7 @@ def test_the_strict_validator_covers_autoscaling_and_cloudwatch(aws):
     assert aws.requests == []
 
 
-# --- local mode: no async there --------------------------------------------------------------------------------------
+# --- local mode: no async there ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_local_async_deploy_warns_and_answers_at_once(aws, artifact, app, local_docker):  # noqa: F811
@@ -490,15 +451,15 @@ def test_local_async_deploy_warns_and_answers_at_once(aws, artifact, app, local_
     assert not [r for r in aws.requests if r.startswith(("sagemaker.Create", "sagemaker-runtime."))]
 
 
-# --- the container: a 200 MB body in async mode, real gunicorn ------------------------------------------------------
+# --- the container: a 200 MB body in async mode, real gunicorn --------------------------------------------------------
 
 @pytest.mark.slow
-def test_the_server_in_async_mode_takes_a_200_mb_body(artifact, tmp_path):
+def test_the_server_in_async_mode_takes_a_200_mb_body(artifact, tmp_path):  # noqa: F811 - the fixture
     """A float64 image of 2900 x 2900 x 3 (201,840,128 bytes as .npy: over the 6 MB real-time and 100 MB batch limits)
     through real gunicorn in async mode. The body is streamed from a file, so that the test holds none of it."""
+    from support import free_port
     from test_inference import start_server, stop_server, wait_healthy
 
-    from support import free_port
     from unetseg.container.serving import InferenceApp
 
     side = 2900
