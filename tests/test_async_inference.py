@@ -306,6 +306,10 @@ def test_no_answer_in_time_is_a_timeout_and_the_handle_can_wait_again(aws, app):
     message = str(raised.value)
     assert handle.output_location in message and handle.failure_location in message
     assert "call result() again" in message
+    from sagemaker.async_inference import WaiterConfig
+
+    with pytest.raises(AsyncResultTimeout, match="after 0.1 s"):  # the SDK's waiter settings: 2 looks, 0.1 s apart
+        handle.result(waiter_config=WaiterConfig(max_attempts=2, delay=0.1))
     endpoint.run(app, handle)
     assert np.array_equal(handle.result(timeout=5), app.model.predict(image))
 

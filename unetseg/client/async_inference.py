@@ -79,10 +79,14 @@ class AsyncInference:
             self._look()
         return self._done
 
-    def result(self, timeout: Optional[float] = DEFAULT_WAIT_S, poll_s: float = DEFAULT_POLL_S) -> Any:
+    def result(self, timeout: Optional[float] = DEFAULT_WAIT_S, poll_s: float = DEFAULT_POLL_S,
+               waiter_config: Any = None) -> Any:
         """The decoded answer, waiting up to `timeout` seconds (None: for ever) for it to appear, and looking every
-        `poll_s` seconds. AsyncInferenceFailed if the endpoint wrote a failure; AsyncResultTimeout if neither appeared
-        in time (the handle stays usable: call result() again)."""
+        `poll_s` seconds (or as the SDK's `sagemaker.async_inference.WaiterConfig(max_attempts, delay)` says).
+        AsyncInferenceFailed if the endpoint wrote a failure; AsyncResultTimeout if neither appeared in time (the
+        handle stays usable: call result() again)."""
+        if waiter_config is not None:
+            poll_s, timeout = waiter_config.delay, waiter_config.delay * max(0, waiter_config.max_attempts - 1)
         if poll_s <= 0:
             raise ValueError(f"poll_s={poll_s!r}: use a number of seconds above 0")
         deadline = None if timeout is None else time.monotonic() + timeout

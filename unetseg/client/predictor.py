@@ -12,6 +12,9 @@ encodes with: requests go as image/png (default), image/jpeg or application/x-np
 probabilities as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as
 application/json.
 
+An asynchronous endpoint (`deploy(..., async_inference=True)`) returns a `UNetAsyncPredictor`: images up to 1 GB through
+S3, `predict_async(image)` returning a handle whose `result()` decodes as above (unetseg.client.async_inference).
+
 A real-time endpoint carries at most 6 MB each way (sagemaker_env.REALTIME_MAX_PAYLOAD_BYTES). The predictor refuses
 before sending a request body over it, and a request whose answer is known to be over it (probabilities: float16,
 C x H x W; a .npy mask: H x W), saying what to use instead.
