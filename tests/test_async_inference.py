@@ -335,6 +335,13 @@ def test_async_request_settings_are_checked_before_anything_is_sent(aws, tmp_pat
             sent["x-amzn-sagemaker-inference-id"]) == ("3600", "60", "slide-7")
 
 
+def test_the_realtime_predictor_points_to_an_async_endpoint_for_large_images(aws):
+    predictor = UNetPredictor("cells", sagemaker_session=aws.session, content_type=codecs.NPY)
+    with pytest.raises(PayloadTooLarge, match=r"at most 6,291,456 bytes.*async_inference=True\): up to 1 GB"):
+        predictor.predict(np.zeros((1500, 1500, 3), np.uint8))  # 6.75 MB as .npy
+    assert aws.requests == []
+
+
 def test_the_realtime_predictor_is_unchanged_by_async(aws):
     est = trained_estimator(aws)
     predictor = est.deploy(instance_type="ml.c5.xlarge", wait=False)
@@ -481,9 +488,10 @@ def test_the_server_in_async_mode_takes_a_200_mb_body(artifact, tmp_path):  # no
     # The same body is refused in real-time mode, from its Content-Length alone.
     realtime = InferenceApp(str(artifact[0]), device="cpu")
     status = {}
-    realtime({"REQUEST_METHOD": "POST", "PATH_INFO": "/invocations", "CONTENT_TYPE": codecs.NPY,
-              "CONTENT_LENGTH": str(size), "wsgi.input": io.BytesIO()}, lambda s, h: status.update(code=s))
-    assert status["code"].startswith("413")
+    refusal = b"".join(realtime({"REQUEST_METHOD": "POST", "PATH_INFO": "/invocations", "CONTENT_TYPE": codecs.NPY,
+                                 "CONTENT_LENGTH": str(size), "wsgi.input": io.BytesIO()},
+                                lambda s, h: status.update(code=s)))
+    assert status["code"].startswith("413") and "async_inference=True" in json.loads(refusal)["error"]
 
     port = free_port()
     proc = start_server(artifact[0], {SERVING_MODE_ENV: "async", MODEL_SERVER_WORKERS_ENV: "1"}, "--port", str(port))

@@ -214,7 +214,8 @@ class UNetPredictor(Predictor):
                 f"{REALTIME_MAX_PAYLOAD_BYTES:,} bytes (6 MiB) per request: send the image as image/jpeg "
                 "(UNetPredictor(..., content_type='image/jpeg'), smaller but lossy), send a smaller image or crop, or "
                 f"run a batch transform over the images in S3 (est.transformer(...).transform('s3://...'), up to "
-                f"{BATCH_MAX_PAYLOAD_MB} MB per image)")
+                f"{BATCH_MAX_PAYLOAD_MB} MB per image), or deploy an asynchronous endpoint "
+                "(est.deploy(..., async_inference=True): up to 1 GB per image)")
         accept = codecs.media_type(request.get("Accept"))
         if accept != codecs.NPY or size is None:
             return  # a PNG or JSON answer is compressed: its size is not known before it is made
