@@ -154,6 +154,20 @@ def test_async_config_given_is_kept_and_completed(aws):
         SERVING_MODE_ENV: "async", MODEL_SERVER_WORKERS_ENV: "4"}
 
 
+def test_a_model_made_for_an_async_endpoint_serves_in_async_mode(aws):
+    """est.create_model(async_inference=True), deployed by the SDK's own Model.deploy with an AsyncInferenceConfig."""
+    from sagemaker.async_inference import AsyncInferenceConfig
+
+    est = trained_estimator(aws)
+    model = est.create_model(async_inference=True)
+    assert model.predictor_cls is UNetAsyncPredictor
+    model.deploy(1, "ml.g4dn.xlarge", wait=False, async_inference_config=AsyncInferenceConfig(
+        output_path=f"s3://{BUCKET}/answers/", failure_path=f"s3://{BUCKET}/failures/"))
+    assert aws.sent("CreateModel")["PrimaryContainer"]["Environment"] == {SERVING_MODE_ENV: "async"}
+    assert aws.sent("CreateEndpointConfig")["AsyncInferenceConfig"]["OutputConfig"] == {
+        "S3OutputPath": f"s3://{BUCKET}/answers/", "S3FailurePath": f"s3://{BUCKET}/failures/"}
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(env={SERVING_MODE_ENV: "realtime"}), JobSettingsError, "UNETSEG_SERVING_MODE='realtime' with async"),
     (dict(serverless_inference_config=object()), JobSettingsError, "exclude each other"),

@@ -416,17 +416,26 @@ class UNetEstimator(Estimator):
     def create_model(self, role: Optional[str] = None, image_uri: Optional[str] = None, predictor_cls: Any = None,
                      vpc_config_override: Any = _VPC_CONFIG_DEFAULT, *, env: Optional[Mapping[str, str]] = None,
                      model_server_workers: Optional[int] = None, model_server_timeout: Optional[int] = None,
-                     sagemaker_session: Any = None, **kwargs: Any) -> Any:
+                     sagemaker_session: Any = None, async_inference: bool = False, **kwargs: Any) -> Any:
         """A `sagemaker.model.Model` of the latest job's artifact, served by the training image (`<image> serve`).
 
         Its predictor is a `UNetPredictor` (numpy images in, numpy masks out). `model_server_workers` and
         `model_server_timeout` (seconds per request) set the server's SAGEMAKER_MODEL_SERVER_* variables; `env` adds
         others (UNETSEG_MAX_BODY_MB, UNETSEG_MAX_PIXELS). `sagemaker_session` overrides the estimator's (deploy()
-        passes a LocalSession for instance_type='local').
+        passes a LocalSession for instance_type='local'). `async_inference=True`: a model for an asynchronous endpoint
+        (`model.deploy(..., async_inference_config=...)`): the server serves with the async limits, since SageMaker
+        does not tell a container it serves asynchronously, and the predictor is a `UNetAsyncPredictor`.
         """
-        from .predictor import UNetPredictor
+        from .predictor import UNetAsyncPredictor, UNetPredictor
 
         environment = dict(env or {})
+        if async_inference:
+            named = environment.get(SERVING_MODE_ENV)
+            if named not in (None, "async"):
+                raise JobSettingsError(f"env {SERVING_MODE_ENV}={named!r} with async_inference: an asynchronous "
+                                       "endpoint serves with the async limits (1 GB, 900 s); leave it out")
+            environment[SERVING_MODE_ENV] = "async"
+            predictor_cls = predictor_cls or UNetAsyncPredictor
         for name, value in ((MODEL_SERVER_WORKERS_ENV, model_server_workers),
                             (MODEL_SERVER_TIMEOUT_ENV, model_server_timeout)):
             if value is not None:
@@ -500,20 +509,10 @@ class UNetEstimator(Estimator):
         return predictor
 
     def _prepare_async_deploy(self, kwargs: dict, *, local: bool) -> Optional[str]:
-        """Set deploy()'s `kwargs` for an asynchronous endpoint; return where its input images go (None: local).
-
-        SageMaker does not tell a container that it serves asynchronously: the Model's environment does
-        (UNETSEG_SERVING_MODE=async: bodies up to 1 GB, 900 s a request, no 6 MB limit on the answer)."""
+        """Set deploy()'s `kwargs` for an asynchronous endpoint; return where its input images go (None: local)."""
         from .async_inference import ASYNC_INPUT_FOLDER, default_config, job_prefix
-        from .predictor import UNetAsyncPredictor
 
-        environment = dict(kwargs.get("env") or {})
-        named = environment.get(SERVING_MODE_ENV)
-        if named not in (None, "async"):
-            raise JobSettingsError(f"env {SERVING_MODE_ENV}={named!r} with async_inference: an asynchronous endpoint "
-                                   "serves with the async limits; leave it out")
-        kwargs["env"] = {**environment, SERVING_MODE_ENV: "async"}
-        kwargs.setdefault("predictor_cls", UNetAsyncPredictor)
+        kwargs["async_inference"] = True  # to create_model: the server's mode and the predictor's class
         if local:
             kwargs.pop("async_inference_config", None)
             warnings.warn("local mode has no asynchronous inference: this deploys a real-time local endpoint (with the "
