@@ -24,18 +24,23 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import BUCKET
 from PIL import Image
+
+from conftest import BUCKET
+
 # The model artifact and the docker double that runs the real server (fixtures), and helpers.
 from test_predictor import CLASS_NAMES, artifact, call, local_docker, rgb, trained_estimator  # noqa: F401
-
 from unetseg.client.async_inference import AsyncInferenceFailed, AsyncResultTimeout
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.client.predictor import PayloadTooLarge, UNetAsyncPredictor, UNetPredictor
 from unetseg.contract import codecs
-from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, MODEL_SERVER_WORKERS_ENV,
-                                            REALTIME_MAX_PAYLOAD_BYTES, SERVING_MODE_ENV)
+from unetseg.contract.sagemaker_env import (
+    ASYNC_MAX_PAYLOAD_BYTES,
+    MODEL_SERVER_WORKERS_ENV,
+    REALTIME_MAX_PAYLOAD_BYTES,
+    SERVING_MODE_ENV,
+)
 
 # --- the real server, in async mode -----------------------------------------------------------------------------------
 
@@ -484,7 +489,6 @@ def test_the_server_in_async_mode_takes_a_200_mb_body(artifact, tmp_path):  # no
     through real gunicorn in async mode. The body is streamed from a file, so that the test holds none of it."""
     from support import free_port
     from test_inference import start_server, stop_server, wait_healthy
-
     from unetseg.container.serving import InferenceApp
 
     side = 2900

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from ..contract import codecs
 from ..contract.errors import UnetsegError
@@ -67,7 +68,7 @@ class AsyncInference:
         self._done, self._value, self._error = False, None, None
 
     @classmethod
-    def completed(cls, value: Any, **details: Any) -> "AsyncInference":
+    def completed(cls, value: Any, **details: Any) -> AsyncInference:
         """A handle whose answer is already there (local mode answers at once)."""
         handle = cls(None, output_location=None, failure_location=None, **details)
         handle._done, handle._value = True, value

@@ -25,8 +25,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from sagemaker.deserializers import BaseDeserializer
@@ -36,8 +37,13 @@ from sagemaker.transformer import Transformer
 
 from ..contract import codecs
 from ..contract.errors import UnetsegError
-from ..contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_MAX_REQUEST_TTL_S, ASYNC_MAX_TIMEOUT_S,
-                                      BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES)
+from ..contract.sagemaker_env import (
+    ASYNC_MAX_PAYLOAD_BYTES,
+    ASYNC_MAX_REQUEST_TTL_S,
+    ASYNC_MAX_TIMEOUT_S,
+    BATCH_MAX_PAYLOAD_MB,
+    REALTIME_MAX_PAYLOAD_BYTES,
+)
 from . import job_rules as rules
 from .local_mode import LOCAL_OUTPUT_DIR
 from .quiet_sdk import quiet_v2_notice

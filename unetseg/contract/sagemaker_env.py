@@ -37,9 +37,10 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
@@ -87,7 +88,7 @@ ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
 BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeoutInSeconds: default 600 (at most 3600)
 ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
 ASYNC_MAX_TIMEOUT_S = 3600  # InvokeEndpointAsync InvocationTimeoutSeconds: at most 1 hour
-ASYNC_MAX_REQUEST_TTL_S = 6 * 3600  # InvokeEndpointAsync RequestTTLSeconds: a queued request lives 6 h at most (default)
+ASYNC_MAX_REQUEST_TTL_S = 6 * 3600  # InvokeEndpointAsync RequestTTLSeconds: a queued request lives 6 h at most
 CUSTOM_ATTRIBUTES_MAX_CHARS = 1024  # InvokeEndpoint CustomAttributes: at most 1024 visible ASCII characters
 
 # A failed job writes its error to <output dir>/failure; SageMaker shows this many characters of it as FailureReason.
@@ -144,7 +145,7 @@ class TrainingEnv:
         return self.hosts[0]
 
     @classmethod
-    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "TrainingEnv":
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> TrainingEnv:
         env = os.environ if environ is None else environ
         root = Path(env.get(OPT_ML_ENV, DEFAULT_ROOT))
         config_dir = Path(env.get(INPUT_CONFIG_DIR_ENV, root / "input" / "config"))
