@@ -284,11 +284,20 @@ def test_an_s3_image_is_sent_as_it_is_and_a_file_is_streamed(aws, app, tmp_path)
     decoded = codecs.decode_image(jpeg.getvalue(), codecs.JPEG)
     assert np.array_equal(handle.result(timeout=5), app.model.predict(decoded))
 
-    path = tmp_path / "slide.png"
-    Image.fromarray(image).save(path)
-    handle = predictor.predict_async(path)
-    bucket, key = handle.input_location[len("s3://"):].split("/", 1)
-    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == path.read_bytes()  # the file's own bytes
+    # A file of a format the server reads goes as it is, with its extension's content type: never decoded here.
+    for name, content_type in (("slide.png", codecs.PNG), ("scene.tif", codecs.TIFF)):
+        path = tmp_path / name
+        Image.fromarray(image).save(path)
+        handle = predictor.predict_async(path)
+        bucket, key = handle.input_location[len("s3://"):].split("/", 1)
+        stored = s3.get_object(Bucket=bucket, Key=key)
+        assert stored["Body"].read() == path.read_bytes() and stored["ContentType"] == content_type
+        assert endpoint.requests[-1]["x-amzn-sagemaker-content-type"] == content_type
+        endpoint.run(app, handle)
+        assert np.array_equal(handle.result(timeout=5), app.model.predict(image))
+    s3.upload_file(str(path), BUCKET, "scans/scene.tif")
+    predictor.predict_async(f"s3://{BUCKET}/scans/scene.tif")
+    assert endpoint.requests[-1]["x-amzn-sagemaker-content-type"] == codecs.TIFF
 
 
 def test_a_failure_object_is_an_error_carrying_the_servers_reason(aws, app):

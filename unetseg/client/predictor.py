@@ -381,6 +381,9 @@ class UNetTransformer(Transformer):
 
 # --- asynchronous endpoints ----------------------------------------------------------------------------------------
 
+# Files an async request sends as they are (the server reads each of these formats), by extension; and back.
+_ASYNC_FILE_TYPES = {**_EXTENSION_TYPES, ".tif": codecs.TIFF, ".tiff": codecs.TIFF}
+_TYPE_EXTENSIONS = {codecs.PNG: ".png", codecs.JPEG: ".jpg", codecs.TIFF: ".tif", codecs.NPY: ".npy"}
 # predict_async(output=...) -> (Accept, the `output` custom attribute)
 _ASYNC_OUTPUTS = {"mask": (codecs.PNG, None), "probabilities": (codecs.NPY, "probabilities"),
                   "json": (codecs.JSON, None)}
@@ -395,9 +398,10 @@ class UNetAsyncPredictor(UNetPredictor):
         probs = predictor.predict_async(image, output="probabilities").result()
         mask = predictor.predict(image)                        # predict_async(image).result()
 
-    An image (array, PIL image, file or bytes) is uploaded to `input_path` (deploy() sets <job prefix>/async-input/;
-    default s3://<session's default bucket>/unetseg/async-input/<endpoint>/) as `content_type`; an s3:// URI is sent
-    as it is, with the content type of its extension (.png, .jpg, .npy), else `content_type`.
+    An image is uploaded to `input_path` (deploy() sets <job prefix>/async-input/; default s3://<session's default
+    bucket>/unetseg/async-input/<endpoint>/): a .png, .jpg, .tif or .npy file as it is (streamed, with the content type
+    of its extension), an array, PIL image or bytes as `content_type`. An s3:// URI is sent as it is, with the content
+    type of its extension, else `content_type`.
 
     A local endpoint (instance_type='local') has no asynchronous inference: it answers each request at once, and
     predict_async returns a handle that is already done.
@@ -506,20 +510,20 @@ class UNetAsyncPredictor(UNetPredictor):
 
         if isinstance(data, str) and data.startswith("s3://"):
             rules.check_s3_uri("data", data)
-            return data, _EXTENSION_TYPES.get(Path(data).suffix.lower(), self.content_type)
-        prefix = self.input_path or self._default_input_path()
-        bucket, key_prefix = rules.split_s3_uri(prefix)
-        extension = {codecs.PNG: ".png", codecs.JPEG: ".jpg", codecs.NPY: ".npy"}[self.content_type]
-        key = f"{key_prefix.rstrip('/')}/{uuid.uuid4()}{extension}".lstrip("/")
+            return data, _ASYNC_FILE_TYPES.get(Path(data).suffix.lower(), self.content_type)
+        bucket, key_prefix = rules.split_s3_uri(self.input_path or self._default_input_path())
         s3 = self._s3()
         path = Path(data) if isinstance(data, (str, os.PathLike)) else None
-        if path is not None and _EXTENSION_TYPES.get(path.suffix.lower()) == self.content_type:
-            _check_async_size(path.stat().st_size, self.content_type)  # a file already in the wire format: streamed
-            s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": self.content_type})
-        else:
-            body = self.serializer.serialize(data)
-            _check_async_size(len(body), self.content_type)
-            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=self.content_type)
+        kind = _ASYNC_FILE_TYPES.get(path.suffix.lower()) if path is not None else None
+        if kind is not None:  # a file the server reads as it is: streamed to S3, never decoded here
+            key = f"{key_prefix.rstrip('/')}/{uuid.uuid4()}{path.suffix.lower()}".lstrip("/")
+            _check_async_size(path.stat().st_size, kind)
+            s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": kind})
+            return f"s3://{bucket}/{key}", kind
+        key = f"{key_prefix.rstrip('/')}/{uuid.uuid4()}{_TYPE_EXTENSIONS[self.content_type]}".lstrip("/")
+        body = self.serializer.serialize(data)
+        _check_async_size(len(body), self.content_type)
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=self.content_type)
         return f"s3://{bucket}/{key}", self.content_type
 
     def _default_input_path(self) -> str:
@@ -533,7 +537,7 @@ class UNetAsyncPredictor(UNetPredictor):
         if isinstance(data, str) and data.startswith("s3://"):
             bucket, key = rules.split_s3_uri(rules.check_s3_uri("data", data))
             data = self._s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-            initial_args["ContentType"] = _EXTENSION_TYPES.get(Path(key).suffix.lower(), self.content_type)
+            initial_args["ContentType"] = _ASYNC_FILE_TYPES.get(Path(key).suffix.lower(), self.content_type)
         return Predictor.predict(self, data, initial_args=initial_args, custom_attributes=custom)
 
     def _check_payloads(self, request: dict) -> None:
