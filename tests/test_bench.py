@@ -72,3 +72,9 @@ def test_gpu_check_fails_loudly_without_cuda(tmp_path):
     assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
     assert "no CUDA device" in done.stderr and "--smoke" in done.stderr, done.stderr
     assert not (tmp_path / "gpu-check" / "summary.json").exists()
+
+
+def test_camvid_class_weights_benchmark_smoke():
+    """Its smoke form: synthetic data with a void label, one epoch each way (the real figure is in the README)."""
+    out = run("camvid_class_weights.py", "--smoke")
+    assert "| **mIoU** |" in out and "class_weights=auto" in out and "void = 3" in out
