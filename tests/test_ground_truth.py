@@ -241,3 +241,58 @@ def test_the_container_refuses_hyperparameters_that_contradict_the_pairing_file(
     done = run_entry(env)
     failure = (tmp_path / "ml" / "output" / "failure").read_text()
     assert done.returncode != 0 and "train.manifest" in failure and "class_colors" in failure
+
+
+def test_train_and_validation_manifests_send_their_own_channels_and_must_share_a_colour_map(aws):
+    uri = put_gt_job(aws)
+    s3 = aws.boto_session.client("s3")
+    body = s3.get_object(Bucket=BUCKET, Key=MANIFEST_KEY)["Body"].read().decode()
+    s3.put_object(Bucket=BUCKET, Key="labels/val.manifest", Body=body.encode())
+    make(aws).fit({"train": uri, "validation": f"s3://{BUCKET}/labels/val.manifest"}, wait=False, logs=False)
+    sent = {c["ChannelName"] for c in aws.sent("CreateTrainingJob")["InputDataConfig"]}
+    assert sent == {"train", "train_masks", "train_manifest", "validation", "validation_masks", "validation_manifest"}
+
+    other = body.replace('"road"', '"sidewalk"')
+    s3.put_object(Bucket=BUCKET, Key="labels/val.manifest", Body=other.encode())
+    with pytest.raises(DataError, match=r"'train' manifest .* and the 'validation' manifest .*different colour maps"):
+        make(aws).fit({"train": uri, "validation": f"s3://{BUCKET}/labels/val.manifest"}, wait=False, logs=False)
+
+
+@pytest.mark.slow
+def test_unetseg_train_on_a_local_manifest(tmp_path):
+    """`unetseg train --data output.manifest`: paths relative to the manifest, the colour map as the classes."""
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    lines = []
+    for i, (image, mask, _) in enumerate(gt_pairs(8, seed=5)):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "gt" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "img" / f"f{i}.png")
+        Image.fromarray(mask).save(tmp_path / "gt" / "masks" / f"{i}.png")
+        lines.append(line(f"../img/f{i}.png", f"masks/{i}.png"))
+    (tmp_path / "gt" / "output.manifest").write_text("\n".join(lines))
+    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path / "gt" / "output.manifest"),
+                           "--output", str(tmp_path / "run"), *[f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                                                 for k, v in {**TINY, "epochs": 1}.items()]],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["class_names"] == ["BACKGROUND", "buildings", "road"] and config["mask_mode"] == "palette"
+    assert "8 labelled image(s)" in done.stdout
+
+
+def test_images_and_masks_in_one_folder_travel_in_one_channel(aws):
+    s3 = aws.boto_session.client("s3")
+    lines = []
+    for i, (image, mask, _) in enumerate(gt_pairs(2)):
+        s3.put_object(Bucket=BUCKET, Key=f"job/data/{i}.png", Body=png(image))
+        s3.put_object(Bucket=BUCKET, Key=f"job/data/{i}-mask.png", Body=png(mask))
+        lines.append(line(f"s3://{BUCKET}/job/data/{i}.png", f"s3://{BUCKET}/job/data/{i}-mask.png"))
+    s3.put_object(Bucket=BUCKET, Key="job/output.manifest", Body="\n".join(lines).encode())
+    make(aws).fit(f"s3://{BUCKET}/job/output.manifest", wait=False, logs=False)
+    sent = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"]
+            for c in aws.sent("CreateTrainingJob")["InputDataConfig"]}
+    assert sent["train"] == f"s3://{BUCKET}/job/data/" and set(sent) == {"train", "train_manifest"}

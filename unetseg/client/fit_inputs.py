@@ -305,6 +305,10 @@ class InputResolver:
     def _from_manifests(self, manifests: Mapping[str, str]) -> Channels:
         """Each manifest read and checked (one colour map for all), its images and masks looked up, its channels made."""
         attribute = self.config.label_attribute if self.config is not None else None
+        for name, text in manifests.items():
+            if text.startswith("s3://"):
+                check_s3_uri(f"fit inputs[{name!r}]", text)
+                self.check_bucket(f"fit inputs[{name!r}]", text)
         parsed = {name: read_manifest(text, self.s3_client, attribute) for name, text in manifests.items()}
         hyperparameters = self._manifest_hyperparameters(parsed)
         maker = ManifestChannels(self.s3_client, self.datasets_uri, self._training_input, self.check_bucket, self.local)
@@ -317,7 +321,6 @@ class InputResolver:
             else:
                 logger.info(manifest.summary())
             if text.startswith("s3://"):
-                check_s3_uri(f"fit inputs[{name!r}]", text)
                 inputs.update(maker.from_s3(name, manifest))
             elif not self.local:
                 raise JobSettingsError(f"{text}: a local manifest is for local mode (instance_type='local'); for a "
@@ -332,7 +335,7 @@ class InputResolver:
                                     progress=self.progress)
             checker._check_local_data(paired, validation_elsewhere=VALIDATION_CHANNEL in manifests,
                                       where=", ".join(manifests.values()))
-        return Channels(inputs, 0, hyperparameters)
+        return Channels(inputs, maker.listed_bytes if self.input_mode == "File" else 0, hyperparameters)
 
     def _manifest_hyperparameters(self, parsed: Mapping[str, Any]) -> dict[str, Any]:
         """The class map of the manifests (one for all of them); a hyperparameter the user set otherwise is refused."""

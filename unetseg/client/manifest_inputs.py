@@ -59,6 +59,8 @@ class ManifestChannels:
                  training_input: Callable[[str], Any], check_bucket: Callable[[str, str], None], local: bool):
         self.s3_client, self.upload_uri, self.training_input = s3_client, upload_uri, training_input
         self.check_bucket, self.local = check_bucket, local
+        self.listed_bytes = 0  # of the prefixes sent: what File mode copies onto the volume
+        self._listed: dict[str, list] = {}
 
     def from_s3(self, channel: str, manifest: Manifest) -> dict[str, Any]:
         images, image_prefix = self._located(manifest, "image", [o.image for o in manifest.objects])
@@ -95,7 +97,10 @@ class ManifestChannels:
         check_s3_uri(f"the manifest's {kind}s", prefix)
         self.check_bucket(f"the manifest's {kind}s", prefix)
         bucket, key_prefix = split_s3_uri(prefix)
-        present = {obj.key for obj in list_objects(self.s3_client(), bucket, key_prefix)}
+        if prefix not in self._listed:  # images and masks under one prefix: listed (and counted) once
+            self._listed[prefix] = list(list_objects(self.s3_client(), bucket, key_prefix))
+            self.listed_bytes += sum(obj.size for obj in self._listed[prefix])
+        present = {obj.key for obj in self._listed[prefix]}
         missing = [(o.line, u) for o, u in zip(manifest.objects, uris) if split_s3_uri(u)[1] not in present]
         if missing:
             more = f" ({len(missing)} {kind}s in all)" if len(missing) > 1 else ""
