@@ -68,7 +68,8 @@ def main() -> None:
     else:
         if not (CAMVID / "train").is_dir():
             raise SystemExit(f"{CAMVID} not found: this benchmark needs the CamVid (mini) dataset")
-        data, names, void, crop, epochs = shrink(CAMVID, tmp / "data", args.scale), CLASSES, VOID, args.crop, args.epochs
+        data = shrink(CAMVID, tmp / "data", args.scale)
+        names, void, crop, epochs = CLASSES, VOID, args.crop, args.epochs
         what = f"CamVid mini at scale {args.scale} (48 train / 16 validation), void = 11"
     hps = {"classes": len(names), "class_names": names, "ignore_index": void, "encoder": "resnet18",
            "encoder_depth": 3, "decoder_channels": [64, 32, 16], "encoder_weights": None, "image_size": crop,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
-from support import TINY, run_entry, sagemaker_tree
 
+from conftest import BUCKET, IMAGE, ROLE
+from support import TINY, run_entry, sagemaker_tree
 from unetseg.client.estimator import UNetEstimator
 from unetseg.contract.errors import DataError
 from unetseg.contract.ground_truth import PAIRING_FILE, parse_manifest
@@ -274,9 +274,9 @@ def test_unetseg_train_on_a_local_manifest(tmp_path):
         Image.fromarray(mask).save(tmp_path / "gt" / "masks" / f"{i}.png")
         lines.append(line(f"../img/f{i}.png", f"masks/{i}.png"))
     (tmp_path / "gt" / "output.manifest").write_text("\n".join(lines))
-    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path / "gt" / "output.manifest"),
-                           "--output", str(tmp_path / "run"), *[f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
-                                                                 for k, v in {**TINY, "epochs": 1}.items()]],
+    hps = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in {**TINY, "epochs": 1}.items()]
+    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data",
+                           str(tmp_path / "gt" / "output.manifest"), "--output", str(tmp_path / "run"), *hps],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())

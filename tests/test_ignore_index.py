@@ -4,8 +4,8 @@ the loss and the metrics, and a mask value that is neither a class nor the void 
 import numpy as np
 import pytest
 import torch
-from support import write_pair
 
+from support import write_pair
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.errors import ConfigError, DataError
 from unetseg.contract.metrics_log import per_class_names

@@ -26,10 +26,10 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import DataError
@@ -78,7 +78,8 @@ class InputResolver:
         channels = self._resolve_data(inputs)
         if init_model is not None:
             if INIT_MODEL_CHANNEL in channels.inputs:
-                raise DataError(f"init_model given twice: as fit(init_model=...) and as the {INIT_MODEL_CHANNEL!r} channel")
+                raise DataError(f"init_model given twice: as fit(init_model=...) and as the "
+                                f"{INIT_MODEL_CHANNEL!r} channel")
             channels.inputs[INIT_MODEL_CHANNEL] = self.model_input(init_model)
         return channels
 
@@ -99,8 +100,8 @@ class InputResolver:
             if text.startswith("s3://"):
                 return self._from_s3_prefix(text)
             return self._from_local_folder(self._local_path(text))
-        raise DataError(f"fit() got {type(inputs).__name__}: pass an s3:// prefix, a local folder, a TrainingInput or a "
-                        "dict of channels")
+        raise DataError(f"fit() got {type(inputs).__name__}: pass an s3:// prefix, a local folder, a TrainingInput "
+                        "or a dict of channels")
 
     # --- S3 --------------------------------------------------------------------------------------------------------
     def _from_s3_prefix(self, uri: str) -> Channels:
@@ -218,7 +219,8 @@ class InputResolver:
             self._check_training_input_bucket(INIT_MODEL_CHANNEL, value)
             return value
         if not isinstance(value, (str, os.PathLike)):
-            raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path or a fitted estimator")
+            raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path "
+                            "or a fitted estimator")
         text = os.fspath(value)
         if text.startswith("s3://"):
             check_s3_uri("init_model", text)
@@ -237,7 +239,7 @@ class InputResolver:
             raise DataError(f"init_model {text!r}: no such model folder or model.tar.gz")
         return path.resolve().as_uri()  # a file binds its folder: the container picks model.tar.gz in it
 
-    # --- a dict of channels ----------------------------------------------------------------------------------------------
+    # --- a dict of channels -------------------------------------------------------------------------------------------
     def _from_dict(self, inputs: Mapping[str, Any]) -> Channels:
         from sagemaker.inputs import FileSystemInput, TrainingInput
 
@@ -303,7 +305,8 @@ class InputResolver:
 
     # --- Ground Truth manifests ---------------------------------------------------------------------------------------
     def _from_manifests(self, manifests: Mapping[str, str]) -> Channels:
-        """Each manifest read and checked (one colour map for all), its images and masks looked up, its channels made."""
+        """Each manifest read and checked (one colour map for all), its images and masks looked up, its channels
+        made."""
         attribute = self.config.label_attribute if self.config is not None else None
         for name, text in manifests.items():
             if text.startswith("s3://"):
