@@ -87,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write a mask per image with a trained model")
     p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
-    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks")
-    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16)")
+    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks (<name>.tif for TIFFs above "
+                                                                "2048x2048 and GeoTIFFs, read window by window)")
+    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16; "
+                                                                "<name>_proba.tif, uint8 x 255, beside a .tif mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images up to 2048x2048)")
     p.add_argument("--tta", choices=TTA_MODES, default="none",
