@@ -282,6 +282,8 @@ class UNetEstimator(Estimator):
             environment=self.environment or {},
         )
         channels = resolver.resolve(inputs, init_model=init_model)
+        if channels.hyperparameters:  # a Ground Truth manifest's colour map: the job's classes, names and colours
+            self.set_hyperparameters(**channels.hyperparameters)
         self._fit_volume_to(channels.file_mode_bytes)
         return channels.inputs
 
