@@ -189,11 +189,12 @@ def _load(path: Path, channels: int) -> tuple[Path, Optional[np.ndarray], Option
     except DataError as exc:
         return path, None, str(exc)
     if image.shape[2] != channels:
-        names = {1: "grayscale", 3: "RGB"}
         found = image.shape[2]
-        return path, None, (f"{path}: the image has {found} channel(s) ({names.get(found, '?')}), but the model "
-                            f"takes {channels} ({names.get(channels, '?')}); convert it, e.g. with PIL's "
-                            f".convert('{'RGB' if channels == 3 else 'L'}')")
+        names = {1: " (grayscale)", 3: " (RGB)"}
+        hint = (f"; convert it, e.g. with PIL's .convert('{'RGB' if channels == 3 else 'L'}')"
+                if found in names and channels in names else "; give it the bands the model was trained on")
+        return path, None, (f"{path}: the image has {found} channel(s){names.get(found, '')}, but the model takes "
+                            f"{channels}{names.get(channels, '')}{hint}")
     return path, image, None
 
 

@@ -228,6 +228,7 @@ def as_hwc(image: np.ndarray, channels: int) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] != channels:
-        raise ValueError(f"image of shape {image.shape}: this model takes {channels}-channel images (HxW"
+        found = f" has {image.shape[2]} channel(s)" if image.ndim == 3 else ""
+        raise ValueError(f"image of shape {image.shape}{found}: this model takes {channels}-channel images (HxW"
                          f"{'' if channels == 1 else f'x{channels}'})")
     return image

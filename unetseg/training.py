@@ -126,8 +126,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     if weights is not None:
         say("class weights (cross-entropy): " + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
     loss_fn = build_loss(cfg.loss, weights).to(device)
-    norm = normalization(cfg)
-    predict_config = artifact_config(cfg, train_data.codec.mode)  # what a Segmenter of this model reads
+    norm = normalization(cfg, train_data.band_stats)  # band_stats: measured by the data check, where asked for
+    predict_config = artifact_config(cfg, train_data.codec.mode, norm=norm)  # what a Segmenter of this model reads
 
     # --- resume -----------------------------------------------------------------------------------------------
     start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
@@ -306,7 +306,8 @@ def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: Ch
     """Rank 0: the best weights, config and history to the model dir; then, with `picture`, a picture of
     predictions to the output dir."""
     weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
-    config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None)
+    config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None,
+                             normalization(cfg, train_data.band_stats))
     save_artifact(paths.model_dir, weights, config, history)
     drawn = paths.output_data_dir / "predictions.png" if picture else None
     if drawn:

@@ -48,7 +48,8 @@ from . import job_rules as rules
 from .local_mode import LOCAL_OUTPUT_DIR
 from .quiet_sdk import quiet_v2_notice
 
-_EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
+_EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY,
+                    ".tif": codecs.TIFF, ".tiff": codecs.TIFF}
 
 
 class ImageSerializer(BaseSerializer):
@@ -56,7 +57,7 @@ class ImageSerializer(BaseSerializer):
     already-encoded file, as a request body of `content_type`.
 
     PNG (the default) is lossless and keeps 16-bit images; JPEG is smaller but changes pixels; application/x-npy
-    sends the array as it is (float images included).
+    and image/tiff send the array as it is (float images and any number of bands included: multispectral images).
     """
 
     def __init__(self, content_type: str = codecs.PNG):
@@ -81,7 +82,11 @@ class ImageSerializer(BaseSerializer):
         if array.dtype == object or array.ndim not in (2, 3):
             raise TypeError(f"cannot send {type(data).__name__} of shape {array.shape}: pass an HxW or HxWxC image "
                             "array, a PIL image, a file path, or encoded bytes")
-        if self.content_type != codecs.NPY and array.dtype.kind == "f":
+        bands = array.shape[2] if array.ndim == 3 else 1
+        if self.content_type in (codecs.PNG, codecs.JPEG) and bands not in (1, 3):
+            raise ValueError(f"an image of {bands} bands cannot be sent as {self.content_type}, which holds grayscale "
+                             f"or RGB: use UNetPredictor(..., content_type='{codecs.NPY}') or '{codecs.TIFF}'")
+        if self.content_type not in (codecs.NPY, codecs.TIFF) and array.dtype.kind == "f":
             raise ValueError(f"a {array.dtype} image cannot be sent as {self.content_type}: convert it to uint8 or "
                              f"uint16, or use UNetPredictor(..., content_type='{codecs.NPY}')")
         if self.content_type == codecs.JPEG and array.dtype != np.uint8:
@@ -157,7 +162,8 @@ class UNetPredictor(Predictor):
         endpoint_name: the endpoint.
         sagemaker_session: a sagemaker.Session (LocalSession for local mode); default: one from the AWS config.
         serializer / deserializer: default `ImageSerializer(content_type)` and `MaskDeserializer()`.
-        content_type: how images travel: image/png (default, lossless), image/jpeg, or application/x-npy.
+        content_type: how images travel: image/png (default, lossless), image/jpeg, image/tiff or application/x-npy
+            (these two carry any number of bands: multispectral images).
         classes: the model's class count, for the size of `predict_proba`'s answer (deploy() sets it); default 2,
             the fewest a model has.
     """

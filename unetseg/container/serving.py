@@ -306,7 +306,9 @@ class InferenceApp:
         if not body:
             raise HttpError(400, "empty body: POST an image")
         try:
-            image = codecs.decode_request(body, content_type, max_pixels=self.max_pixels)
+            # A model normalized by measured band statistics takes float bands as they are, in any range.
+            measured = self.model.config.get("normalization", {}).get("source") == "dataset"
+            image = codecs.decode_request(body, content_type, max_pixels=self.max_pixels, any_float=measured)
         except codecs.CodecError as exc:
             raise HttpError(exc.status, str(exc)) from None
         del body
