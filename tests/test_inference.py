@@ -28,7 +28,7 @@ from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, BATCH_ENV, 
                                             MAX_PAYLOAD_IN_MB_ENV, MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV,
                                             REALTIME_MAX_PAYLOAD_BYTES, SERVING_MODE_ENV, TTA_ENV)
 from unetseg.model import load_model
-from unetseg.segmenter import _starts
+from unetseg.inference import _starts
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
 

@@ -215,7 +215,7 @@ class InferenceApp:
 
             self.model = load_model(model_dir, device=device)
             # Every forward pass (a tile batch, a TTA orientation) first checks the request's deadline.
-            self.model.model.register_forward_pre_hook(self._check_deadline)
+            self.model.forward_checks.append(self._check_deadline)
             log.info("model loaded from %s on %s: %s classes", model_dir, self.model.device,
                      len(self.model.class_names))
         except Exception as exc:  # noqa: BLE001 - reported by /ping, so that the endpoint never turns healthy
@@ -233,7 +233,7 @@ class InferenceApp:
             reasons.append(f"model not loaded: {self.load_error}")
         return "; ".join(reasons) or None
 
-    def _check_deadline(self, module, args) -> None:
+    def _check_deadline(self) -> None:
         if self.deadline.at is not None:
             if time.monotonic() > self.deadline.at:
                 raise DeadlineExceeded()
