@@ -18,6 +18,7 @@ one that exported, a content hash of the weights (`model_id`), the source and th
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import io
@@ -117,12 +118,11 @@ def export_bytes(model: torch.nn.Module, config: dict, metadata: dict[str, str],
     side = max(2 * stride, int(config["input"]["image_size"]) // stride * stride)
     sample = torch.rand(1, channels, side, side)
     check = torch.rand(2, channels, side + stride, side + 2 * stride)  # another batch, height and width
-    with torch.no_grad():
-        expected = torch.softmax(model(check), 1).numpy()
-    exported = _Half(model) if fp16 else model
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic: the check below decides
+            expected = torch.softmax(model(check), 1).numpy()  # (DPT fails here: one image size)
+            exported = _Half(copy.deepcopy(model)) if fp16 else model
             data = _onnx(exported, sample) if fmt == "onnx" else _torchscript(exported, sample, config, metadata)
             got = _run_onnx(data, check.numpy()) if fmt == "onnx" else _run_torchscript(data, check)
     except Exception as exc:  # noqa: BLE001 - the exporter's and the runtime's own errors: the reason, no traceback
