@@ -50,7 +50,7 @@ from ..contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, 
                                       BATCH_TIMEOUT_S, BIND_TO_PORT_ENV, CUSTOM_ATTRIBUTES_MAX_CHARS, MAX_BODY_MB_ENV,
                                       MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_TIMEOUT_ENV,
                                       MODEL_SERVER_WORKERS_ENV, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S,
-                                      SERVING_MODE_ENV, SERVING_MODEL_DIR_ENV, TTA_ENV)
+                                      RUNTIME_ENV, SERVING_MODE_ENV, SERVING_MODEL_DIR_ENV, SERVING_RUNTIMES, TTA_ENV)
 
 log = logging.getLogger("unetseg.container.serving")  # not __name__: `python -m` runs it as __main__
 
