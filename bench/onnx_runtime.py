@@ -54,7 +54,8 @@ def main() -> None:
             rng = np.random.default_rng(size)
             images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.images)]
             rates = interleaved_rates(runtimes, images, args.repeats)
-            diff = float(np.abs(runtimes["onnx"].predict_proba(images[0]) - runtimes["torch"].predict_proba(images[0])).max())
+            probs = {name: model.predict_proba(images[0]) for name, model in runtimes.items()}
+            diff = float(np.abs(probs["onnx"] - probs["torch"]).max())
             print(f"{size:>6}{rates['torch']:>13.2f}{rates['onnx']:>12.2f}{rates['onnx'] / rates['torch']:>8.2f}"
                   f"{diff:>10.1e}")
 

@@ -10,20 +10,17 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
-from support import REPO, TINY
+import torch
 
+from support import REPO, TINY
 from unetseg.cli import main as cli
 from unetseg.contract.config import ARCHITECTURES, TrainConfig
 from unetseg.contract.errors import ArtifactError
-
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from unetseg.export import FP16_TOLERANCE, ExportRefused, export_model  # noqa: E402
-from unetseg.model import artifact_config, build_model, load_model, save_artifact  # noqa: E402
-from unetseg.runtime_onnx import CONFIG_KEY, load_onnx  # noqa: E402
+from unetseg.export import FP16_TOLERANCE, ExportRefused, export_model
+from unetseg.model import artifact_config, build_model, load_model, save_artifact
+from unetseg.runtime_onnx import CONFIG_KEY, load_onnx
 
 PARITY = 1e-4  # max abs difference of class probabilities, onnxruntime against torch, fp32
 
@@ -86,8 +83,8 @@ def test_batches_and_per_image_normalization_agree(tmp_path):
     torch_model = load_model(model_dir, device="cpu")
     onnx_model = load_onnx(export_model(model_dir, tmp_path / "m.onnx"))
     batch = [image(40, 56, seed=s)[..., :1] for s in range(3)]
-    assert np.abs(onnx_model.predict_proba_batch(batch, "flip") - torch_model.predict_proba_batch(batch, "flip")).max() \
-        < PARITY
+    theirs, ours = torch_model.predict_proba_batch(batch, "flip"), onnx_model.predict_proba_batch(batch, "flip")
+    assert np.abs(ours - theirs).max() < PARITY
     assert np.array_equal(onnx_model.predict_batch(batch), torch_model.predict_batch(batch))
 
 
@@ -304,7 +301,6 @@ def test_a_bad_runtime_or_a_missing_model_onnx_fails_ping_with_the_reason(export
 def test_gunicorn_serves_the_onnx_model(served, exported):
     from readiness import first_answer
     from support import free_port
-
     from unetseg.contract import codecs
 
     port = free_port()

@@ -10,8 +10,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
@@ -49,14 +50,17 @@ def _guarded(run) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unetseg", description="Train U-Net segmentation models locally and on SageMaker.")
+    parser = argparse.ArgumentParser(prog="unetseg",
+                                     description="Train U-Net segmentation models locally and on SageMaker.")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("train", help="train locally on a folder with images/ and masks/ (or train/ and validation/)",
                        description="Train in this process. Hyperparameters: key=value or --key value "
                                    "(see `unetseg hyperparameters`).")
-    p.add_argument("--data", required=True, type=Path, help="a folder with images/ and masks/, or with train/ and validation/")
-    p.add_argument("--validation", type=Path, help="validation folder (default: validation/ beside train/, else a held-out fraction)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="a folder with images/ and masks/, or with train/ and validation/")
+    p.add_argument("--validation", type=Path,
+                   help="validation folder (default: validation/ beside train/, else a held-out fraction)")
     p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
                                                "the same folder resumes an interrupted run")
     p.add_argument("--init-model", help="start from this trained unetseg model (folder, model.tar.gz or s3://...): "
@@ -83,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder, model.tar.gz, s3://.../model.tar.gz, or an exported "
                                                   "model.onnx (onnxruntime, no torch) or TorchScript file")
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
-    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks")
-    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16)")
+    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks (<name>.tif for TIFFs above "
+                                                                "2048x2048 and GeoTIFFs, read window by window)")
+    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16; "
+                                                                "<name>_proba.tif, uint8 x 255, beside a .tif mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images up to 2048x2048)")
     p.add_argument("--tta", choices=TTA_MODES, default="none",
@@ -99,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "refused with the reason.")
     p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
-    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (for GPU runtimes; float32 in and out)")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 weights and compute (float32 in and out; parity with torch within 2e-2)")
     p.add_argument("--output", required=True, type=Path, help="the file to write, e.g. model.onnx")
     p.set_defaults(run=_export)
 

@@ -2,31 +2,35 @@
 
 Per image `<stem>.png` (pixel values are class indices; viewers show the class colours), and on request
 `<stem>.npy` (float16 class probabilities, C x H x W) and `<stem>_overlay.png` (the mask blended on the image).
-Same-sized images are batched; large images are tiled (see Segmenter); decoding runs ahead in threads, at most two
-batches ahead and within a byte budget known from the headers (the size limit for one image, UNETSEG_MAX_IMAGE_MB),
-so memory stays bounded whatever the folder holds, also when its images are near the limit. An image that cannot be
-used (unreadable, over the size limit, the wrong channel count) does not stop the others: the good ones get their
-masks, and every bad one is named in one DataError at the end.
+Same-sized images are batched; large images are tiled (see Segmenter). TIFFs above the tiling size and GeoTIFFs are
+read and written window by window instead, their masks as `<stem>.tif` (predict_raster.py). Decoding runs ahead in
+threads, at most two batches ahead and within a byte budget known from the headers (the size limit for one image,
+UNETSEG_MAX_IMAGE_MB), so memory stays bounded whatever the folder holds, also when its images are near the limit.
+An image that cannot be used (unreadable, over the size limit, the wrong channel count) does not stop the others: the
+good ones get their masks, and every bad one is named in one DataError at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from .contract.codecs import encode_mask_png
+from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
 from .contract.image_headers import max_image_bytes
+from .contract.layout import IMAGES
 from .data.io import declared_size, read_image
 from .data.scan import IMAGE_EXTENSIONS
-from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
-from .contract.layout import IMAGES
 from .inference import SegmenterBase, tta_views
+from .predict_raster import note_overlays, predict_rasters, windowed
 from .visualize import overlay
 
 
@@ -81,41 +85,50 @@ def predict_files(model: SegmenterBase, images: Sequence[Path], output: Path, *,
         raise OutputError(f"{output}: cannot create the folder ({write_failure_reason(exc.errno, exc)})") from None
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
-        raise DataError(f"two input images share a name ({', '.join(sorted({s for s in stems if stems.count(s) > 1}))}); "
+        shared = ", ".join(sorted({s for s in stems if stems.count(s) > 1}))
+        raise DataError(f"two input images share a name ({shared}); "
                         "their masks would overwrite each other")
+    rasters = [p for p in images if windowed(p, model)]  # large TIFFs and GeoTIFFs: read and written window by window
+    images = [p for p in images if p not in rasters]
+    if overlays:
+        note_overlays(rasters)
+    problems: list[str] = []
+    written = predict_rasters(model, rasters, output, problems, probabilities=probabilities, tile=tile, tta=tta)
     bar = None
     if progress if progress is not None else sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=len(images), unit="image")
-    written: list[Path] = []
-    problems: list[str] = []
     for chunk in _decoded_chunks(images, batch_size, model.in_channels, problems):
         for path, image, probs in _predict_chunk(model, chunk, tile, tta):
             mask = probs.argmax(0).astype(np.uint8)
             target = output / f"{path.stem}.png"
-            _write(target, lambda t: t.write_bytes(encode_mask_png(mask, model.class_colors)))
+            with _writing(target):
+                target.write_bytes(encode_mask_png(mask, model.class_colors))
             if probabilities:
-                _write(output / f"{path.stem}.npy", lambda t: np.save(t, probs.astype(np.float16), allow_pickle=False))
+                with _writing(output / f"{path.stem}.npy") as t:
+                    np.save(t, probs.astype(np.float16), allow_pickle=False)
             if overlays:
-                _write(output / f"{path.stem}_overlay.png",
-                       lambda t: Image.fromarray(overlay(image, mask, model.class_colors)).save(t))
+                with _writing(output / f"{path.stem}_overlay.png") as t:
+                    Image.fromarray(overlay(image, mask, model.class_colors)).save(t)
             written.append(target)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     if problems:
-        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {len(images)} images could "
-                        "not be used:\n  " + "\n  ".join(problems))
+        total = len(images) + len(rasters)
+        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {total} images could not be "
+                        "used:\n  " + "\n  ".join(problems))
     return written
 
 
-def _write(target: Path, write: Callable[[Path], object]) -> None:
-    """`write(target)`, or one OutputError naming the file (its partial content removed: it holds space, and a
-    half-written mask must not pass for a whole one)."""
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[Path]:
+    """Writes `target` in the with-block, or raises one OutputError naming the file (its partial content removed: it
+    holds space, and a half-written mask must not pass for a whole one)."""
     try:
-        write(target)
+        yield target
     except OSError as exc:
         target.unlink(missing_ok=True)
         raise OutputError(f"could not write {target}: {write_failure_reason(exc.errno, exc)}; free space or choose "

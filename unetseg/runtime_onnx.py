@@ -67,8 +67,8 @@ def load_onnx(path: str | Path, device: Optional[str] = None) -> OnnxSegmenter:
     metadata = session.get_modelmeta().custom_metadata_map
     try:
         config = json.loads(metadata[CONFIG_KEY])
-        for key in ("class_names", "class_colors", "in_channels", "normalization", "input"):
-            config[key]  # noqa: B018 - what prediction reads
+        if not all(key in config for key in ("class_names", "class_colors", "in_channels", "normalization", "input")):
+            raise KeyError(CONFIG_KEY)  # what prediction reads
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"{path}: an ONNX model without unetseg's metadata ({CONFIG_KEY}); export it with "
                             "`unetseg export`, which records the classes, normalization and stride in it") from None

@@ -8,13 +8,14 @@ the array operations on torch tensors, and the input normalization that training
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import SegmenterBase, as_hwc, tta_views  # noqa: F401  (as_hwc, tta_views: their old home)
+from .inference import SegmenterBase
 
 
 class TorchOps:
