@@ -193,8 +193,8 @@ def report_problems(settings: ServerSettings) -> None:
 
 def choose_runtime(setting: str, model_dir: str, device: Optional[str] = None) -> tuple[str, str]:
     """(torch or onnx, why) for UNETSEG_RUNTIME=`setting`. auto: torch on a GPU; onnxruntime on a CPU when the model
-    dir has a model.onnx (training's export_onnx), as it ran the default Unet/resnet34 1.4-1.6x as fast as torch there
-    (bench/onnx_runtime.py); else torch."""
+    dir has a model.onnx (training's export_onnx): it ran the default Unet/resnet34 1.35x as fast as torch eager there,
+    at 256 and 512 px (bench/onnx_runtime.py); else torch."""
     from ..runtime_onnx import ONNX_FILE
 
     if setting != "auto":
