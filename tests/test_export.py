@@ -325,3 +325,20 @@ def test_gunicorn_serves_the_onnx_model(served, exported):
         proc.terminate()
         log = proc.communicate(timeout=60)[0]
     assert "onnx runtime: UNETSEG_RUNTIME=onnx" in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_training_with_export_onnx_leaves_model_onnx_in_the_model(tmp_path):
+    """export_onnx=true: model.onnx beside the weights (so in model.tar.gz), predicting as the trained torch model."""
+    from support import make_channel
+    from unetseg.runtime_onnx import ONNX_FILE
+    from unetseg.training import RunPaths, train
+
+    data = make_channel(tmp_path / "train", count=8, size=32, classes=3)
+    cfg = TrainConfig(**{**TINY, "classes": 3, "epochs": 1, "num_workers": 0, "export_onnx": True})
+    paths = RunPaths(data, None, tmp_path / "model", tmp_path / "ckpt", tmp_path / "out")
+    train(cfg, paths, progress=False)
+    onnx_model, torch_model = load_onnx(tmp_path / "model" / ONNX_FILE), load_model(tmp_path / "model", device="cpu")
+    picture = image(41, 29, seed=8)
+    assert np.abs(onnx_model.predict_proba(picture) - torch_model.predict_proba(picture)).max() < PARITY
+    assert onnx_model.metadata["unetseg.source"] == str(tmp_path / "model")
