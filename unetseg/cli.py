@@ -17,6 +17,7 @@ from typing import Optional
 from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
 from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.ground_truth import is_manifest
 from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
 from .contract.sagemaker_env import stopped_exit_code
 from .runtime import EXPORT_FORMATS
@@ -58,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train in this process. Hyperparameters: key=value or --key value "
                                    "(see `unetseg hyperparameters`).")
     p.add_argument("--data", required=True, type=Path,
-                   help="a folder with images/ and masks/, or with train/ and validation/")
+                   help="a folder with images/ and masks/, or with train/ and validation/, or a Ground Truth output "
+                   "manifest (.manifest) of local paths")
     p.add_argument("--validation", type=Path,
                    help="validation folder (default: validation/ beside train/, else a held-out fraction)")
     p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
@@ -151,7 +153,16 @@ def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optiona
 
 def _train(args, extra: Sequence[str]) -> int:
     cfg = TrainConfig.from_hyperparameters(parse_hyperparameters(extra))  # fails before torch is even imported
-    train_dir, val_dir = _split_layout(args.data, args.validation)
+    if is_manifest(str(args.data)):  # a Ground Truth labelling job's output manifest, with local paths
+        from .client.manifest_inputs import read_manifest
+
+        manifest = read_manifest(str(args.data), lambda: None, cfg.label_attribute)
+        print(manifest.summary())
+        cfg = manifest.configure(cfg)
+        train_dir = manifest.write_local_pairing(args.data, Path(tempfile.mkdtemp(prefix="unetseg-manifest-")))
+        val_dir = args.validation
+    else:
+        train_dir, val_dir = _split_layout(args.data, args.validation)
     output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
     check_output_folder(output, subfolders=RUN_FOLDERS)  # before the data check: not a failure after an epoch
     return _run_training(cfg, train_dir, val_dir, output, init_model=args.init_model)
