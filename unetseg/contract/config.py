@@ -116,6 +116,11 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(0, ge=0, description="print a step line every N optimizer steps; 0 = epoch lines only")
 
+    # --- the artifact ------------------------------------------------------------------------------------------
+    export_onnx: bool = Field(False, description="also write model.onnx (onnxruntime: CPU serving, predict "
+                                                 "without torch); an architecture that cannot export is skipped, "
+                                                 "with the reason")
+
     # ------------------------------------------------------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
         try:

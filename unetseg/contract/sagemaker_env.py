@@ -75,6 +75,10 @@ MAX_BODY_MB_ENV = "UNETSEG_MAX_BODY_MB"
 MAX_PIXELS_ENV = "UNETSEG_MAX_PIXELS"
 TTA_ENV = "UNETSEG_TTA"  # the test-time augmentation of requests that name none
 SERVING_MODEL_DIR_ENV = "UNETSEG_MODEL_DIR"  # instead of /opt/ml/model
+# The model runtime: torch, onnx (onnxruntime on the model dir's model.onnx, which training's export_onnx writes) or
+# auto: onnx on a CPU instance whose model dir has a model.onnx (faster there: bench/onnx_runtime.py), else torch.
+RUNTIME_ENV = "UNETSEG_RUNTIME"
+SERVING_RUNTIMES = ("auto", "torch", "onnx")
 
 # --- the notebook's -----------------------------------------------------------------------------------------------
 IMAGE_URI_ENV = "UNETSEG_IMAGE_URI"  # UNetEstimator's image when none is given
