@@ -33,6 +33,13 @@ def test_tta_benchmark_smoke():
     assert "tta=none" in out and "tta=flip" in out and "tta=d4" in out and "images/s" in out
 
 
+def test_onnx_runtime_benchmark_smoke():
+    out = run("onnx_runtime.py", "--sizes", "64", "--images", "1", "--repeats", "1", "--encoder", "resnet18")
+    row = out.strip().splitlines()[-1].split()
+    assert "onnx img/s" in out and row[0] == "64" and float(row[3]) > 0  # size, torch, onnx, ratio, parity
+    assert float(row[4]) < 1e-3
+
+
 GPU_CHECKS = ["environment", "train-eager", "inference", "fp16", "resume", "sync", "train-compiled", "gpu-bench"]
 
 
@@ -72,6 +79,12 @@ def test_gpu_check_fails_loudly_without_cuda(tmp_path):
     assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
     assert "no CUDA device" in done.stderr and "--smoke" in done.stderr, done.stderr
     assert not (tmp_path / "gpu-check" / "summary.json").exists()
+
+
+def test_camvid_class_weights_benchmark_smoke():
+    """Its smoke form: synthetic data with a void label, one epoch each way (the real figure is in the README)."""
+    out = run("camvid_class_weights.py", "--smoke")
+    assert "| **mIoU** |" in out and "class_weights=auto" in out and "void = 3" in out
 
 
 def test_large_raster_benchmark_smoke():

@@ -169,10 +169,13 @@ ARCHITECTURE = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_chan
 TWO_COPIES = Path(__file__).parent / "artifacts" / "config-two-copies.json"
 
 
-def test_config_json_states_the_architecture_once_in_the_hyperparameters(artifact):
+def test_config_json_states_the_architecture_once_at_the_top_level(artifact):
+    from unetseg.model import artifact_train_config
+
     config = json.loads((artifact[1] / "config.json").read_text())
-    assert not set(ARCHITECTURE) & set(config), "the architecture is written twice"
-    assert TrainConfig.from_hyperparameters(config["hyperparameters"]) == CFG  # the whole TrainConfig, once
+    assert not set(ARCHITECTURE) & set(config["hyperparameters"]), "the architecture is written twice"
+    assert {k: config[k] for k in ARCHITECTURE} == {k: getattr(CFG, k) for k in ARCHITECTURE}
+    assert artifact_train_config(config) == CFG  # the whole TrainConfig: the hyperparameters and the architecture
     segmenter = load_model(artifact[1], device="cpu")
     assert segmenter.in_channels == 3 and segmenter.class_names == ["bg", "a", "b"]
 
@@ -191,12 +194,12 @@ def test_an_artifact_with_the_architecture_twice_still_loads_and_predicts_the_sa
     _, folder, _ = artifact
     old = old_artifact(tmp_path / "old")
     (old / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    assert set(ARCHITECTURE) <= set(json.loads((old / "config.json").read_text()))  # really the old form
+    assert set(ARCHITECTURE) <= set(json.loads((old / "config.json").read_text())["hyperparameters"])  # format 1
     then, now = load_model(old, device="cpu"), load_model(folder, device="cpu")
     image = np.random.default_rng(3).integers(0, 256, (37, 29, 3), dtype=np.uint8)
     assert np.array_equal(then.predict_proba(image), now.predict_proba(image))
     assert then.in_channels == 3 and then.class_names == ["bg", "a", "b"]
-    assert not set(ARCHITECTURE) & set(then.config)  # read as the new form: one copy, whoever reads it next
+    assert not set(ARCHITECTURE) & set(then.config["hyperparameters"])  # read as format 2: one copy
 
     from unetseg.model import read_init_model
 

@@ -17,8 +17,10 @@ from typing import Optional
 from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
 from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.ground_truth import is_manifest
 from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
 from .contract.sagemaker_env import stopped_exit_code
+from .runtime import EXPORT_FORMATS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train in this process. Hyperparameters: key=value or --key value "
                                    "(see `unetseg hyperparameters`).")
     p.add_argument("--data", required=True, type=Path,
-                   help="a folder with images/ and masks/, or with train/ and validation/")
+                   help="a folder with images/ and masks/, or with train/ and validation/, or a Ground Truth output "
+                   "manifest (.manifest) of local paths")
     p.add_argument("--validation", type=Path,
                    help="validation folder (default: validation/ beside train/, else a held-out fraction)")
     p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
@@ -83,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo_data)
 
     p = sub.add_parser("predict", help="write a mask per image with a trained model")
-    p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
+    p.add_argument("--model", required=True, help="model folder, model.tar.gz, s3://.../model.tar.gz, or an exported "
+                                                  "model.onnx (onnxruntime, no torch) or TorchScript file")
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
     p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks (<name>.tif for TIFFs above "
                                                                 "2048x2048 and GeoTIFFs, read window by window)")
@@ -94,8 +98,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="test-time augmentation: average over 4 flips (flip) or also their transposes (d4)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present; cpu for .onnx)")
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX (runs on onnxruntime, no torch) or TorchScript",
+                       description="Dynamic batch, height and width; the classes, normalization, stride and provenance "
+                                   "travel inside the file. An architecture that cannot take a dynamic size is "
+                                   "refused with the reason.")
+    p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 weights and compute (float32 in and out; parity with torch within 2e-2)")
+    p.add_argument("--output", required=True, type=Path, help="the file to write, e.g. model.onnx")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("hyperparameters", help="list every hyperparameter with its default")
     p.set_defaults(run=_hyperparameters)
@@ -138,7 +153,16 @@ def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optiona
 
 def _train(args, extra: Sequence[str]) -> int:
     cfg = TrainConfig.from_hyperparameters(parse_hyperparameters(extra))  # fails before torch is even imported
-    train_dir, val_dir = _split_layout(args.data, args.validation)
+    if is_manifest(str(args.data)):  # a Ground Truth labelling job's output manifest, with local paths
+        from .client.manifest_inputs import read_manifest
+
+        manifest = read_manifest(str(args.data), lambda: None, cfg.label_attribute)
+        print(manifest.summary())
+        cfg = manifest.configure(cfg)
+        train_dir = manifest.write_local_pairing(args.data, Path(tempfile.mkdtemp(prefix="unetseg-manifest-")))
+        val_dir = args.validation
+    else:
+        train_dir, val_dir = _split_layout(args.data, args.validation)
     output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
     check_output_folder(output, subfolders=RUN_FOLDERS)  # before the data check: not a failure after an epoch
     return _run_training(cfg, train_dir, val_dir, output, init_model=args.init_model)
@@ -214,10 +238,10 @@ def _predict(args, _extra) -> int:
         if value is not None and value < 1:
             hint = " of pixels, or leave it out" if flag == "--tile" else ""
             raise UsageError(f"{flag} {value}: give a positive number{hint}")
-    from .model import load_model
     from .predict import find_images, predict_files, resolve_device
+    from .runtime import load_model, uses_torch
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if uses_torch(args.model) else args.device  # no torch for .onnx
     check_output_folder(args.output)
     images = find_images(args.input)
     model = load_model(args.model, device=device)
@@ -227,6 +251,17 @@ def _predict(args, _extra) -> int:
     written = predict_files(model, images, args.output, probabilities=args.probabilities, overlays=args.overlay,
                             tile=args.tile, batch_size=args.batch_size, tta=args.tta)
     print(f"wrote {len(written)} mask(s) to {args.output} (classes: {', '.join(model.class_names)})")
+    return 0
+
+
+def _export(args, _extra) -> int:
+    from .export import export_model
+
+    if args.output.is_dir():
+        raise OutputError(f"--output {args.output} is a folder; give the file to write, e.g. {args.output}/model.onnx")
+    check_output_folder(args.output.parent)
+    written = export_model(args.model, args.output, args.format, fp16=args.fp16)
+    print(f"wrote {written} ({args.format}{', fp16' if args.fp16 else ''}, {written.stat().st_size / 2**20:.1f} MB)")
     return 0
 
 

@@ -2,10 +2,11 @@
 
 The artifact (the model dir, tarred by SageMaker to model.tar.gz) is three files, none of them pickles:
 - model.safetensors: the weights;
-- config.json: the hyperparameters it was trained with (the whole TrainConfig: the architecture is stated there and
-  nowhere else), what inference needs besides (class names and colours, mask mode, normalization, stride) and the
-  best epoch's metrics. Format 1 stated the architecture a second time at the top level: read_artifact still reads
-  it, and refuses it when the two copies differ;
+- config.json: all that inference needs (the architecture: arch, encoder, encoder_depth, decoder_channels,
+  in_channels, classes; class names and colours, normalization, input size and stride), the other hyperparameters
+  it was trained with, and the best epoch's metrics. The architecture is stated once, at the top level, where the
+  Segmenter, the ONNX export and its runtime read it; format 1 stated it again under "hyperparameters":
+  read_artifact still reads that form (as format 2), and refuses it when the two copies differ;
 - history.json: one record of metrics per epoch.
 """
 
@@ -34,7 +35,7 @@ from .contract.errors import ArtifactError, ConfigError
 from .segmenter import Segmenter
 
 FORMAT = "unetseg-model"
-FORMAT_VERSION = 2  # 2: the architecture only in "hyperparameters"; an older unetseg then says to upgrade
+FORMAT_VERSION = 2  # 2: the architecture only at the top level; an older unetseg then says to upgrade
 WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "history.json"
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -45,10 +46,17 @@ DEFAULT_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 
 
 # --- building ----------------------------------------------------------------------------------------------------
 
-def normalization(cfg: TrainConfig) -> dict[str, Any]:
-    """What the model expects of its input after scaling pixels to [0, 1] by their bit depth."""
-    if cfg.normalize == "per_image":
+def normalization(cfg: TrainConfig, band_stats: Optional[tuple[list[float], list[float]]] = None) -> dict[str, Any]:
+    """What the model expects of its input after dividing pixels by their bit depth (data/io.py bit_depth_scale).
+    `band_stats`: the (mean, std) per band that the data check measured, used where cfg.resolved_normalize is
+    dataset."""
+    if cfg.resolved_normalize == "per_image":
         return {"mode": "per_image"}
+    if cfg.resolved_normalize == "dataset":
+        if band_stats is None:
+            raise ValueError("normalize=dataset needs the band statistics of the data check")
+        mean, std = band_stats
+        return {"mode": "mean_std", "mean": list(mean), "std": list(std), "source": "dataset"}
     if cfg.in_channels == 3:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:  # smp folds a pretrained RGB stem into other channel counts; the grey statistics match that
@@ -106,6 +114,7 @@ def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
         state = state["state_dict"]
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
+    state = {k: _adapt_first_conv(v, own[k]) if k in own else v for k, v in state.items()}
     if not set(state) & set(own):
         raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the "
                           f"{type(model.encoder).__name__} encoder")
@@ -113,6 +122,19 @@ def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
         model.encoder.load_state_dict(state, strict=False)  # a classifier head in the file is fine to skip
     except RuntimeError as exc:
         raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': {str(exc)[:300]}") from None
+
+
+def _adapt_first_conv(weight: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A pretrained RGB stem for an encoder of another channel count, as smp adapts ImageNet weights (encoders/_utils.py
+    patch_first_conv): 1 channel takes the sum of the RGB filters; N channels cycle R, G, B and scale by 3/N, so that
+    an input of equal bands gives the activations the RGB stem gave. Other tensors are returned as they are."""
+    if weight.ndim != 4 or own.ndim != 4 or weight.shape[1] != 3 or own.shape[1] == 3 or \
+            weight.shape[:1] + weight.shape[2:] != own.shape[:1] + own.shape[2:]:
+        return weight
+    channels = own.shape[1]
+    if channels == 1:
+        return weight.sum(1, keepdim=True)
+    return weight[:, [i % 3 for i in range(channels)]] * (3 / channels)
 
 
 def freeze_unused(model: torch.nn.Module, in_channels: int, stride: int) -> list[str]:
@@ -137,13 +159,15 @@ def freeze_unused(model: torch.nn.Module, in_channels: int, stride: int) -> list
 # --- the artifact -----------------------------------------------------------------------------------------------
 
 def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = None,
-                    init_model: Optional[str] = None) -> dict[str, Any]:
+                    init_model: Optional[str] = None, norm: Optional[dict] = None) -> dict[str, Any]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "unetseg_version": __version__,
+        **{field: getattr(cfg, field) for field in CONFIG_ARCHITECTURE},
         "class_names": cfg.resolved_class_names, "class_colors": class_colors(cfg.class_colors, cfg.classes),
-        "mask_mode": mask_mode, "normalization": normalization(cfg),
+        "mask_mode": mask_mode, "normalization": norm or normalization(cfg),
         "input": {"image_size": cfg.image_size, "stride": cfg.stride},
-        "hyperparameters": cfg.to_hyperparameters(), "best": best or {},
+        "hyperparameters": {k: v for k, v in cfg.to_hyperparameters().items() if k not in CONFIG_ARCHITECTURE},
+        "best": best or {},
         "init_model": init_model,  # provenance: the model this one was fine-tuned from, if any
     }
 
@@ -226,8 +250,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Se
 
 # What must match between a trained model and a run that starts from it; the class count may differ (new head).
 ARCHITECTURE_FIELDS = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels")
-# Format 1's second statement of the architecture, at the top level of config.json.
-FORMAT1_COPIES = (*ARCHITECTURE_FIELDS, "classes")
+# The architecture as config.json states it, at the top level (format 1 stated it again under "hyperparameters").
+CONFIG_ARCHITECTURE = (*ARCHITECTURE_FIELDS, "classes")
 
 
 def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -244,8 +268,13 @@ def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tenso
 
 def artifact_train_config(config: dict[str, Any]) -> TrainConfig:
     """The TrainConfig an artifact was trained with, less its encoder weights (the artifact's weights replace them):
-    the one place where config.json states the architecture."""
-    return TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
+    its hyperparameters with the architecture from the top level, where config.json states it."""
+    return TrainConfig.from_hyperparameters({**config["hyperparameters"], **_architecture(config),
+                                             "encoder_weights": None})
+
+
+def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    return {field: config[field] for field in CONFIG_ARCHITECTURE if field in config}
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
@@ -287,7 +316,8 @@ def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
             raise ArtifactError(f"{name(HISTORY_FILE)}: not valid JSON ({exc})") from None
         check_artifact(config, state, name)
     # Read as format 2: whoever reads this config next finds the architecture in one place.
-    return {k: v for k, v in config.items() if k not in FORMAT1_COPIES}, state, history
+    hyperparameters = {k: v for k, v in config["hyperparameters"].items() if k not in CONFIG_ARCHITECTURE}
+    return {**config, "hyperparameters": hyperparameters}, state, history
 
 
 def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=lambda file: file) -> None:
@@ -305,16 +335,23 @@ def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=
     if not isinstance(hyperparameters, dict):
         raise bad("'hyperparameters'", "is missing (it is what rebuilds the network)" if hyperparameters is None
                   else f"is {type(hyperparameters).__name__}, not an object of hyperparameters")
+    for field in CONFIG_ARCHITECTURE:
+        if field not in config:
+            raise bad(f"'{field}'", "is missing")
+    twice = [field for field in CONFIG_ARCHITECTURE if field in hyperparameters]  # format 1 (or an edit)
     try:
+        if twice:  # which copy built the weights is unknown: they must agree
+            copy = TrainConfig.from_hyperparameters({**_architecture(config), **hyperparameters,
+                                                     "encoder_weights": None})
+            for field in twice:
+                theirs = getattr(copy, field)
+                if config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+                    raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r} (the "
+                                            "architecture is stated twice, as unetseg wrote it before model format 2, "
+                                            "and the copies differ)")
         cfg = artifact_train_config(config)
     except ConfigError as exc:
         raise bad("'hyperparameters'", f"do not parse: {exc}") from None
-    for field in FORMAT1_COPIES:  # format 1's second copy, where there is one: which copy built the weights is unknown
-        theirs = getattr(cfg, field)
-        if field in config and config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r} (the "
-                                    "architecture is stated twice, as unetseg wrote it before model format 2, and the "
-                                    "copies differ)")
     _check_list(bad, config, "class_names", cfg.classes, lambda v: isinstance(v, str), "a name (text)")
     _check_list(bad, config, "class_colors", cfg.classes, _is_colour, "[r, g, b] with values 0..255")
     if config.get("mask_mode") not in ("binary", "index", "palette"):
@@ -354,7 +391,8 @@ def _check_normalization(bad, norm: Any, channels: int) -> None:
         numbers = isinstance(values, list) and all(type(v) in (int, float) for v in values)  # bool is no number
         if not numbers or len(values) != channels or not all(math.isfinite(v) and v > low for v in values):
             need = "numbers above 0" if key == "std" else "finite numbers"
-            raise bad(f"'normalization.{key}'", f"is {values!r}; it needs {channels} {need}, one per input channel")
+            raise bad(f"'normalization.{key}'", f"is {values!r}; it needs {channels} {need}, one per input channel "
+                                                f"(in_channels={channels})")
 
 
 def _check_weights(state: dict[str, torch.Tensor], cfg: TrainConfig, where: str) -> None:

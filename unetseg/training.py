@@ -151,9 +151,10 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     if weights is not None:
         say("class weights (cross-entropy): "
             + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
-    run = Run(cfg=cfg, ctx=ctx, raw_model=raw_model, loss_fn=build_loss(cfg.loss, weights).to(device),
-              norm=normalization(cfg), amp_dtype=amp_dtype, channels_last=channels_last,
-              config=artifact_config(cfg, train_data.codec.mode, init_model=_provenance(paths)), say=say, paths=paths)
+    norm = normalization(cfg, train_data.band_stats)  # band_stats: measured by the data check, where asked for
+    run = Run(cfg=cfg, ctx=ctx, raw_model=raw_model, loss_fn=build_loss(cfg.loss, weights).to(device), norm=norm,
+              amp_dtype=amp_dtype, channels_last=channels_last, say=say, paths=paths,
+              config=artifact_config(cfg, train_data.codec.mode, init_model=_provenance(paths), norm=norm))
 
     # --- resume -----------------------------------------------------------------------------------------------------
     start_epoch, start_batch, step, history, best, epoch_sums = 0, 0, 0, [], {}, new_epoch_sums()
@@ -364,12 +365,14 @@ def score_tiled(segmenter: Segmenter, image: np.ndarray, mask: np.ndarray, loss_
 
 
 def finish(run: Run, val_data: CheckedDataset, history: list, best: dict, picture: bool = True) -> None:
-    """Rank 0: the best weights, config and history to the model dir; then, with `picture`, a picture of
-    predictions to the output dir."""
+    """Rank 0: the best weights, config and history to the model dir; then, with `picture` (not on a stop), a picture
+    of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it."""
     paths, say = run.paths, run.say
     weights = checkpoint.load_best(paths.checkpoint_dir) or run.raw_model.state_dict()
     config = {**run.config, "best": best or {}}
     save_artifact(paths.model_dir, weights, config, history)
+    if run.cfg.export_onnx and picture:
+        export_onnx(paths.model_dir, say)
     drawn = paths.output_data_dir / "predictions.png" if picture else None
     if drawn:
         try:
@@ -383,6 +386,18 @@ def finish(run: Run, val_data: CheckedDataset, history: list, best: dict, pictur
     say(f"metrics: {paths.model_dir / 'history.json'}")
     if drawn:
         say(f"predictions: {drawn}")
+
+
+def export_onnx(model_dir: Path, say) -> None:
+    """model.onnx from the artifact just written; a model that cannot be exported keeps its job a success."""
+    from .export import ExportRefused, export_model
+    from .runtime_onnx import ONNX_FILE
+
+    try:
+        export_model(model_dir, model_dir / ONNX_FILE)
+        say(f"onnx: {model_dir / ONNX_FILE}")
+    except ExportRefused as exc:
+        say(f"no {ONNX_FILE} (export_onnx): {exc}")
 
 
 PICTURE_CROP = 256  # px: the picture shows each image's centre; the other ranks wait in a barrier while it is drawn
