@@ -196,6 +196,34 @@ def test_a_run_resumed_from_its_checkpoint_continues_the_same_mlflow_run(server,
     assert [epoch for epoch, _ in curves["unet-spot-1"]] == [1, 2, 3]
 
 
+def test_epochs_the_server_missed_before_a_restart_are_sent_by_the_resumed_run(server, data, tmp_path, tracked,
+                                                                               monkeypatch, capfd):
+    # The first attempt's server is unreachable (nothing listens on the port): its run never exists. The restart,
+    # with the server back, sends the checkpoint's epoch 1 before its own 2 and 3.
+    from unetseg import training
+
+    tracked(f"http://127.0.0.1:{free_port()}", "missed", job="unet-missed", **{TRACKING_FLUSH_ENV: "2"})
+    agreed = training.StopSignal.agreed
+
+    def sigterm_in_epoch_2(self, ctx, step, force=False):
+        if step == 4:
+            self.name = "SIGTERM"
+        return agreed(self, ctx, step, force)
+
+    monkeypatch.setattr(training.StopSignal, "agreed", sigterm_in_epoch_2)
+    assert train_in_process(data, tmp_path).interrupted == "SIGTERM"
+    assert "mlflow: cannot reach" in capfd.readouterr().err
+    monkeypatch.setattr(training.StopSignal, "agreed", agreed)
+    monkeypatch.setenv(MLFLOW_TRACKING_URI_ENV, server.url)
+    second = train_in_process(data, tmp_path)
+    client = server.client()
+    run = only_run(client, "missed")
+    for name in vocabulary(HPS):
+        assert steps(client, run.info.run_id, name) == [1, 2, 3], name
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")} == {
+        e["epoch"]: pytest.approx(e["train_loss"]) for e in second.history}
+
+
 def test_a_server_killed_mid_run_does_not_stop_training(data, tmp_path, tracked, monkeypatch, capfd):
     from unetseg import tracking
 
@@ -236,6 +264,22 @@ def test_a_server_that_never_answers_does_not_stall_training(data, tmp_path, tra
     assert f"not sent to {url} within 3 s" in err  # the end gave up at its deadline, after the model was written
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["mlflow"]["run_id"] is None and config["mlflow"]["tracking_uri"] == url
+
+
+def test_a_tracking_uri_mlflow_cannot_use_is_said_once_and_training_goes_on(data, tmp_path, tracked, capfd):
+    from unetseg import tracking
+    from unetseg.data.checks import check_dataset
+    from unetseg.data.scan import pair_channel
+    from unetseg.training import RunPaths
+
+    tracked("ftp://mlflow.example.com", "unusable")
+    cfg = TrainConfig(**HPS)
+    checked = check_dataset(pair_channel(data / "train"), cfg)
+    paths = RunPaths(data / "train", None, tmp_path / "model", tmp_path / "checkpoints", tmp_path / "output")
+    assert tracking.start(cfg, paths, checked, checked, []) is tracking.NO_TRACKING
+    err = capfd.readouterr().err
+    assert f"mlflow: cannot use {MLFLOW_TRACKING_URI_ENV}=ftp://mlflow.example.com" in err
+    assert "training without tracking" in err
 
 
 def test_two_processes_log_one_run_from_rank_0(server, data, tmp_path):

@@ -102,7 +102,12 @@ def start(cfg: TrainConfig, paths, train_data, val_data, history: list[dict]) ->
         return NO_TRACKING
     if not is_arn(uri):  # sagemaker-mlflow 0.5 reads every tracking URI as an ARN and warns on each request otherwise
         logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
-    mlflow.set_tracking_uri(uri)  # the plugin signs and routes by the global URI
+    try:
+        mlflow.set_tracking_uri(uri)  # the plugin signs and routes by the global URI
+        client = MlflowClient(uri)
+    except Exception as exc:  # noqa: BLE001 - a URI MLflow cannot use (an unknown scheme) is no reason to stop
+        _say(f"mlflow: cannot use {MLFLOW_TRACKING_URI_ENV}={redact(uri)} ({_short(exc)}); training without tracking")
+        return NO_TRACKING
     job = os.environ.get(JOB_NAME_ENV)
     tags = {"unetseg.version": __version__, RUN_NAME_TAG: job or paths.model_dir.parent.name}
     for tag, env in ((JOB_NAME_TAG, JOB_NAME_ENV), ("sagemaker.training_job_arn", JOB_ARN_ENV),
@@ -111,7 +116,7 @@ def start(cfg: TrainConfig, paths, train_data, val_data, history: list[dict]) ->
             tags[tag] = os.environ[env]
     params = {**cfg.to_hyperparameters(), **dataset_facts(cfg, train_data, val_data)}
     experiment = os.environ.get(MLFLOW_EXPERIMENT_ENV, "").strip() or DEFAULT_EXPERIMENT
-    return Tracker(MlflowClient(uri), uri, experiment, params, tags, history, cfg.resolved_class_names,
+    return Tracker(client, uri, experiment, params, tags, history, cfg.resolved_class_names,
                    Path(paths.checkpoint_dir) / RECORD)
 
 
@@ -204,7 +209,7 @@ class Tracker:
                 if status in (401, 403):
                     self._off = True
                     hint = (" (the job's role needs sagemaker-mlflow:* on the tracking server's ARN)"
-                            if is_arn(self.uri) else "")
+                            if ":mlflow-tracking-server/" in self.uri else "")
                     self._warn("denied", f"mlflow: {self.shown_uri} denied {what}{hint}: {_short(exc)}; "
                                          "training goes on without tracking")
                     return

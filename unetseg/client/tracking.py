@@ -4,8 +4,9 @@ an experiment (a table, and the curves of a metric).
 A training job logs to MLflow when UNetEstimator(mlflow_tracking_uri=...) is given (see unetseg/tracking.py for what
 a run records). The URI is an http(s) MLflow server the job can reach, or a SageMaker MLflow tracking server's ARN
 (arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>, or an MLflow app's, .../mlflow-app/<id>), in the
-job's region; the sagemaker-mlflow plugin then signs the requests with the job's role, which needs the
-`sagemaker-mlflow:*` actions (CreateExperiment, CreateRun, LogBatch, UpdateRun, GetRun, ...) on that ARN.
+job's region; the sagemaker-mlflow plugin then signs the requests with the job's role. For a tracking server the role
+needs the `sagemaker-mlflow:*` actions (CreateExperiment, CreateRun, LogBatch, UpdateRun, GetRun, ...) on its ARN; an
+MLflow app's requests are signed for the `sagemaker` service instead (see AWS's IAM documentation for MLflow apps).
 
 This module imports neither torch nor mlflow until a function needs it: `compare_runs` needs the `mlflow` extra
 (pip install 'unetseg[mlflow]'), and `RunTable.plot` matplotlib.
