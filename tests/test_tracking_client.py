@@ -83,3 +83,18 @@ def test_unetseg_train_checks_its_mlflow_uri_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: --mlflow-uri='ftp://mlflow.example.com': give an http(s) MLflow server URL" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_names_are_mlflows_and_sagemakers():
+    """The variables MLflow's client reads, and those SageMaker sets in a training job's container, as they spell them
+    (the other tests use the constants)."""
+    from mlflow import environment_variables as mlflow_env
+    from sagemaker.experiments._environment import TRAINING_JOB_ARN_ENV
+
+    from unetseg.contract import sagemaker_env as env
+
+    assert (env.MLFLOW_TRACKING_URI_ENV, env.MLFLOW_EXPERIMENT_ENV, env.MLFLOW_TIMEOUT_ENV, env.MLFLOW_RETRIES_ENV) == (
+        mlflow_env.MLFLOW_TRACKING_URI.name, mlflow_env.MLFLOW_EXPERIMENT_NAME.name,
+        mlflow_env.MLFLOW_HTTP_REQUEST_TIMEOUT.name, mlflow_env.MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)
+    assert (env.JOB_ARN_ENV, env.CURRENT_INSTANCE_TYPE_ENV, env.TRACKING_FLUSH_ENV) == (
+        TRAINING_JOB_ARN_ENV, "SM_CURRENT_INSTANCE_TYPE", "UNETSEG_MLFLOW_FLUSH_S")
