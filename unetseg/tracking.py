@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 from . import __version__
 from .atomic import replace_atomically
 from .contract.config import TrainConfig
-from .contract.metrics_log import EPOCH_METRICS, SELECTION_METRIC, per_class_names, slug
+from .contract.metrics_log import EPOCH_METRICS, per_class_names, slug
 from .contract.sagemaker_env import (CURRENT_INSTANCE_TYPE_ENV, IMAGE_URI_ENV, JOB_ARN_ENV, JOB_NAME_ENV,
                                      MLFLOW_EXPERIMENT_ENV, MLFLOW_RETRIES_ENV, MLFLOW_TIMEOUT_ENV,
                                      MLFLOW_TRACKING_URI_ENV, TRACKING_FLUSH_ENV)
@@ -151,7 +151,6 @@ class Tracker:
         self._warned: set[str] = set()
         self._off = False  # the server refused us for good (401/403): nothing more is sent
         self._failing = False
-        self._dropped = 0
         self._closed = False
         self._put("open the run", lambda: self._open(tags))
         self._put("log the hyperparameters and data facts", lambda: self._log_params(params))
@@ -164,7 +163,6 @@ class Tracker:
     # --- the training loop's side: queue and return -------------------------------------------------------------
     def log_epoch(self, entry: dict) -> None:
         if self._ops.qsize() >= MAX_PENDING:
-            self._dropped += 1
             self._warn("full", f"mlflow: {MAX_PENDING} requests waiting for {self.shown_uri}; epochs from "
                                f"{entry.get('epoch')} on are not sent (the job log and history.json have them)")
             return
@@ -182,11 +180,14 @@ class Tracker:
         if best:
             tags = {f"unetseg.best_{k}": str(v) for k, v in best.items()}
             self._put("tag the best epoch", lambda: self._set_tags(tags))
+        end = ("end the run", lambda: self.client.set_terminated(self.run_id, "KILLED" if stopped else "FINISHED"))
+        if stopped:  # the status first: the upload may not fit in the time a stop leaves (MLflow takes artifacts after)
+            self._put(*end)
         self._put("upload the model", lambda: self.client.log_artifacts(self.run_id, str(model_dir), "model"))
         if picture is not None and Path(picture).is_file():
             self._put("upload the predictions picture", lambda: self.client.log_artifact(self.run_id, str(picture)))
-        status = "KILLED" if stopped else "FINISHED"
-        self._put("end the run", lambda: self.client.set_terminated(self.run_id, status))
+        if not stopped:
+            self._put(*end)
         flush = _flush_seconds()
         self._close(min(flush, STOP_FLUSH_S) if stopped else flush)
 
