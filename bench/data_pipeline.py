@@ -11,6 +11,7 @@ first training script does, PIL decode + per-sample float conversion and normali
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import numpy as np
@@ -51,10 +52,13 @@ class NaiveDataset(Dataset):
         return torch.from_numpy(image.transpose(2, 0, 1).copy()), torch.from_numpy((mask > 0).astype(np.int64))
 
 
-def consume(loader, norm=None) -> None:
-    for images, masks in loader:
-        if norm is not None:
-            prepare_input(images, norm)
+def consume(loader, epochs: int, norm=None, sampler=None) -> None:
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for images, _ in loader:
+            if norm is not None:
+                prepare_input(images, norm)
 
 
 def main() -> None:
@@ -76,8 +80,9 @@ def main() -> None:
     print(f"{'pipeline':<34}{'workers':>8}{'images/s':>12}{'vs naive':>10}")
     for workers in args.workers:
         extra = dict(num_workers=workers, persistent_workers=workers > 0)
-        naive = DataLoader(NaiveDataset(samples, args.crop, channels), batch_size=args.batch_size, shuffle=True, **extra)
-        baseline = median_rate(lambda: [consume(naive) for _ in range(args.epochs)], items)
+        naive = DataLoader(NaiveDataset(samples, args.crop, channels), batch_size=args.batch_size, shuffle=True,
+                           **extra)
+        baseline = median_rate(functools.partial(consume, naive, args.epochs), items)
         print(f"{'naive PIL + per-sample transform':<34}{workers:>8}{baseline:>12.1f}{1.0:>10.2f}")
         for cache in ("on", "off"):
             checked = check_dataset(samples, cfg.replace(cache_images=cache))
@@ -85,13 +90,7 @@ def main() -> None:
             loader = DataLoader(SegmentationDataset(checked, train_transform("light", args.crop, channels)),
                                 batch_size=args.batch_size, sampler=sampler, collate_fn=pad_collate(32),
                                 worker_init_fn=worker_init, **extra)
-            norm = normalization(cfg)
-
-            def run():
-                for epoch in range(args.epochs):
-                    sampler.set_epoch(epoch)
-                    consume(loader, norm)
-
+            run = functools.partial(consume, loader, args.epochs, normalization(cfg), sampler)
             rate = median_rate(run, len(sampler) * args.epochs)
             name = f"unetseg ({'cached' if cache == 'on' else 'decode each time'})"
             print(f"{name:<34}{workers:>8}{rate:>12.1f}{rate / baseline:>10.2f}")

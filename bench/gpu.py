@@ -90,7 +90,8 @@ def engine_run(size: int, batch: int, epochs: int, smoke: bool) -> None:
         data = make_demo_dataset(tmp / "data", train=8 if smoke else 64, validation=4 if smoke else 16, size=size)
         cfg = TrainConfig(encoder="resnet34", encoder_weights=None, image_size=size, batch_size=batch, epochs=epochs,
                           amp="auto", channels_last=True, compile=not smoke, classes=2)
-        result = train(cfg, RunPaths(data / "train", data / "validation", tmp / "m", tmp / "c", tmp / "o"), progress=False)
+        paths = RunPaths(data / "train", data / "validation", tmp / "m", tmp / "c", tmp / "o")
+        result = train(cfg, paths, progress=False)
         print(f"engine: {result.history[-1]['images_per_sec']:.1f} images/s in its last epoch")
 
 

@@ -39,9 +39,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default: runs/gpu-check-<UTC time>)")
     parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, from: {', '.join(CHECKS)}")
     parser.add_argument("--budget", type=float, default=BUDGET,
-                        help=f"seconds for the whole run (default {BUDGET}): a check gets what is left, at most its own "
-                             "limit; one that cannot start is reported as not run")
+                        help=f"seconds for the whole run (default {BUDGET}): a check gets what is left, at most its "
+                             "own limit; one that cannot start is reported as not run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -448,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         result_path.unlink(missing_ok=True)
         limit = min(LIMITS[name], args.budget - (time.monotonic() - started))
         if limit < 10:
-            summary["checks"][name] = {"ok": False, "seconds": 0, "error": f"not run: the budget of {args.budget:.0f} s "
-                                       "was spent (--budget, --checks)"}
+            error = f"not run: the budget of {args.budget:.0f} s was spent (--budget, --checks)"
+            summary["checks"][name] = {"ok": False, "seconds": 0, "error": error}
             print(f"gpu_check: {name} not run: budget spent", flush=True)
             continue
         print(f"gpu_check: {name} ...", end=" ", flush=True)

@@ -51,7 +51,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        cfg = TrainConfig(**{**demo_hyperparameters("multiclass"), "encoder_depth": 4, "decoder_channels": [128, 64, 32, 16]})
+        cfg = TrainConfig(**{**demo_hyperparameters("multiclass"), "encoder_depth": 4,
+                             "decoder_channels": [128, 64, 32, 16]})
         torch.manual_seed(0)
         save_artifact(model_dir, build_model(cfg).state_dict(), artifact_config(cfg, "index"), [])
         direct = load_model(model_dir, device="cpu")
@@ -62,33 +63,33 @@ def main() -> None:
                                   stderr=subprocess.DEVNULL)
         try:
             wait_healthy(port)
-            print(f"model: Unet/resnet18 depth 4, 3 classes; CPU, {threads} threads; {args.requests} requests per size; "
-                  "endpoint: gunicorn, 1 worker, PNG in, PNG mask out")
+            print(f"model: Unet/resnet18 depth 4, 3 classes; CPU, {threads} threads; {args.requests} requests per "
+                  "size; endpoint: gunicorn, 1 worker, PNG in, PNG mask out")
             print(f"{'size':>6} {'path':<9}{'p50 ms':>9}{'p99 ms':>9}{'images/s':>10}{'overhead':>10}")
             for size in args.sizes:
                 image = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
                 body = codecs.encode_image(image, codecs.PNG)
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                post = lambda: invoke(conn, body)  # noqa: E731
-                direct.predict(image), post()  # warm-up
+                direct.predict(image), invoke(conn, body)  # warm-up
                 direct_times, endpoint_times = [], []
                 for _ in range(args.requests):  # interleaved, so that load from elsewhere hits both alike
-                    direct_times.append(timed(lambda: direct.predict(image)))
-                    endpoint_times.append(timed(post))
+                    direct_times.append(timed(direct.predict, image))
+                    endpoint_times.append(timed(invoke, conn, body))
                 conn.close()
                 d50, d99 = percentiles(direct_times)
                 e50, e99 = percentiles(endpoint_times)
-                print(f"{size:>6} {'direct':<9}{d50:>9.1f}{d99:>9.1f}{1 / statistics.mean(direct_times):>10.2f}{1.0:>10.2f}")
-                print(f"{size:>6} {'endpoint':<9}{e50:>9.1f}{e99:>9.1f}{1 / statistics.mean(endpoint_times):>10.2f}"
-                      f"{statistics.mean(endpoint_times) / statistics.mean(direct_times):>10.2f}")
+                direct_s, endpoint_s = statistics.mean(direct_times), statistics.mean(endpoint_times)
+                print(f"{size:>6} {'direct':<9}{d50:>9.1f}{d99:>9.1f}{1 / direct_s:>10.2f}{1.0:>10.2f}")
+                overhead = endpoint_s / direct_s
+                print(f"{size:>6} {'endpoint':<9}{e50:>9.1f}{e99:>9.1f}{1 / endpoint_s:>10.2f}{overhead:>10.2f}")
         finally:
             server.terminate()
             server.wait(timeout=60)
 
 
-def timed(call) -> float:
+def timed(call, *args) -> float:
     start = time.perf_counter()
-    call()
+    call(*args)
     return time.perf_counter() - start
 
 

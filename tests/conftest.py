@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
+
 import strict_aws
 
 REGION = "us-east-1"

@@ -10,8 +10,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def descendants(pid: int) -> list[int]:

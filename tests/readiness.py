@@ -11,7 +11,8 @@ import http.client
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 
 class NotReady(AssertionError):

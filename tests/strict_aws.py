@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from botocore.exceptions import ClientError
 
@@ -128,7 +129,7 @@ def _full_match(pattern: str, value: str) -> bool:
     return True if compiled is None else compiled.fullmatch(value) is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(pattern: str) -> Optional[Any]:
     text = pattern.replace(_JAVA_SUPPLEMENTARY_RANGE, r"\U00010000-\U0010FFFF")
     try:

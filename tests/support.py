@@ -12,9 +12,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unetseg.contract.sagemaker_env import (CHANNEL_ENV_PREFIX, CHANNELS_ENV, CURRENT_HOST_ENV, HOSTS_ENV,
-                                            INPUT_CONFIG_DIR_ENV, MODEL_DIR_ENV, NUM_GPUS_ENV, OPT_ML_ENV,
-                                            OUTPUT_DATA_DIR_ENV, OUTPUT_DIR_ENV)
+from unetseg.contract.sagemaker_env import (
+    CHANNEL_ENV_PREFIX,
+    CHANNELS_ENV,
+    CURRENT_HOST_ENV,
+    HOSTS_ENV,
+    INPUT_CONFIG_DIR_ENV,
+    MODEL_DIR_ENV,
+    NUM_GPUS_ENV,
+    OPT_ML_ENV,
+    OUTPUT_DATA_DIR_ENV,
+    OUTPUT_DIR_ENV,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +64,8 @@ def random_pair(rng: np.random.Generator, size: int = 32, channels: int = 3, cla
     return image, mask
 
 
-def make_channel(root: Path, count: int = 4, size: int = 32, channels: int = 3, classes: int = 2, seed: int = 0) -> Path:
+def make_channel(root: Path, count: int = 4, size: int = 32, channels: int = 3, classes: int = 2,
+                 seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for i in range(count):
         write_pair(root, f"s{i:02d}", *random_pair(rng, size, channels, classes))

@@ -25,7 +25,6 @@ import pickle
 import resource
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tarfile
@@ -35,9 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from bombs import declared_gib, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
+from bombs import jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from support import TINY, make_channel, random_pair, save, write_pair
 from unetseg.cli import main as cli
 from unetseg.contract import codecs

@@ -6,9 +6,12 @@ import pytest
 from unetseg.cli import main, parse_hyperparameters
 from unetseg.contract.errors import UnetsegError
 
+TRAIN = [sys.executable, "-m", "unetseg.cli", "train"]
+
 
 def test_hyperparameter_forms():
-    assert parse_hyperparameters(["lr=0.01", "--epochs", "3", "--batch-size=2"]) == {"lr": "0.01", "epochs": "3", "batch_size": "2"}
+    parsed = parse_hyperparameters(["lr=0.01", "--epochs", "3", "--batch-size=2"])
+    assert parsed == {"lr": "0.01", "epochs": "3", "batch_size": "2"}
     with pytest.raises(UnetsegError, match="key=value"):
         parse_hyperparameters(["lr"])
 
@@ -21,8 +24,7 @@ def test_bad_hyperparameter_fails_before_torch_is_imported(tmp_path, capsys):
 
 def test_bad_dataset_is_one_line_error_without_traceback(tmp_path):
     (tmp_path / "images").mkdir()
-    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path), "encoder_weights=none"],
-                          capture_output=True, text=True)
+    done = subprocess.run([*TRAIN, "--data", str(tmp_path), "encoder_weights=none"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "expected train/ (and validation/) or images/ + masks/ in it; found images/" in done.stderr
     assert "Traceback" not in done.stderr
@@ -32,7 +34,7 @@ def test_a_missing_init_model_fails_before_the_data_is_read(tmp_path):
     # a broken dataset too (a channel without images): the init model's error must come first
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    done = subprocess.run([sys.executable, "-m", "unetseg.cli", "train", "--data", str(tmp_path), "encoder_weights=none",
+    done = subprocess.run([*TRAIN, "--data", str(tmp_path), "encoder_weights=none",
                            "--init-model", str(tmp_path / "old" / "model.tar.gz")], capture_output=True, text=True)
     assert done.returncode == 2
     assert f"{tmp_path / 'old' / 'model.tar.gz'}: no such model folder or model.tar.gz" in done.stderr

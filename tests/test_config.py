@@ -2,8 +2,8 @@ import json
 import re
 
 import pytest
-from support import REPO
 
+from support import REPO
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.errors import ConfigError
 

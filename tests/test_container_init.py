@@ -122,9 +122,9 @@ def test_exit_codes_pass_through():
 
 def test_a_command_that_ignores_sigterm_keeps_running_until_it_ends(tmp_path):
     start = time.time()
-    proc = subprocess.Popen([*INIT, sys.executable, "-c",
-                             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(2)"],
-                            stdout=subprocess.PIPE, text=True)
+    deaf = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(2)")
+    proc = subprocess.Popen([*INIT, sys.executable, "-c", deaf], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0 and time.time() - start >= 2

@@ -222,7 +222,7 @@ def test_many_files_with_one_problem_are_summarised(tmp_path):
     assert "12 files: image has 1 channel(s)" in message and "and 9 more" in message
 
 
-# --- several training processes: each reads its shard --------------------------------------------------------------------
+# --- several training processes: each reads its shard -----------------------------------------------------------------
 
 def check_as_ranks(samples, cfg, world):
     """check_dataset run by `world` threads standing in for ranks, with an all-gather made of a barrier."""

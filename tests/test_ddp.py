@@ -56,7 +56,8 @@ def test_validation_with_fewer_images_than_processes_finishes_and_matches_the_sa
     best = model.config["best"]
     val = check_dataset(pair_channel(data / "validation"), cfg)
     matrix = sum(confusion(torch.from_numpy(model.predict(img)), torch.from_numpy(mask), 2) for img, mask in val.cached)
-    assert summarize(matrix, cfg.resolved_class_names)[SELECTION_METRIC] == pytest.approx(best[SELECTION_METRIC], abs=1e-6)
+    score = summarize(matrix, cfg.resolved_class_names)[SELECTION_METRIC]
+    assert score == pytest.approx(best[SELECTION_METRIC], abs=1e-6)
 
 
 def test_a_failing_rank_s_own_error_reaches_the_failure_file(tmp_path):

@@ -14,9 +14,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+
 from conftest import BUCKET, IMAGE, REGION, ROLE
 from support import ENGINE_ONLY_MODULES
-
 from unetseg import TrainConfig
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
@@ -384,7 +384,7 @@ def test_the_instance_storage_table_matches_ec2():
     assert checked > 50
 
 
-# --- attach and load_model ---------------------------------------------------------------------------------------------
+# --- attach and load_model --------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def fake_engine(monkeypatch):

@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import BUCKET, IMAGE, REGION, ROLE
 from PIL import Image
-from support import make_channel, random_pair, save, write_pair
 
+from conftest import BUCKET, IMAGE, REGION, ROLE
+from support import make_channel, random_pair, save, write_pair
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.errors import ConfigError, DataError

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
 
+from conftest import BUCKET, IMAGE, ROLE
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.errors import ArtifactError, DataError
@@ -83,7 +83,7 @@ def test_both_validation_and_val_is_ambiguous(aws):
         make(aws).fit(f"s3://{BUCKET}/ds/", wait=False)
 
 
-# --- dicts of channels --------------------------------------------------------------------------------------------------
+# --- dicts of channels ------------------------------------------------------------------------------------------------
 
 def test_dict_of_uris_and_training_inputs_passes_through(aws):
     from sagemaker.inputs import TrainingInput
@@ -107,7 +107,7 @@ def test_single_training_input_is_the_train_channel(aws):
     assert sent_channels(aws) == {"train": f"s3://{BUCKET}/anything/"}
 
 
-# --- local folders -------------------------------------------------------------------------------------------------------
+# --- local folders ----------------------------------------------------------------------------------------------------
 
 def test_local_folder_is_uploaded_with_the_expected_keys(aws, tmp_path):
     root = make_demo_dataset(tmp_path / "cells", train=3, validation=2, size=32)
@@ -184,7 +184,7 @@ def test_upload_goes_under_the_output_path(aws, tmp_path):
     assert all(k.startswith("team/exp1/datasets/cells/") for k in aws.s3_keys())
 
 
-# --- a model to fine-tune from -------------------------------------------------------------------------------------------
+# --- a model to fine-tune from ----------------------------------------------------------------------------------------
 
 def test_init_model_from_another_estimator_becomes_the_init_model_channel(aws):
     put(aws, *channel("ds/train/"))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import IMAGE, recording_boto_session
 
+from conftest import IMAGE, recording_boto_session
 from unetseg import TrainConfig
 from unetseg.client import local_mode
 from unetseg.client.estimator import UNetEstimator
@@ -88,11 +88,11 @@ class FakeDocker:
         path.write_text(FAKE_DOCKER.format(python=sys.executable))
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
-    def plugin(self, version_output: str) -> "FakeDocker":
+    def plugin(self, version_output: str) -> FakeDocker:
         self._monkeypatch.setenv("FAKE_COMPOSE_PLUGIN", version_output)
         return self
 
-    def standalone_compose(self) -> "FakeDocker":
+    def standalone_compose(self) -> FakeDocker:
         self._write("docker-compose")
         return self
 
@@ -262,7 +262,7 @@ def test_local_mode_without_a_session_makes_a_local_session(docker):
     assert est.role  # the SDK insists on one; local mode never uses it
 
 
-# --- the Compose detection itself ---------------------------------------------------------------------------------------
+# --- the Compose detection itself -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("output, major", [
     ("Docker Compose version v2.29.7", 2),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
 
+from conftest import BUCKET, IMAGE, ROLE
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.errors import ConfigError, DataError

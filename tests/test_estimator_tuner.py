@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
 from sagemaker.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
 from sagemaker.tuner import HyperparameterTuner
 
+from conftest import BUCKET, IMAGE, ROLE
 from unetseg import TrainConfig
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError

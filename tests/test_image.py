@@ -74,7 +74,7 @@ elif cmd == "buildx" and client == "legacy":
     print("docker: 'buildx' is not a docker command.", file=sys.stderr)
     sys.exit(1)
 elif cmd == "buildx" and args[1:2] == ["version"]:
-    print("github.com/docker/buildx v0.12.1 30feaa1" if client == "buildx" else "github.com/docker/buildx v0.9.1 ed00243")
+    print("github.com/docker/buildx " + ("v0.12.1 30feaa1" if client == "buildx" else "v0.9.1 ed00243"))
 elif cmd == "build" or args[:2] == ["buildx", "build"]:
     print("Step 1/3 : FROM base")
     if fail == "build":
@@ -170,8 +170,8 @@ def test_image_requirements_cover_the_train_and_serve_extras():
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     norm = lambda req: re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
-    train = {norm(r) for extra in ("train", "serve", "mlflow")
-             for r in cfg["options.extras_require"][extra].splitlines() if r.strip()}
+    extras = cfg["options.extras_require"]
+    train = {norm(r) for extra in ("train", "serve", "mlflow") for r in extras[extra].splitlines() if r.strip()}
     listed = {norm(r) for r in (REPO / "entry" / "requirements-image.in").read_text().splitlines()
               if r.strip() and not r.startswith("#")}
     assert train <= listed, f"missing from entry/requirements-image.in: {sorted(train - listed)}"
@@ -274,7 +274,8 @@ def test_build_with_buildx_makes_one_docker_v2_manifest(fake_docker, monkeypatch
 
 
 def test_build_with_a_buildx_that_has_no_attestation_flags(fake_docker, monkeypatch):
-    """buildx before 0.10 adds no attestations and would reject --provenance: the flags follow what the client offers."""
+    """buildx before 0.10 adds no attestations and would reject --provenance: the flags follow what the client
+    offers."""
     monkeypatch.setenv("FAKE_DOCKER_CLIENT", "old-buildx")
     docker_image.build_image("unetseg:t3", out=None)
     (argv,) = [c["argv"] for c in fake_docker() if c["argv"][:2] == ["buildx", "build"] and "--help" not in c["argv"]]
@@ -334,7 +335,8 @@ def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, cap
     calls = fake_docker()
     login = [c for c in calls if c["argv"][0] == "login"]
     assert len(login) == 1
-    assert login[0]["argv"] == ["login", "--username", "AWS", "--password-stdin", "123456789012.dkr.ecr.us-east-1.amazonaws.com"]
+    registry = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+    assert login[0]["argv"] == ["login", "--username", "AWS", "--password-stdin", registry]
     assert login[0]["stdin"] == MOTO_PASSWORD
     # the password is on no command line, and nowhere in what the user sees
     assert all(MOTO_PASSWORD not in " ".join(c["argv"]) for c in calls)
@@ -355,7 +357,8 @@ def test_push_to_an_existing_repository(fake_docker, aws):
 
 def test_push_denied(fake_docker, aws, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "push")
-    with pytest.raises(ImageError, match=r"push to .*/unetseg:latest denied: denied: .*ecr:InitiateLayerUpload") as info:
+    denied = r"push to .*/unetseg:latest denied: denied: .*ecr:InitiateLayerUpload"
+    with pytest.raises(ImageError, match=denied) as info:
         docker_image.push_image("unetseg:latest", out=None)
     assert "\n" not in str(info.value)
 
@@ -446,7 +449,8 @@ def registry(tmp_path):
     exe = shutil.which("docker-registry")
     if not exe:
         if os.environ.get("UNETSEG_REQUIRE_DOCKER") == "1":
-            pytest.fail("UNETSEG_REQUIRE_DOCKER=1 but docker-registry is not installed (ci/start-dockerd.sh installs it)")
+            pytest.fail("UNETSEG_REQUIRE_DOCKER=1 but docker-registry is not installed "
+                        "(ci/start-dockerd.sh installs it)")
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     user, password = "ci", uuid.uuid4().hex
     (tmp_path / "htpasswd").write_text(f"{user}:{_bcrypt(password)}\n")
@@ -508,7 +512,8 @@ def built_image(tmp_path):
     subprocess.run([docker, "rmi", "-f", tag], capture_output=True)
 
 
-# What a registry may hold under a tag: the one SageMaker takes, and what it refuses ("Unsupported manifest media type").
+# What a registry may hold under a tag: the one SageMaker takes, and what it refuses
+# ("Unsupported manifest media type").
 ACCEPT_ANY_MANIFEST = ", ".join([docker_image.MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.manifest.v1+json",
                                  "application/vnd.oci.image.index.v1+json",
                                  "application/vnd.docker.distribution.manifest.list.v2+json"])
@@ -589,7 +594,8 @@ def test_push_to_a_real_registry_and_pull_back(registry, built_image, tmp_path, 
     subprocess.run([docker, "pull", uri], check=True, capture_output=True)
     try:
         cid = subprocess.run([docker, "create", uri, "none"], check=True, capture_output=True, text=True).stdout.strip()
-        content = subprocess.run([docker, "cp", f"{cid}:/etc/unetseg-marker", "-"], check=True, capture_output=True).stdout
+        content = subprocess.run([docker, "cp", f"{cid}:/etc/unetseg-marker", "-"], check=True,
+                                 capture_output=True).stdout
         subprocess.run([docker, "rm", cid], capture_output=True)
         with tarfile.open(fileobj=io.BytesIO(content)) as tar:
             assert tar.extractfile("unetseg-marker").read().decode() == marker
@@ -644,8 +650,9 @@ def test_dockerfile_builds_offline_on_the_ci_base(source, tmp_path):
     assert seen["code"] == ["train.py"]
     assert seen["env"] == {"SAGEMAKER_PROGRAM": "train.py", "PYTHONUNBUFFERED": "1",
                            "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": ""}  # nothing baked: hub not offline
-    assert subprocess.run([docker, "run", "--rm", "--network", "none", "--entrypoint", "sh", tag, "-c",
-                           "command -v train && command -v serve && command -v unetseg"], capture_output=True).returncode == 0
+    commands = "command -v train && command -v serve && command -v unetseg"
+    assert subprocess.run([docker, "run", "--rm", "--network", "none", "--entrypoint", "sh", tag, "-c", commands],
+                          capture_output=True).returncode == 0
 
 
 @pytest.mark.docker

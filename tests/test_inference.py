@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,16 +16,25 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import numpy as np
 import pytest
 from PIL import Image
+
 from readiness import first_answer
 from support import free_port
-
 from unetseg.cli import main as cli
 from unetseg.container.serving import InferenceApp
 from unetseg.contract import codecs
 from unetseg.contract.config import TrainConfig
-from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, BATCH_ENV, BIND_TO_PORT_ENV, MAX_BODY_MB_ENV,
-                                            MAX_PAYLOAD_IN_MB_ENV, MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV,
-                                            REALTIME_MAX_PAYLOAD_BYTES, SERVING_MODE_ENV, TTA_ENV)
+from unetseg.contract.sagemaker_env import (
+    ASYNC_MAX_PAYLOAD_BYTES,
+    BATCH_ENV,
+    BIND_TO_PORT_ENV,
+    MAX_BODY_MB_ENV,
+    MAX_PAYLOAD_IN_MB_ENV,
+    MODEL_SERVER_TIMEOUT_ENV,
+    MODEL_SERVER_WORKERS_ENV,
+    REALTIME_MAX_PAYLOAD_BYTES,
+    SERVING_MODE_ENV,
+    TTA_ENV,
+)
 from unetseg.model import load_model
 from unetseg.segmenter import _starts
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
@@ -41,7 +49,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
     data = make_demo_dataset(root / "data", kind="multiclass", train=48, validation=8, size=64)
     cfg = TrainConfig(**{**demo_hyperparameters("multiclass"), "epochs": 8})
-    train(cfg, RunPaths(data / "train", data / "validation", root / "model", root / "ckpt", root / "out"), progress=False)
+    paths = RunPaths(data / "train", data / "validation", root / "model", root / "ckpt", root / "out")
+    train(cfg, paths, progress=False)
     big = make_demo_dataset(root / "big", train=0, validation=3, size=192, seed=9)
     return root / "model", sorted((big / "validation" / "images").iterdir())
 
@@ -67,7 +76,8 @@ def test_tta_is_the_mean_over_the_views_mapped_back(trained):
     flips = [back(model.predict_proba(np.ascontiguousarray(view(image)))) for view, back in views]
     assert np.abs(model.predict_proba(image, tta="flip") - np.mean(flips, axis=0)).max() < 1e-5
     swapped = np.ascontiguousarray(image.transpose(1, 0, 2))
-    transposed = [back(model.predict_proba(np.ascontiguousarray(view(swapped)))).transpose(0, 2, 1) for view, back in views]
+    transposed = [back(model.predict_proba(np.ascontiguousarray(view(swapped)))).transpose(0, 2, 1)
+                  for view, back in views]
     assert np.abs(model.predict_proba(image, tta="d4") - np.mean(flips + transposed, axis=0)).max() < 1e-5
     # Tiled: one covering tile gives the untiled result, as without TTA.
     assert np.array_equal(model.predict(image, tile=192, tta="d4"), model.predict(image, tta="d4"))
@@ -129,7 +139,8 @@ def test_every_request_and_response_type(app, image):
     for content_type in (codecs.PNG, codecs.NPY):
         body = codecs.encode_image(image, content_type)
         status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.PNG)
-        assert (status, kind) == (200, codecs.PNG) and np.array_equal(np.array(Image.open(io.BytesIO(payload))), expected)
+        assert (status, kind) == (200, codecs.PNG)
+        assert np.array_equal(np.array(Image.open(io.BytesIO(payload))), expected)
         status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.NPY)
         assert (status, kind) == (200, codecs.NPY) and np.array_equal(np.load(io.BytesIO(payload)), expected)
         status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.JSON)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+
 from support import ENGINE_ONLY_MODULES, REPO
 
 

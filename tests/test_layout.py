@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from conftest import BUCKET, IMAGE, ROLE
 from support import make_channel
-
 from unetseg.client.estimator import UNetEstimator
 from unetseg.contract.errors import UnetsegError
 

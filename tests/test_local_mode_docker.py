@@ -28,11 +28,11 @@ import time
 import uuid
 from pathlib import Path
 
-import docker_support
 import numpy as np
 import pytest
 
-from docker_support import (LOCAL_NETWORK, docker, network_info, opt_ml_tree)
+import docker_support
+from docker_support import LOCAL_NETWORK, docker, network_info, opt_ml_tree
 from support import TINY
 from unetseg.contract.metrics_log import EPOCH_METRICS, parse_line, regex_for
 from unetseg.contract.sagemaker_env import PROCS_PER_HOST_ENV
@@ -211,12 +211,13 @@ def run_train(image: str, tree: Path, name: str, stop_after_step: int | None = N
     """`docker run <image> train` as SageMaker starts a job: hostname algo-1, the /opt/ml tree mounted, no network. With
     `stop_after_step`, `docker stop -t 60` (SIGTERM, SIGKILL 60 s later) once that step's line is logged."""
     # SageMaker mounts /opt/ml's parts, not /opt/ml itself, which would hide the image's /opt/ml/code/train.py.
-    mounts = [arg for sub in ("input", "model", "output", "checkpoints") for arg in ("-v", f"{tree / sub}:/opt/ml/{sub}")]
+    mounts = [arg for sub in ("input", "model", "output", "checkpoints")
+              for arg in ("-v", f"{tree / sub}:/opt/ml/{sub}")]
     extra = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
     # With no network Docker writes no /etc/hosts line for the hostname, and the toolkit waits (15 min) until its host
     # name resolves.
-    cmd = ["docker", "run", "--name", name, "--hostname", "algo-1", "--network", "none", "--add-host", "algo-1:127.0.0.1",
-           "-e", "OMP_NUM_THREADS=1", *extra, *mounts, image, "train"]
+    cmd = ["docker", "run", "--name", name, "--hostname", "algo-1", "--network", "none",
+           "--add-host", "algo-1:127.0.0.1", "-e", "OMP_NUM_THREADS=1", *extra, *mounts, image, "train"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, stopper = [], None
     timer = threading.Timer(timeout, lambda: docker("kill", name, check=False))

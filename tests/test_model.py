@@ -21,7 +21,8 @@ def artifact(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(CFG)
     folder = tmp_path_factory.mktemp("model")
-    save_artifact(folder, model.state_dict(), artifact_config(CFG, "index", {"epoch": 1, "val_miou": 0.5}), [{"epoch": 1}])
+    config = artifact_config(CFG, "index", {"epoch": 1, "val_miou": 0.5})
+    save_artifact(folder, model.state_dict(), config, [{"epoch": 1}])
     tar_path = folder.parent / "model.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
         for path in folder.iterdir():
@@ -48,8 +49,9 @@ def test_prediction_matches_the_model_on_the_padded_image(artifact):
     model, folder, _ = artifact
     segmenter = load_model(folder, device="cpu")
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
-        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
     with torch.no_grad():
         expected = model(x).argmax(1)[0].numpy()
     assert np.array_equal(segmenter.predict(image), expected)
@@ -108,7 +110,8 @@ def test_encoder_weights_from_a_local_file(tmp_path):
     source = build_model(CFG)
     save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(tmp_path / "enc.safetensors"))
     model = build_model(CFG.replace(encoder_weights=str(tmp_path / "enc.safetensors")))
-    assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), source.encoder.state_dict().values()))
+    pairs = zip(model.encoder.state_dict().values(), source.encoder.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     from unetseg.contract.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such file"):

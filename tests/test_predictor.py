@@ -27,14 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
 from PIL import Image
-from support import ENGINE_ONLY_MODULES
 
+from conftest import BUCKET, IMAGE, ROLE
+from support import ENGINE_ONLY_MODULES
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
-from unetseg.client.predictor import (ImageSerializer, MaskDeserializer, UNetPredictor, UNetTransformer,
-                                      decode_response, request_options)
+from unetseg.client.predictor import (
+    ImageSerializer,
+    MaskDeserializer,
+    UNetPredictor,
+    UNetTransformer,
+    decode_response,
+    request_options,
+)
 from unetseg.contract import codecs
 from unetseg.contract.sagemaker_env import MAX_BODY_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_WORKERS_ENV, TTA_ENV
 
@@ -49,7 +55,6 @@ def artifact(tmp_path_factory):
     """(model folder, model.tar.gz) of a small untrained 3-class model: predictions are arbitrary but exact."""
     torch = pytest.importorskip("torch")
     from support import TINY
-
     from unetseg.contract.config import TrainConfig
     from unetseg.model import artifact_config, build_model, save_artifact
 
@@ -203,7 +208,7 @@ def test_request_options_join_the_callers_own():
     assert request_options(tta="d4") == "tta=d4" and request_options(tta="none") is None
 
 
-# --- the SDK's Predictor.predict, with InvokeEndpoint answered by the real server ---------------------------------------
+# --- the SDK's Predictor.predict, with InvokeEndpoint answered by the real server -------------------------------------
 
 def endpoint_session(app, sent: list[dict]):
     """A sagemaker.Session whose InvokeEndpoint calls `app`, as an endpoint would (headers and body as sent).
@@ -308,7 +313,7 @@ def test_probabilities_over_the_realtime_limit_are_refused_before_sending(app, s
             np.zeros((1500, 1500), np.uint8))
 
 
-# --- deploy() and transformer() requests under moto ----------------------------------------------------------------------
+# --- deploy() and transformer() requests under moto -------------------------------------------------------------------
 
 def trained_estimator(aws, **overrides) -> UNetEstimator:
     """An estimator with a training job in moto (which reports it Completed)."""
@@ -515,7 +520,7 @@ def test_deploy_and_transformer_import_no_torch():
     assert result.stdout.strip().endswith("ok")
 
 
-# --- local mode through the SDK, with the server in place of the container ----------------------------------------------
+# --- local mode through the SDK, with the server in place of the container --------------------------------------------
 
 FAKE_DOCKER = textwrap.dedent("""\
     #!{python}

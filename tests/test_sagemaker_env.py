@@ -7,8 +7,8 @@ import tokenize
 from pathlib import Path
 
 import pytest
-from support import REPO
 
+from support import REPO
 from unetseg.container.training_job import pick_channels
 from unetseg.contract.errors import DataError
 from unetseg.contract.sagemaker_env import TrainingEnv
@@ -58,13 +58,16 @@ def test_channel_names():
 def test_a_tuning_trial_keeps_its_checkpoints_under_its_job_name(tmp_path):
     # A tuning job hands all its trials one checkpoint_s3_uri; each trial must resume only its own state.
     base = {"UNETSEG_OPT_ML": str(tmp_path), "TRAINING_JOB_NAME": "unet-hpo-240101-0001-003-4f2a1b9c"}
-    trial = TrainingEnv.from_environ({**base, "SM_HPS": json.dumps({"lr": 0.01, "_tuning_objective_metric": "val_miou"})})
+    trial = TrainingEnv.from_environ({**base,
+                                      "SM_HPS": json.dumps({"lr": 0.01, "_tuning_objective_metric": "val_miou"})})
     assert trial.checkpoint_dir == tmp_path / "checkpoints" / "unet-hpo-240101-0001-003-4f2a1b9c"
     assert trial.job_name == "unet-hpo-240101-0001-003-4f2a1b9c"
-    # A plain job keeps the flat layout: rerunning with the same checkpoint_s3_uri resumes it (SageMaker's documented way).
+    # A plain job keeps the flat layout: rerunning with the same checkpoint_s3_uri resumes it (SageMaker's documented
+    # way).
     plain = TrainingEnv.from_environ({**base, "SM_HPS": json.dumps({"lr": 0.01})})
     assert plain.checkpoint_dir == tmp_path / "checkpoints"
-    moved = TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck", "SM_HPS": json.dumps({"_tuning_objective_metric": "x"})})
+    moved = TrainingEnv.from_environ({**base, "UNETSEG_CHECKPOINT_DIR": "/ck",
+                                      "SM_HPS": json.dumps({"_tuning_objective_metric": "x"})})
     assert moved.checkpoint_dir == Path("/ck") / base["TRAINING_JOB_NAME"]
 
 

@@ -43,10 +43,19 @@ from readiness import first_answer
 from support import TINY, free_port
 from unetseg.contract import codecs
 from unetseg.contract.config import TrainConfig
-from unetseg.contract.sagemaker_env import (BATCH_ENV, BIND_TO_PORT_ENV, CUSTOM_ATTRIBUTES_MAX_CHARS, MAX_BODY_MB_ENV,
-                                            MAX_IMAGE_MB_ENV, MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV,
-                                            MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV, SERVING_MODE_ENV,
-                                            TTA_ENV)
+from unetseg.contract.sagemaker_env import (
+    BATCH_ENV,
+    BIND_TO_PORT_ENV,
+    CUSTOM_ATTRIBUTES_MAX_CHARS,
+    MAX_BODY_MB_ENV,
+    MAX_IMAGE_MB_ENV,
+    MAX_PAYLOAD_IN_MB_ENV,
+    MAX_PIXELS_ENV,
+    MODEL_SERVER_TIMEOUT_ENV,
+    MODEL_SERVER_WORKERS_ENV,
+    SERVING_MODE_ENV,
+    TTA_ENV,
+)
 
 # The stated bound, as for the data check and predict (tests/test_bad_input.py): on bombs a worker peaks at most
 # 256 MiB above its peak serving good images, and under 1.5 GiB in all.

@@ -8,11 +8,24 @@ import os
 import pytest
 
 from unetseg.container import serving
-from unetseg.contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_ENV, BATCH_MAX_PAYLOAD_MB,
-                                            BATCH_TIMEOUT_S, BIND_TO_PORT_ENV, MAX_BODY_MB_ENV, MAX_IMAGE_MB_ENV,
-                                            MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_TIMEOUT_ENV,
-                                            MODEL_SERVER_WORKERS_ENV, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S,
-                                            SERVING_MODE_ENV, TTA_ENV)
+from unetseg.contract.sagemaker_env import (
+    ASYNC_MAX_PAYLOAD_BYTES,
+    ASYNC_TIMEOUT_S,
+    BATCH_ENV,
+    BATCH_MAX_PAYLOAD_MB,
+    BATCH_TIMEOUT_S,
+    BIND_TO_PORT_ENV,
+    MAX_BODY_MB_ENV,
+    MAX_IMAGE_MB_ENV,
+    MAX_PAYLOAD_IN_MB_ENV,
+    MAX_PIXELS_ENV,
+    MODEL_SERVER_TIMEOUT_ENV,
+    MODEL_SERVER_WORKERS_ENV,
+    REALTIME_MAX_PAYLOAD_BYTES,
+    REALTIME_TIMEOUT_S,
+    SERVING_MODE_ENV,
+    TTA_ENV,
+)
 
 
 class _Arbiter:

@@ -37,14 +37,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REGION
-from docker_support import (LOCAL_NETWORK, containers_on, docker, port_in_use,
-                            remove_containers, require_free_port, sagemaker_local_network,
-                            training_image)
 from PIL import Image
+
+from conftest import REGION
+from docker_support import (
+    LOCAL_NETWORK,
+    containers_on,
+    docker,
+    port_in_use,
+    remove_containers,
+    require_free_port,
+    sagemaker_local_network,
+    training_image,
+)
 from readiness import NotReady, first_answer
 from support import TINY, free_port
-
 from unetseg.client.predictor import decode_response
 from unetseg.contract import codecs
 from unetseg.synthetic import make_demo_dataset

@@ -101,7 +101,8 @@ def test_sigterm_to_pid1_with_loader_workers_checkpoints_and_resumes_exactly(tmp
 
     resumed = run_entry(env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'spot' / 'checkpoints' / 'last.pt'}: epoch {epoch}, batch {batch}" in resumed.stdout
+    last = tmp_path / "spot" / "checkpoints" / "last.pt"
+    assert f"resumed from {last}: epoch {epoch}, batch {batch}" in resumed.stdout
     assert_same_weights(tmp_path / "straight", tmp_path / "spot")
     assert history_without_timing(tmp_path / "straight") == history_without_timing(tmp_path / "spot")
 

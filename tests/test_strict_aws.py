@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from botocore.exceptions import ClientError
+
 from conftest import BUCKET, IMAGE, ROLE
 
 

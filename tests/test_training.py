@@ -54,7 +54,8 @@ def test_model_learns_and_its_artifact_reproduces_the_best_metric(tmp_path):
 
     val = check_dataset(pair_channel(data / "validation"), cfg)
     matrix = sum(confusion(torch.from_numpy(model.predict(img)), torch.from_numpy(mask), 2) for img, mask in val.cached)
-    assert summarize(matrix, cfg.resolved_class_names)[SELECTION_METRIC] == pytest.approx(result.best[SELECTION_METRIC], abs=1e-6)
+    score = summarize(matrix, cfg.resolved_class_names)[SELECTION_METRIC]
+    assert score == pytest.approx(result.best[SELECTION_METRIC], abs=1e-6)
     assert json.loads((paths.model_dir / "history.json").read_text()) == result.history
     assert (paths.output_data_dir / "predictions.png").stat().st_size > 1000
 
@@ -221,14 +222,15 @@ def test_fine_tuning_from_a_trained_model_through_the_init_model_channel(small_d
             tar.add(path, arcname=path.name)
 
     frozen = {**HPS, "epochs": 1, "lr": 1e-9, "augment": "none"}
-    env = sagemaker_tree(tmp_path / "b", frozen, {"train": small_data / "train", "validation": small_data / "validation",
-                                                  "init_model": channel})
+    channels = {"train": small_data / "train", "validation": small_data / "validation", "init_model": channel}
+    env = sagemaker_tree(tmp_path / "b", frozen, channels)
     done = run_entry(env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"initialized from {channel}: " in done.stdout
     tuned = json.loads((tmp_path / "b" / "model" / "history.json").read_text())[0]["val_miou"]
-    fresh = train(TrainConfig(**frozen), RunPaths(small_data / "train", small_data / "validation", tmp_path / "c" / "model",
-                                                  tmp_path / "c" / "ckpt", tmp_path / "c" / "out"), progress=False)
+    fresh = train(TrainConfig(**frozen), RunPaths(small_data / "train", small_data / "validation",
+                                                  tmp_path / "c" / "model", tmp_path / "c" / "ckpt",
+                                                  tmp_path / "c" / "out"), progress=False)
     assert abs(tuned - a.best["val_miou"]) < 0.05, (tuned, a.best)  # BatchNorm statistics still move a little
     assert tuned > fresh.history[0]["val_miou"] + 0.2, (tuned, fresh.history)
     assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["init_model"] == str(channel)
@@ -241,7 +243,8 @@ def test_two_process_ddp_on_cpu_trains_and_writes_artifacts_once(small_data, tmp
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "on 2 x cpu" in done.stdout
     assert "cached in memory, each of 2 processes its own shard" in done.stdout
-    assert [parse_line(l)["epoch"] for l in done.stdout.splitlines() if l.startswith("epoch=")] == [1, 2]  # rank 0 only
+    epochs = [parse_line(line)["epoch"] for line in done.stdout.splitlines() if line.startswith("epoch=")]
+    assert epochs == [1, 2]  # rank 0 only
     assert sum(line.startswith("model: ") for line in done.stdout.splitlines()) == 1  # only rank 0 saves
     history = json.loads((tmp_path / "model" / "history.json").read_text())
     # 16 images over 2 ranks x batch 4: 2 steps per epoch, each step seeing 8 images.

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .contract.config import TrainConfig  # noqa: E402  (pydantic only)
-from .contract.errors import ArtifactError, ConfigError, DataError, UnetsegError  # noqa: E402
+from .contract.config import TrainConfig
+from .contract.errors import ArtifactError, ConfigError, DataError, UnetsegError
 
 _LAZY = {
     "UNetEstimator": "unetseg.client.estimator",

@@ -12,8 +12,9 @@ import re
 import resource
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .contract.errors import OutputError, write_failure_reason
 

@@ -11,8 +11,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
@@ -49,14 +50,17 @@ def _guarded(run) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unetseg", description="Train U-Net segmentation models locally and on SageMaker.")
+    parser = argparse.ArgumentParser(prog="unetseg",
+                                     description="Train U-Net segmentation models locally and on SageMaker.")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("train", help="train locally on a folder with images/ and masks/ (or train/ and validation/)",
                        description="Train in this process. Hyperparameters: key=value or --key value "
                                    "(see `unetseg hyperparameters`).")
-    p.add_argument("--data", required=True, type=Path, help="a folder with images/ and masks/, or with train/ and validation/")
-    p.add_argument("--validation", type=Path, help="validation folder (default: validation/ beside train/, else a held-out fraction)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="a folder with images/ and masks/, or with train/ and validation/")
+    p.add_argument("--validation", type=Path,
+                   help="validation folder (default: validation/ beside train/, else a held-out fraction)")
     p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
                                                "the same folder resumes an interrupted run")
     p.add_argument("--init-model", help="start from this trained unetseg model (folder, model.tar.gz or s3://...): "

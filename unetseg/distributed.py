@@ -71,7 +71,8 @@ def init_process() -> DistContext:
         if "OMP_NUM_THREADS" not in os.environ:  # several processes on one host share its cores
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return DistContext(rank, local_rank, world, local_world, device)
 
 

@@ -6,14 +6,14 @@ path serves every class count.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 
 from .data.masks import IGNORE_INDEX
-
 
 AUTO_WEIGHT_RATIO = 50.0  # the most that "auto" lets the rarest class outweigh the commonest
 

@@ -11,22 +11,24 @@ masks, and every bad one is named in one DataError at the end.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .contract.codecs import encode_mask_png
+from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
 from .contract.image_headers import max_image_bytes
+from .contract.layout import IMAGES
 from .data.io import declared_size, read_image
 from .data.scan import IMAGE_EXTENSIONS
-from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
-from .contract.layout import IMAGES
 from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
@@ -79,7 +81,8 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
         raise OutputError(f"{output}: cannot create the folder ({write_failure_reason(exc.errno, exc)})") from None
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
-        raise DataError(f"two input images share a name ({', '.join(sorted({s for s in stems if stems.count(s) > 1}))}); "
+        shared = ", ".join(sorted({s for s in stems if stems.count(s) > 1}))
+        raise DataError(f"two input images share a name ({shared}); "
                         "their masks would overwrite each other")
     bar = None
     if progress if progress is not None else sys.stderr.isatty():
@@ -92,12 +95,14 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
         for path, image, probs in _predict_chunk(model, chunk, tile, tta):
             mask = probs.argmax(0).astype(np.uint8)
             target = output / f"{path.stem}.png"
-            _write(target, lambda t: t.write_bytes(encode_mask_png(mask, model.class_colors)))
+            with _writing(target):
+                target.write_bytes(encode_mask_png(mask, model.class_colors))
             if probabilities:
-                _write(output / f"{path.stem}.npy", lambda t: np.save(t, probs.astype(np.float16), allow_pickle=False))
+                with _writing(output / f"{path.stem}.npy") as t:
+                    np.save(t, probs.astype(np.float16), allow_pickle=False)
             if overlays:
-                _write(output / f"{path.stem}_overlay.png",
-                       lambda t: Image.fromarray(overlay(image, mask, model.class_colors)).save(t))
+                with _writing(output / f"{path.stem}_overlay.png") as t:
+                    Image.fromarray(overlay(image, mask, model.class_colors)).save(t)
             written.append(target)
             if bar is not None:
                 bar.update(1)
@@ -109,11 +114,12 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
     return written
 
 
-def _write(target: Path, write: Callable[[Path], object]) -> None:
-    """`write(target)`, or one OutputError naming the file (its partial content removed: it holds space, and a
-    half-written mask must not pass for a whole one)."""
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[Path]:
+    """Writes `target` in the with-block, or raises one OutputError naming the file (its partial content removed: it
+    holds space, and a half-written mask must not pass for a whole one)."""
     try:
-        write(target)
+        yield target
     except OSError as exc:
         target.unlink(missing_ok=True)
         raise OutputError(f"could not write {target}: {write_failure_reason(exc.errno, exc)}; free space or choose "

@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Mapping, Optional, Sequence
+from typing import IO, Any, Optional
 
 from ..contract.errors import UnetsegError
 
@@ -75,7 +76,8 @@ def docker_command() -> str:
     proc = subprocess.run([exe, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         detail = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
-        raise ImageError(f"no Docker engine: `docker version` cannot reach the daemon ({detail}); start Docker and retry")
+        raise ImageError(f"no Docker engine: `docker version` cannot reach the daemon ({detail}); "
+                         "start Docker and retry")
     return exe
 
 
@@ -166,7 +168,8 @@ include = unetseg, unetseg.*
 console_scripts =
     unetseg = unetseg.cli:main
 """
-_PACKAGED_PYPROJECT = '[build-system]\nrequires = ["setuptools>=64", "wheel"]\nbuild-backend = "setuptools.build_meta"\n'
+_PACKAGED_PYPROJECT = ('[build-system]\nrequires = ["setuptools>=64", "wheel"]\n'
+                       'build-backend = "setuptools.build_meta"\n')
 
 
 def packaged_context(target: Path) -> Path:
@@ -277,7 +280,7 @@ def push_to_registry(
 
 
 def _aws_error(exc: Exception, what: str) -> ImageError:
-    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError, NoRegionError
+    from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
 
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return ImageError("no AWS credentials: configure them (aws configure, AWS_PROFILE, or an instance role)")
@@ -344,14 +347,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unetseg image", description="Build the training image and push it to ECR.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="docker build -f entry/Dockerfile (the source checkout's, or the installed package's)")
+    b = sub.add_parser("build",
+                       help="docker build -f entry/Dockerfile (the source checkout's, or the installed package's)")
     b.add_argument("--tag", default=DEFAULT_TAG, help=f"local image tag (default {DEFAULT_TAG})")
     b.add_argument("--base-image", help="FROM image (default: the Dockerfile's CUDA PyTorch image)")
     b.add_argument("--bake-weights", action="append", default=[], metavar="ENCODER",
-                   help="bake this encoder's pretrained weights into the image (repeatable; ENCODER or ENCODER:WEIGHTS)")
+                   help="bake this encoder's pretrained weights into the image "
+                        "(repeatable; ENCODER or ENCODER:WEIGHTS)")
     b.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="passed to docker build")
     b.add_argument("--network", help="docker build --network (e.g. none)")
-    b.add_argument("--context", type=Path, help="build context (default: the source checkout, else the installed package)")
+    b.add_argument("--context", type=Path,
+                   help="build context (default: the source checkout, else the installed package)")
     b.add_argument("--push", action="store_true", help="then push to ECR and print the image URI")
     _push_args(b, local_tag=False)
 

@@ -22,18 +22,25 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from sagemaker.estimator import Estimator
 from sagemaker.vpc_utils import VPC_CONFIG_DEFAULT as _VPC_CONFIG_DEFAULT
 
 from ..contract.config import TrainConfig
 from ..contract.errors import ArtifactError
-from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
 from ..contract.layout import INIT_MODEL_CHANNEL
-from ..contract.sagemaker_env import (CHECKPOINT_DIR_ENV, IMAGE_URI_ENV, MLFLOW_EXPERIMENT_ENV,
-                                      MLFLOW_TRACKING_URI_ENV, MODEL_SERVER_TIMEOUT_ENV, MODEL_SERVER_WORKERS_ENV)
+from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
+from ..contract.sagemaker_env import (
+    CHECKPOINT_DIR_ENV,
+    IMAGE_URI_ENV,
+    MLFLOW_EXPERIMENT_ENV,
+    MLFLOW_TRACKING_URI_ENV,
+    MODEL_SERVER_TIMEOUT_ENV,
+    MODEL_SERVER_WORKERS_ENV,
+)
 from . import job_rules as rules
 from .fit_inputs import InputResolver
 from .job_rules import JobSettingsError
@@ -71,7 +78,8 @@ class UNetEstimator(Estimator):
         input_mode: "File" (copy the data onto the instance) or "FastFile" (stream from S3).
         keep_alive_period_in_seconds: keep the instances warm for the next job (0..21600).
         environment: extra environment variables for the container.
-        repository, tag, account, region: build the image URI <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>.
+        repository, tag, account, region: build the image URI
+            <account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>.
         metric_definitions: extra metrics on top of unetseg's own (which are always sent).
         image_cuda: the CUDA version the image's PyTorch is built for ("12.6", the Dockerfile's default base; "12.8"
             or later runs Blackwell GPUs such as ml.p6-b200 and ml.g7e); None skips the GPU architecture check.
@@ -122,14 +130,16 @@ class UNetEstimator(Estimator):
         kind = rules.parse_instance_type(instance_type, image_cuda)
         image_uri = image_uri or os.environ.get(IMAGE_URI_ENV) or None
         rules.raise_if([
-            *rules.runtime_problems(max_run=max_run, max_wait=max_wait,
-                                    use_spot_instances=use_spot_instances or kwargs.get("max_retry_attempts") is not None),
+            *rules.runtime_problems(
+                max_run=max_run, max_wait=max_wait,
+                use_spot_instances=use_spot_instances or kwargs.get("max_retry_attempts") is not None),
             *rules.resource_problems(kind=kind, instance_count=instance_count,
                                      volume_size=DEFAULT_VOLUME_GB if volume_size is None else volume_size,
                                      keep_alive_period_in_seconds=keep_alive_period_in_seconds, input_mode=input_mode,
                                      use_spot_instances=use_spot_instances),
             rules.output_path_problem(output_path, local=kind.local),
-            None if kind.local or checkpoint_s3_uri is None else rules.s3_uri_problem("checkpoint_s3_uri", checkpoint_s3_uri),
+            None if kind.local or checkpoint_s3_uri is None
+            else rules.s3_uri_problem("checkpoint_s3_uri", checkpoint_s3_uri),
             rules.role_problem(role, local=True),  # a missing role is checked below, after the SDK config is read
             rules.job_name_problem("base_job_name", kwargs.get("base_job_name")),
             *rules.environment_problems(environment),
@@ -542,9 +552,9 @@ class UNetEstimator(Estimator):
         return UNetTransformer(
             model_name, instance_count, instance_type, strategy=strategy, assemble_with=assemble_with,
             output_path=output_path, output_kms_key=output_kms_key, accept=accept,
-            max_concurrent_transforms=max_concurrent_transforms, max_payload=max_payload, env=dict(env) if env else None,
-            tags=tags, base_transform_job_name=self.base_job_name, sagemaker_session=session,
-            volume_kms_key=volume_kms_key)
+            max_concurrent_transforms=max_concurrent_transforms, max_payload=max_payload,
+            env=dict(env) if env else None, tags=tags, base_transform_job_name=self.base_job_name,
+            sagemaker_session=session, volume_kms_key=volume_kms_key)
 
     def _local_inference_session(self) -> Any:
         """The session a local endpoint or transform runs under: this estimator's, when it is a LocalSession."""

@@ -20,16 +20,25 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import DataError
 from ..contract.image_headers import job_limit
-from ..contract.layout import (CHANNELS, IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, VALIDATION_CHANNEL,
-                               folder_names, listing, read_layout)
+from ..contract.layout import (
+    CHANNELS,
+    IMAGES,
+    INIT_MODEL_CHANNEL,
+    MASKS,
+    TRAIN_CHANNEL,
+    VALIDATION_CHANNEL,
+    folder_names,
+    listing,
+    read_layout,
+)
 from ..data.scan import Sample, pair_channel, split_holdout
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
 from .s3_upload import is_object, list_children, prefix_size, progress_bar, sync_folder
@@ -58,7 +67,8 @@ class InputResolver:
         channels = self._resolve_data(inputs)
         if init_model is not None:
             if INIT_MODEL_CHANNEL in channels.inputs:
-                raise DataError(f"init_model given twice: as fit(init_model=...) and as the {INIT_MODEL_CHANNEL!r} channel")
+                raise DataError(f"init_model given twice: as fit(init_model=...) and as the "
+                                f"{INIT_MODEL_CHANNEL!r} channel")
             channels.inputs[INIT_MODEL_CHANNEL] = self.model_input(init_model)
         return channels
 
@@ -77,8 +87,8 @@ class InputResolver:
             if text.startswith("s3://"):
                 return self._from_s3_prefix(text)
             return self._from_local_folder(self._local_path(text))
-        raise DataError(f"fit() got {type(inputs).__name__}: pass an s3:// prefix, a local folder, a TrainingInput or a "
-                        "dict of channels")
+        raise DataError(f"fit() got {type(inputs).__name__}: pass an s3:// prefix, a local folder, a TrainingInput "
+                        "or a dict of channels")
 
     # --- S3 --------------------------------------------------------------------------------------------------------
     def _from_s3_prefix(self, uri: str) -> Channels:
@@ -194,7 +204,8 @@ class InputResolver:
             self._check_training_input_bucket(INIT_MODEL_CHANNEL, value)
             return value
         if not isinstance(value, (str, os.PathLike)):
-            raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path or a fitted estimator")
+            raise DataError(f"init_model: {type(value).__name__} is not an s3:// URI, a local path "
+                            "or a fitted estimator")
         text = os.fspath(value)
         if text.startswith("s3://"):
             check_s3_uri("init_model", text)
@@ -213,7 +224,7 @@ class InputResolver:
             raise DataError(f"init_model {text!r}: no such model folder or model.tar.gz")
         return path.resolve().as_uri()  # a file binds its folder: the container picks model.tar.gz in it
 
-    # --- a dict of channels ----------------------------------------------------------------------------------------------
+    # --- a dict of channels -------------------------------------------------------------------------------------------
     def _from_dict(self, inputs: Mapping[str, Any]) -> Channels:
         from sagemaker.inputs import FileSystemInput, TrainingInput
 

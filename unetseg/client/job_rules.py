@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import ConfigError
@@ -258,7 +259,7 @@ def _known_training_instance_types() -> list[str]:
 
         shape = botocore.session.get_session().get_service_model("sagemaker").shape_for("TrainingInstanceType")
         return list(shape.enum)
-    except Exception:  # pragma: no cover - suggestions are best effort
+    except Exception:  # noqa: BLE001  # pragma: no cover - suggestions are best effort
         return []
 
 
@@ -305,7 +306,8 @@ def runtime_problems(*, max_run: Any, max_wait: Any, use_spot_instances: bool) -
         problems.append(f"max_wait={max_wait!r} must be a whole number of seconds")
     elif is_whole(max_run) and max_wait < max_run:
         problems.append(f"max_wait={max_wait} is shorter than max_run={max_run}; SageMaker needs max_wait >= max_run "
-                        f"(max_wait counts the wait for spot capacity plus the run; default {SPOT_MAX_WAIT_FACTOR}x max_run)")
+                        "(max_wait counts the wait for spot capacity plus the run; "
+                        f"default {SPOT_MAX_WAIT_FACTOR}x max_run)")
     return problems
 
 
@@ -317,7 +319,8 @@ def resource_problems(*, kind: Optional[InstanceKind], instance_count: Any, volu
         problems.append(f"instance_count={instance_count!r} must be a whole number >= 1")
     elif kind is not None and kind.instance_type == "local_gpu" and instance_count > 1:
         problems.append(f"instance_type='local_gpu' runs one container on this machine's GPUs; "
-                        f"instance_count={instance_count} must be 1 (use instance_type='local' for several CPU containers)")
+                        f"instance_count={instance_count} must be 1 "
+                        "(use instance_type='local' for several CPU containers)")
     if not is_whole(volume_size, minimum=1):
         problems.append(f"volume_size={volume_size!r} must be a whole number of GB >= 1")
     elif kind is not None and kind.local_storage_gb is not None and volume_size > kind.local_storage_gb:
@@ -377,7 +380,8 @@ def network_isolation_problem(config: TrainConfig, *, baked_encoders: Iterable[s
 def hyperparameter_problems(hyperparameters: Mapping[str, str]) -> list[str]:
     problems = []
     if len(hyperparameters) > HYPERPARAMETER_COUNT_LIMIT:
-        problems.append(f"{len(hyperparameters)} hyperparameters exceed SageMaker's limit of {HYPERPARAMETER_COUNT_LIMIT}")
+        problems.append(f"{len(hyperparameters)} hyperparameters exceed SageMaker's limit "
+                        f"of {HYPERPARAMETER_COUNT_LIMIT}")
     for key, value in hyperparameters.items():
         if len(value) > HYPERPARAMETER_VALUE_LIMIT:
             problems.append(f"hyperparameter {key!r} is {len(value)} characters as sent to SageMaker; the limit is "

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
-    def __enter__(self) -> "_NoBar":
+    def __enter__(self) -> _NoBar:
         return self
 
     def __exit__(self, *exc: Any) -> None:

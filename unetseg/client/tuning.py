@@ -9,7 +9,8 @@ objective against the metric vocabulary, and checks every range end and category
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
 
 from sagemaker.parameter import CategoricalParameter, ParameterRange
 from sagemaker.tuner import HyperparameterTuner
@@ -59,7 +60,7 @@ class UNetTuner(HyperparameterTuner):
                 estimator.checkpoint_s3_uri = given
 
 
-def make_tuner(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, ParameterRange],
+def make_tuner(estimator: UNetEstimator, hyperparameter_ranges: Mapping[str, ParameterRange],
                objective_metric_name: Optional[str], objective_type: str, **kwargs: Any) -> UNetTuner:
     objective = objective_metric_name or SELECTION_METRIC
     recorded = [d["Name"] for d in estimator.metric_definitions]
@@ -78,7 +79,7 @@ def make_tuner(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, P
     return UNetTuner(estimator, objective, dict(hyperparameter_ranges), objective_type=objective_type, **kwargs)
 
 
-def check_ranges(estimator: "UNetEstimator", hyperparameter_ranges: Mapping[str, ParameterRange]) -> None:
+def check_ranges(estimator: UNetEstimator, hyperparameter_ranges: Mapping[str, ParameterRange]) -> None:
     """Every range end and category must make a valid TrainConfig for this instance type."""
     problems = []
     known = list(TrainConfig.model_fields)

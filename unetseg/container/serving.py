@@ -40,16 +40,31 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 from ..contract import codecs
 from ..contract.errors import ConfigError
-from ..contract.sagemaker_env import (ASYNC_MAX_PAYLOAD_BYTES, ASYNC_TIMEOUT_S, BATCH_ENV, BATCH_MAX_PAYLOAD_MB,
-                                      BATCH_TIMEOUT_S, BIND_TO_PORT_ENV, CUSTOM_ATTRIBUTES_MAX_CHARS, MAX_BODY_MB_ENV,
-                                      MAX_PAYLOAD_IN_MB_ENV, MAX_PIXELS_ENV, MODEL_SERVER_TIMEOUT_ENV,
-                                      MODEL_SERVER_WORKERS_ENV, REALTIME_MAX_PAYLOAD_BYTES, REALTIME_TIMEOUT_S,
-                                      SERVING_MODE_ENV, SERVING_MODEL_DIR_ENV, TTA_ENV)
+from ..contract.sagemaker_env import (
+    ASYNC_MAX_PAYLOAD_BYTES,
+    ASYNC_TIMEOUT_S,
+    BATCH_ENV,
+    BATCH_MAX_PAYLOAD_MB,
+    BATCH_TIMEOUT_S,
+    BIND_TO_PORT_ENV,
+    CUSTOM_ATTRIBUTES_MAX_CHARS,
+    MAX_BODY_MB_ENV,
+    MAX_PAYLOAD_IN_MB_ENV,
+    MAX_PIXELS_ENV,
+    MODEL_SERVER_TIMEOUT_ENV,
+    MODEL_SERVER_WORKERS_ENV,
+    REALTIME_MAX_PAYLOAD_BYTES,
+    REALTIME_TIMEOUT_S,
+    SERVING_MODE_ENV,
+    SERVING_MODEL_DIR_ENV,
+    TTA_ENV,
+)
 
 log = logging.getLogger("unetseg.container.serving")  # not __name__: `python -m` runs it as __main__
 
@@ -371,7 +386,7 @@ class InferenceApp:
         shape = "x".join(map(str, image.shape))
         hint = ""
         if image.ndim == 3 and image.shape[0] == wanted:
-            hint = f": it looks like channels first (CxHxW); send HxWxC, e.g. np.moveaxis(image, 0, -1)"
+            hint = ": it looks like channels first (CxHxW); send HxWxC, e.g. np.moveaxis(image, 0, -1)"
         raise HttpError(400, f"image of shape {shape} has {channels} channel(s); this model takes {wanted}{hint}")
 
     def predict(self, image, started: float, deadline: float, **kwargs):

@@ -17,8 +17,9 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from ..contract.sagemaker_env import STOP_REGISTRY_ENV
 

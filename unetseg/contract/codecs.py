@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

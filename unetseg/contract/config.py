@@ -12,7 +12,8 @@ import difflib
 import json
 import types
 import typing
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -41,12 +42,14 @@ class TrainConfig(BaseModel):
 
     # --- model -------------------------------------------------------------------------------------------------
     arch: Literal[ARCHITECTURES] = Field("Unet", description="smp architecture")  # type: ignore[valid-type]
-    encoder: str = Field("resnet34", min_length=1, description="smp encoder name, e.g. resnet34, efficientnet-b4, tu-convnext_tiny")
+    encoder: str = Field("resnet34", min_length=1,
+                         description="smp encoder name, e.g. resnet34, efficientnet-b4, tu-convnext_tiny")
     encoder_weights: Optional[str] = Field(
         "imagenet",
         description="pretrained encoder weights: 'imagenet', none, or a path to a .safetensors/.pth encoder state dict",
     )
-    encoder_depth: int = Field(5, ge=1, le=5, description="number of encoder stages; the input size must divide by 2**depth")
+    encoder_depth: int = Field(5, ge=1, le=5,
+                               description="number of encoder stages; the input size must divide by 2**depth")
     decoder_channels: Optional[list[int]] = Field(
         None, description="decoder widths, one per encoder stage (Unet family); none = the architecture's default"
     )
@@ -78,13 +81,15 @@ class TrainConfig(BaseModel):
         description="weights of the cross-entropy term (loss ce or dice_ce) for rare classes: one per class, or auto "
         "(1/sqrt of each class's pixel share in the training data); none = equal",
     )
-    early_stopping_patience: int = Field(0, ge=0, description="stop after this many epochs without a better val_miou; 0 = off")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="stop after this many epochs without a better val_miou; 0 = off")
 
     # --- data --------------------------------------------------------------------------------------------------
     image_size: int = Field(256, ge=16, le=8192, description="square training crop; must divide by 2**encoder_depth")
     augment: Literal["none", "light", "default", "strong"] = "default"
     normalize: Literal["imagenet", "per_image"] = Field(
-        "imagenet", description="imagenet: scale to [0,1] by bit depth, then ImageNet mean/std; per_image: zero mean, unit std per image"
+        "imagenet", description="imagenet: scale to [0,1] by bit depth, then ImageNet mean/std; "
+                                "per_image: zero mean, unit std per image"
     )
     val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out fraction when there is no validation channel")
     seed: int = Field(42, ge=0, le=2**31 - 1)
@@ -94,7 +99,8 @@ class TrainConfig(BaseModel):
     )
 
     # --- speed -------------------------------------------------------------------------------------------------
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA; auto = bf16 where supported, else fp16")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="mixed precision on CUDA; auto = bf16 where supported, else fp16")
     channels_last: bool = Field(True, description="NHWC memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(0, ge=0, description="print a step line every N optimizer steps; 0 = epoch lines only")
@@ -125,7 +131,7 @@ class TrainConfig(BaseModel):
         return encoder
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "TrainConfig":
+    def _check_consistency(self) -> TrainConfig:
         weights_problem = encoder_weights_problem(self.encoder, self.encoder_weights)
         if weights_problem:
             raise ValueError(f"hyperparameter 'encoder_weights' = {self.encoder_weights!r}: {weights_problem}")
@@ -162,8 +168,9 @@ class TrainConfig(BaseModel):
             if any(w < 0 for w in self.class_weights) or not any(w > 0 for w in self.class_weights):
                 raise ValueError(f"class_weights={self.class_weights}: weights must be >= 0, at least one > 0")
         if self.class_weights is not None and self.loss not in ("ce", "dice_ce"):
-            raise ValueError(f"class_weights weigh the cross-entropy term: use loss=ce or dice_ce, not loss={self.loss} "
-                             "(dice already averages over classes, so rare classes count as much as common ones)")
+            raise ValueError("class_weights weigh the cross-entropy term: use loss=ce or dice_ce, "
+                             f"not loss={self.loss} (dice already averages over classes, so rare classes count as "
+                             "much as common ones)")
         if self.mask_mode == "palette" and self.class_colors is None:
             raise ValueError("mask_mode=palette needs class_colors")
         if self.mask_mode == "binary" and self.classes != 2:
@@ -172,7 +179,7 @@ class TrainConfig(BaseModel):
 
     # --- the SageMaker round trip ------------------------------------------------------------------------------
     @classmethod
-    def from_hyperparameters(cls, hyperparameters: Mapping[str, Any]) -> "TrainConfig":
+    def from_hyperparameters(cls, hyperparameters: Mapping[str, Any]) -> TrainConfig:
         """Parse a job's hyperparameters (string-valued, or JSON-decoded by the training toolkit)."""
         ours = {k: v for k, v in hyperparameters.items() if not str(k).startswith(_SAGEMAKER_KEYS_PREFIXES)}
         return cls(**ours)
@@ -182,12 +189,12 @@ class TrainConfig(BaseModel):
         return {name: value if isinstance(value, str) else json.dumps(value)
                 for name, value in self.model_dump().items()}
 
-    def compare(self, other: "TrainConfig", fields: Optional[Sequence[str]] = None) -> list[tuple[str, Any, Any]]:
+    def compare(self, other: TrainConfig, fields: Optional[Sequence[str]] = None) -> list[tuple[str, Any, Any]]:
         """(name, this value, the other's value) of each of `fields` (default: all) where the two configs differ."""
         names = fields if fields is not None else list(type(self).model_fields)
         return [(k, getattr(self, k), getattr(other, k)) for k in names if getattr(self, k) != getattr(other, k)]
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed, validated like a new config."""
         return type(self)(**{**self.model_dump(exclude_unset=False), **changes})
 
@@ -271,7 +278,8 @@ def _describe(exc: ValidationError, data: Mapping[str, Any]) -> str:
         choices = _literal_choices(annotation)
         if choices and len(members) > 1:  # a word or a list (class_weights): pydantic's loc names union members
             where = key
-            reason = "allowed values: " + ", ".join(choices + ["none"] * optional + ["a list of numbers, one per class"])
+            allowed = choices + ["none"] * optional + ["a list of numbers, one per class"]
+            reason = "allowed values: " + ", ".join(allowed)
         else:
             where = key + "".join(f"[{p}]" for p in loc[1:])
             reason = f"allowed values: {', '.join(choices)}" if choices else err["msg"].removeprefix("Value error, ")

@@ -23,9 +23,10 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 

@@ -10,9 +10,10 @@ same way in the container, and an ambiguous one is refused everywhere, in the sa
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 from .errors import DataError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 # Printed once per epoch by rank 0, in this order.
 EPOCH_METRICS = (

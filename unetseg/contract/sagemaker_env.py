@@ -37,9 +37,10 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 DEFAULT_ROOT = Path("/opt/ml")
 TUNING_MARKER = "_tuning_objective_metric"  # the hyperparameter SageMaker adds to every trial of a tuning job
@@ -151,7 +152,7 @@ class TrainingEnv:
         return self.hosts[0]
 
     @classmethod
-    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "TrainingEnv":
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> TrainingEnv:
         env = os.environ if environ is None else environ
         root = Path(env.get(OPT_ML_ENV, DEFAULT_ROOT))
         config_dir = Path(env.get(INPUT_CONFIG_DIR_ENV, root / "input" / "config"))

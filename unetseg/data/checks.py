@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class CheckedDataset:
     cached: Optional[list[Optional[tuple[np.ndarray, np.ndarray]]]] = field(default=None, repr=False)
     stored: list[tuple[int, int]] = field(default_factory=list, repr=False)  # bytes of the image and mask files
 
-    def subset(self, indices: Sequence[int]) -> "CheckedDataset":
+    def subset(self, indices: Sequence[int]) -> CheckedDataset:
         pick = lambda items: [items[i] for i in indices]  # noqa: E731
         return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
                               pick(self.sizes), pick(self.cached) if self.cached is not None else None,
@@ -80,7 +81,7 @@ class _FileFacts:
     image: Optional[np.ndarray]
     mask: Optional[np.ndarray]
 
-    def without_pixels(self) -> "_FileFacts":
+    def without_pixels(self) -> _FileFacts:
         """What other processes need to know: small enough to send."""
         return _FileFacts(self.channels, self.dtype, self.values, None, None)
 
@@ -141,11 +142,12 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
     dtypes = {f.dtype for f in good.values()}
     if len(dtypes) > 1:
         first = {d: next(samples[i].image for i, f in good.items() if f.dtype == d) for d in dtypes}
-        problems.append(f"{first[max(dtypes)]}: images mix bit depths (" +
-                        ", ".join(f"{p.name} is {d}" for d, p in sorted(first.items())) + "); convert them to one depth")
+        depths = ", ".join(f"{p.name} is {d}" for d, p in sorted(first.items()))
+        problems.append(f"{first[max(dtypes)]}: images mix bit depths ({depths}); convert them to one depth")
 
     if codec is None and good:
-        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, {samples[i].mask: f.values for i, f in good.items()})
+        values = {samples[i].mask: f.values for i, f in good.items()}
+        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, values)
         colours = tuple(tuple(c) for c in cfg.class_colors) if cfg.class_colors else None
         codec = MaskCodec(mode, cfg.classes, colours)
     for i, fact in good.items():
@@ -221,7 +223,8 @@ def _read(sample: Sample, cfg: TrainConfig, keep: bool) -> _FileFacts | str:
         hint = {1: "; set in_channels=1 for grayscale data", 3: "; set in_channels=3 for RGB data"}.get(channels, "")
         return f"{sample.image}: image has {channels} channel(s), but in_channels={cfg.in_channels}{hint}"
     if image.shape[:2] != raw.shape[:2]:  # headers agreed; the decoded pixels must too
-        return f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image size {image.shape[1]}x{image.shape[0]}"
+        return (f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image size "
+                f"{image.shape[1]}x{image.shape[0]}")
     return _FileFacts(channels, str(image.dtype), mask_values(raw), image if keep else None, raw if keep else None)
 
 

@@ -8,7 +8,7 @@ continues exactly where it stopped.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
-        self.size, self.batch_size, self.seed, self.rank, self.world, self.shuffle = size, batch_size, seed, rank, world, shuffle
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
         self.epoch, self.start_batch = 0, 0
 
     @property

@@ -13,6 +13,8 @@ UNETSEG_MAX_IMAGE_MB), so a few hundred bytes that claim 40000 x 40000 pixels co
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,23 +90,18 @@ def _check_size(path: Path) -> Declared:
     return declared
 
 
-class _open:
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
     """Image.open and load that turn every decoding failure into a DataError naming the file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Image.Image:
-        try:
-            self.im = Image.open(self.path)
-            self.im.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise open_failure(exc, self.path) from None
-        return self.im
-
-    def __exit__(self, *exc) -> None:
-        if hasattr(self, "im"):
-            self.im.close()
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise open_failure(exc, path) from None
+    try:
+        yield im
+    finally:
+        im.close()
 
 
 def _pil_image_array(path: Path) -> np.ndarray:
@@ -155,7 +152,8 @@ def _read_png(path: Path) -> np.ndarray:
         return _pil_image_array(path)  # raises the precise error (missing, truncated, not a PNG)
     if array.ndim == 3:
         if array.shape[2] in (2, 4):
-            raise DataError(f"{path}: image has an alpha channel; unetseg reads grayscale or RGB: drop the alpha channel")
+            raise DataError(f"{path}: image has an alpha channel; unetseg reads grayscale or RGB: "
+                            "drop the alpha channel")
         array = array[..., ::-1]  # OpenCV decodes to BGR
     return array
 

@@ -12,9 +12,10 @@ loses pixels, so that mix is refused with files of each kind named, until mask_m
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -60,7 +61,8 @@ def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[S
     if mode == "palette" and gray_files:
         raise DataError(f"{gray_files[0]}: single-channel mask, but mask_mode is palette (RGB colour masks)")
     if mode != "palette" and rgb_files:
-        raise DataError(f"{rgb_files[0]}: RGB colour mask, but mask_mode is {mode}; set class_colors (and mask_mode=palette)")
+        raise DataError(f"{rgb_files[0]}: RGB colour mask, but mask_mode is {mode}; "
+                        "set class_colors (and mask_mode=palette)")
     return mode
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..contract.errors import DataError
 from ..contract.layout import IMAGES, MASKS
@@ -74,7 +74,8 @@ def _index_folder(folder: Path, allowed: Sequence[str], problems: list[str]) -> 
         by_stem[path.stem] = path
     if unknown:
         kind = "mask" if folder.name == MASKS else "image"
-        hint = " (masks must be lossless: JPEG is not accepted)" if any(p.suffix.lower() in (".jpg", ".jpeg") for p in unknown) and kind == "mask" else ""
+        jpeg_masks = kind == "mask" and any(p.suffix.lower() in (".jpg", ".jpeg") for p in unknown)
+        hint = " (masks must be lossless: JPEG is not accepted)" if jpeg_masks else ""
         problems.append(_listing(f"{len(unknown)} file(s) in {folder} with an unknown {kind} extension; "
                                  f"allowed: {', '.join(allowed)}{hint}", unknown))
     return by_stem
