@@ -24,8 +24,13 @@ from readiness import first_answer
 from support import REPO, TINY, free_port, sagemaker_tree
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.metrics_log import EPOCH_METRICS, per_class_names
-from unetseg.contract.sagemaker_env import (JOB_NAME_ENV, MLFLOW_EXPERIMENT_ENV, MLFLOW_TIMEOUT_ENV,
-                                            MLFLOW_TRACKING_URI_ENV, TRACKING_FLUSH_ENV)
+from unetseg.contract.sagemaker_env import (
+    JOB_NAME_ENV,
+    MLFLOW_EXPERIMENT_ENV,
+    MLFLOW_TIMEOUT_ENV,
+    MLFLOW_TRACKING_URI_ENV,
+    TRACKING_FLUSH_ENV,
+)
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.slow

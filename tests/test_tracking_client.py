@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import BUCKET, IMAGE, REGION, ROLE
 from support import ENGINE_ONLY_MODULES, REPO
-
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.contract.sagemaker_env import IMAGE_URI_ENV, MLFLOW_EXPERIMENT_ENV, MLFLOW_TRACKING_URI_ENV

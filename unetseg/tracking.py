@@ -26,17 +26,26 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from . import __version__
 from .atomic import replace_atomically
 from .contract.config import TrainConfig
 from .contract.metrics_log import EPOCH_METRICS, per_class_names, slug
-from .contract.sagemaker_env import (CURRENT_INSTANCE_TYPE_ENV, IMAGE_URI_ENV, JOB_ARN_ENV, JOB_NAME_ENV,
-                                     MLFLOW_EXPERIMENT_ENV, MLFLOW_RETRIES_ENV, MLFLOW_TIMEOUT_ENV,
-                                     MLFLOW_TRACKING_URI_ENV, TRACKING_FLUSH_ENV)
+from .contract.sagemaker_env import (
+    CURRENT_INSTANCE_TYPE_ENV,
+    IMAGE_URI_ENV,
+    JOB_ARN_ENV,
+    JOB_NAME_ENV,
+    MLFLOW_EXPERIMENT_ENV,
+    MLFLOW_RETRIES_ENV,
+    MLFLOW_TIMEOUT_ENV,
+    MLFLOW_TRACKING_URI_ENV,
+    TRACKING_FLUSH_ENV,
+)
 
 RECORD = "mlflow_run.json"  # in the checkpoint folder, which a spot restart restores with the checkpoint
 DEFAULT_EXPERIMENT = "unetseg"
@@ -85,7 +94,7 @@ def dataset_facts(cfg: TrainConfig, train_data, val_data) -> dict[str, str]:
     return {key: str(value) for key, value in facts.items()}
 
 
-def start(cfg: TrainConfig, paths, train_data, val_data, history: list[dict]) -> "Tracker | NoTracking":
+def start(cfg: TrainConfig, paths, train_data, val_data, history: list[dict]) -> Tracker | NoTracking:
     """Rank 0, once the data is checked and any checkpoint restored: a Tracker when a tracking URI is set."""
     uri = tracking_uri()
     if uri is None:
@@ -245,7 +254,7 @@ class Tracker:
         if previous.get("tracking_uri") == self.shown_uri and previous.get("run_id"):
             try:
                 run = client.get_run(previous["run_id"])
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if _http_status(exc) != 404:
                     raise
                 self._warn("lost run", f"mlflow: run {previous['run_id']} of the checkpoint is not on "
