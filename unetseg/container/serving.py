@@ -76,7 +76,9 @@ STATUS = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found", 405: "405
           406: "406 Not Acceptable", 408: "408 Request Timeout", 413: "413 Payload Too Large",
           415: "415 Unsupported Media Type", 500: "500 Internal Server Error", 504: "504 Gateway Timeout"}
 # What to send instead when a request is too large or too slow for the mode.
-INSTEAD = {"realtime": f"a batch transform, or async inference ({SERVING_MODE_ENV}=async), for larger or slower ones",
+INSTEAD = {"realtime": "a batch transform, or an asynchronous endpoint (UNetEstimator.deploy(..., async_inference="
+                       f"True): {ASYNC_MAX_PAYLOAD_BYTES >> 30} GB, {ASYNC_TIMEOUT_S} s by default), for larger or "
+                       "slower ones",
            "batch": f"a larger MaxPayloadInMB (at most {BATCH_MAX_PAYLOAD_MB}) or ModelClientConfig "
                     "InvocationsTimeoutInSeconds",
            "async": f"smaller images, or a larger {MODEL_SERVER_TIMEOUT_ENV} and InvocationTimeoutSeconds"}
