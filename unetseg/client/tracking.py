@@ -15,6 +15,7 @@ This module imports neither torch nor mlflow until a function needs it: `compare
 from __future__ import annotations
 
 import html
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,8 @@ def compare_runs(experiment: str, *, tracking_uri: Optional[str] = None, metric:
         raise UsageError("compare_runs needs MLflow's client: pip install 'unetseg[mlflow]'") from None
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # the sagemaker-mlflow plugin signs by the global URI
+    if not mlflow.get_tracking_uri().startswith("arn:"):  # sagemaker-mlflow 0.5 warns on each request otherwise
+        logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
