@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, tracking
 from .contract.config import TrainConfig
 from .contract.errors import ConfigError
 from .contract.metrics_log import SELECTION_METRIC, format_line
@@ -161,6 +161,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     if state is not None:
         start_epoch, start_batch, step, history, best, epoch_sums = restore(
             state, run, optimizer, scheduler, scaler, trained_on)
+    tracker = tracking.start(cfg, paths, train_data, val_data, history) if ctx.is_main else tracking.NO_TRACKING
 
     # What the step calls. Wrapped after the restore: DDP broadcasts rank 0's weights when it is built.
     model = (DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -241,6 +242,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                     checkpoint.save_best(paths.checkpoint_dir, raw_model.state_dict())
                 checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch + 1, 0))
             say(format_line(metrics, epoch=epoch + 1), flush=True)
+            tracker.log_epoch(history[-1])
             if cfg.early_stopping_patience and epochs_without_gain >= cfg.early_stopping_patience:
                 say(f"early stopping: no better {SELECTION_METRIC} for {epochs_without_gain} epochs (best {best})")
                 break
@@ -248,14 +250,14 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                 raise Interrupted(stop.name)
     except Interrupted:
         if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
-            finish(run, val_data, history, best, picture=False)
+            finish(run, val_data, history, best, picture=False, tracker=tracker)
         distributed.barrier(ctx)
         return TrainResult(history, best, interrupted=stop.name)
     finally:
         stop.restore()
 
     if ctx.is_main:
-        finish(run, val_data, history, best)
+        finish(run, val_data, history, best, tracker=tracker)
     # Every rank waits for rank 0's artifacts: a container that exits first can end the job with an empty model.
     distributed.barrier(ctx)
     return TrainResult(history, best)
@@ -364,12 +366,14 @@ def score_tiled(segmenter: Segmenter, image: np.ndarray, mask: np.ndarray, loss_
     return loss_sum / max(1, labelled), matrix
 
 
-def finish(run: Run, val_data: CheckedDataset, history: list, best: dict, picture: bool = True) -> None:
+def finish(run: Run, val_data: CheckedDataset, history: list, best: dict, picture: bool = True,
+           tracker=tracking.NO_TRACKING) -> None:
     """Rank 0: the best weights, config and history to the model dir; then, with `picture` (not on a stop), a picture
-    of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it."""
+    of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it; then, within a
+    deadline, all of it to the tracking server."""
     paths, say = run.paths, run.say
     weights = checkpoint.load_best(paths.checkpoint_dir) or run.raw_model.state_dict()
-    config = {**run.config, "best": best or {}}
+    config = {**run.config, "best": best or {}, **tracker.config_fields()}
     save_artifact(paths.model_dir, weights, config, history)
     if run.cfg.export_onnx and picture:
         export_onnx(paths.model_dir, say)
@@ -386,6 +390,7 @@ def finish(run: Run, val_data: CheckedDataset, history: list, best: dict, pictur
     say(f"metrics: {paths.model_dir / 'history.json'}")
     if drawn:
         say(f"predictions: {drawn}")
+    tracker.finish(paths.model_dir, drawn, best=best, stopped=not picture)
 
 
 def export_onnx(model_dir: Path, say) -> None:
