@@ -11,13 +11,20 @@
   body for SageMaker), a test bucket, and a SageMaker Session bound to both. Every SageMaker request is first checked
   against botocore's service model as the real service checks it (strict_aws): one that SageMaker would refuse raises
   its ValidationException here, instead of being accepted by moto.
+- A test not marked `slow` (or `docker`) may start no process: `make test-fast` runs the rest, and stays fast only
+  while the tests that start interpreters, servers or DataLoader workers are marked. One that starts a process fails
+  with a line saying to mark it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing.process
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -86,6 +93,52 @@ def _memoise_sdk_config_validation(monkeypatch: pytest.MonkeyPatch) -> None:
         module = sys.modules.get(name)
         if module is not None and hasattr(module, "validate_sagemaker_config"):
             monkeypatch.setattr(module, "validate_sagemaker_config", validate_once)
+
+
+def _watch_processes(started: list[str]) -> contextlib.ExitStack:
+    """Notes in `started` every process started by subprocess, multiprocessing or os.fork/system/posix_spawn, and lets
+    it start: the test runs as it would, and fails afterwards (the code under test may catch an exception)."""
+    stack = contextlib.ExitStack()
+    targets = [(subprocess.Popen, "_execute_child", "subprocess"),
+               (multiprocessing.process.BaseProcess, "start", "multiprocessing"),
+               *((os, name, f"os.{name}") for name in ("fork", "forkpty", "system", "posix_spawn", "posix_spawnp"))]
+    for owner, name, what in targets:
+        original = getattr(owner, name)
+
+        def noted(*args: Any, _original: Any = original, _what: str = what, **kwargs: Any) -> Any:
+            started.append(_what)
+            return _original(*args, **kwargs)
+
+        setattr(owner, name, noted)
+        stack.callback(setattr, owner, name, original)
+    return stack
+
+
+@contextlib.contextmanager
+def _no_process_unless_slow(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("slow") or item.get_closest_marker("docker"):
+        yield
+        return
+    started: list[str] = []
+    try:
+        with _watch_processes(started):
+            yield
+    finally:
+        if started:
+            pytest.fail(f"{item.nodeid} starts a process ({', '.join(sorted(set(started)))}) but is not marked slow: "
+                        "mark it @pytest.mark.slow, so that make test-fast stays fast", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _no_process_unless_slow(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_process_unless_slow(item):
+        return (yield)
 
 
 @dataclass

@@ -683,6 +683,7 @@ for name, save in (("last.pt", lambda: checkpoint.save_state(folder, {"model": w
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("staged", [False, True])
 def test_every_file_write_fails_with_one_error_naming_the_file_and_leaves_no_partial_file(tmp_path, staged):
     # torch.save says "unexpected pos" and safetensors "os error 27": a file size limit (EFBIG) behaves as a quota does

@@ -486,6 +486,7 @@ def test_a_local_mode_model_is_not_sent_to_sagemaker(aws, monkeypatch):
     assert aws.requests == []
 
 
+@pytest.mark.slow
 def test_deploy_and_transformer_import_no_torch():
     script = textwrap.dedent(f"""
         import sys
