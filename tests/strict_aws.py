@@ -35,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover - moto[server] brings it
     _unicode_regex = None
 
-SERVICES = ("sagemaker",)  # every operation of these services is checked
+SERVICES = ("sagemaker", "ecr", "sts")  # every operation of these services is checked (ECR, STS: image push)
 _JAVA_SUPPLEMENTARY_RANGE = r"\uD800\uDC00-\uDBFF\uDFFF"  # a UTF-16 surrogate pair range: U+10000..U+10FFFF
 _NUMBERS = ("integer", "long", "float", "double")
 

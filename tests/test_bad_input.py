@@ -652,7 +652,7 @@ def test_disk_full_in_the_container_is_the_failure_file_first_line(tiny_dataset,
     root = tmp_path / "ml"
     env = sagemaker_tree(root, {**TINY, "epochs": 1, "num_workers": 2},
                          {"train": tiny_dataset / "train", "validation": tiny_dataset / "validation"})
-    (root / where).mkdir(parents=True)
+    (root / where).mkdir(parents=True, exist_ok=True)  # SageMaker makes model/ and checkpoints/ beforehand
     done = run_with_mounts([(root / where, f"size={size}")], [], listing=root / where, env=env,
                            command=[PY, str(Path(__file__).resolve().parents[1] / "entry" / "train.py")])
     assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
@@ -944,7 +944,8 @@ def test_a_damaged_checkpoint_in_the_container_is_the_failure_file_first_line(tr
     data, trained = trained_run
     env = sagemaker_tree(tmp_path / "ml", {**TINY, "epochs": 2}, {"train": data / "train",
                                                                   "validation": data / "validation"})
-    shutil.copytree(trained / "checkpoints", tmp_path / "ml" / "checkpoints")
+    # restored into the checkpoints/ folder that is already there, as SageMaker restores checkpoint_s3_uri
+    shutil.copytree(trained / "checkpoints", tmp_path / "ml" / "checkpoints", dirs_exist_ok=True)
     damaged = _damage_last(lambda data: data[: len(data) // 2])(tmp_path / "ml" / "checkpoints")
     done = run_entry(env)
     assert done.returncode == 1, done.stderr[-3000:]

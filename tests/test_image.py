@@ -113,24 +113,6 @@ def fake_docker(tmp_path, monkeypatch):
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-@pytest.fixture
-def aws(monkeypatch):
-    """Fake credentials and region, no credential files, no instance metadata lookups; moto answers STS and ECR."""
-    from moto import mock_aws
-
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_REGION"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with mock_aws():
-        yield
-
-
 MOTO_PASSWORD = "123456789012-auth-token"  # what moto's get_authorization_token hands out
 
 
@@ -336,6 +318,9 @@ def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, cap
 
     uri = docker_image.push_image("unetseg:v1", repository="team/unetseg")
     assert uri == "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/unetseg:v1"
+    # push's own boto3 session went through the suite's one offline AWS: recorded, and checked by strict_aws
+    asked = {"sts.GetCallerIdentity", "ecr.CreateRepository", "ecr.GetAuthorizationToken"}
+    assert asked <= set(aws.requests), aws.requests
 
     repo = boto3.client("ecr").describe_repositories(repositoryNames=["team/unetseg"])["repositories"][0]
     assert repo["imageScanningConfiguration"]["scanOnPush"] is True

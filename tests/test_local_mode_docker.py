@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 
 import docker_support
-from docker_support import LOCAL_NETWORK, docker, network_info, opt_ml_tree
-from support import TINY
+from docker_support import LOCAL_NETWORK, docker, network_info
+from support import TINY, opt_ml_tree
 from unetseg.contract.metrics_log import EPOCH_METRICS, parse_line, regex_for
 from unetseg.contract.sagemaker_env import PROCS_PER_HOST_ENV
 from unetseg.synthetic import make_demo_dataset
