@@ -155,4 +155,3 @@ def test_quickstart_runs_top_to_bottom_against_moto(moto_server, tmp_path, _sdk_
     prefix = f"/datasets/{data_dir.name}/"
     mirrored = sorted(k.split(prefix, 1)[1] for k in uploaded if prefix in k)
     assert len(local) == 128 and mirrored == local
-    assert seconds < 300, f"the quickstart took {seconds:.0f} s; it should stay a couple of minutes on a CPU"
