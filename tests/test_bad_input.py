@@ -105,7 +105,10 @@ def peak_rss_mib(argv: list[str], env: dict | None = None, timeout: int = 300) -
 def _tiny_args(**extra) -> list[str]:
     """A one-epoch TINY run's hyperparameters as `unetseg train` arguments."""
     hps = {**TINY, "epochs": 1, "num_workers": 0, **extra}
-    text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)  # noqa: E731
+
+    def text(v):
+        return ",".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)
+
     return [f"{k}={text(v)}" for k, v in hps.items()]
 
 

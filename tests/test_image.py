@@ -151,7 +151,10 @@ def test_image_requirements_cover_the_train_and_serve_extras():
     `serve` extras."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    norm = lambda req: re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+
+    def norm(req):
+        return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
     extras = cfg["options.extras_require"]
     train = {norm(r) for extra in ("train", "serve") for r in extras[extra].splitlines() if r.strip()}
     listed = {norm(r) for r in (REPO / "entry" / "requirements-image.in").read_text().splitlines()
@@ -663,7 +666,10 @@ def test_a_failed_build_names_the_step_and_leaves_no_container(tmp_path):
     if subprocess.run([docker, "image", "inspect", base], capture_output=True).returncode != 0:
         pytest.skip(f"no CI base image {base}")
     (tmp_path / "Dockerfile").write_text(f"FROM {base}\nRUN echo broken-step && exit 3\n")
-    listing = lambda: set(subprocess.run([docker, "ps", "-aq"], capture_output=True, text=True).stdout.split())  # noqa: E731
+
+    def listing():
+        return set(subprocess.run([docker, "ps", "-aq"], capture_output=True, text=True).stdout.split())
+
     before = listing()
     with pytest.raises(ImageError, match="docker build of unetseg:test-broken failed") as info:
         docker_image.build_image("unetseg:test-broken", context=tmp_path, dockerfile=tmp_path / "Dockerfile",

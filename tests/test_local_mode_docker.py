@@ -283,7 +283,10 @@ def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, 
     assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
     assert (last_a["epoch"], last_a["step"]) == (last_b["epoch"], last_b["step"]) == (2, 2 * steps)
     # The epoch cut in two reports the loss of all its steps over all ranks, as the uninterrupted run does.
-    loss = lambda last: [h["train_loss"] for h in last["history"]]  # noqa: E731
+
+    def loss(last):
+        return [h["train_loss"] for h in last["history"]]
+
     assert loss(last_b) == pytest.approx(loss(last_a), rel=1e-5, abs=0)
     print(f"uninterrupted container run ({procs} process(es)): {straight_seconds:.0f}s; SIGTERM after step "
           f"{SPOT_STOP_AT} stopped it at epoch 1, batch {batch} of {steps}")
