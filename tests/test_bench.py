@@ -72,3 +72,14 @@ def test_gpu_check_fails_loudly_without_cuda(tmp_path):
     assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
     assert "no CUDA device" in done.stderr and "--smoke" in done.stderr, done.stderr
     assert not (tmp_path / "gpu-check" / "summary.json").exists()
+
+
+def test_camvid_class_weights_benchmark_smoke():
+    """Its smoke form: synthetic data with a void label, one epoch each way (the real figure is in the README)."""
+    out = run("camvid_class_weights.py", "--smoke")
+    assert "| **mIoU** |" in out and "class_weights=auto" in out and "void = 3" in out
+
+
+def test_large_raster_benchmark_smoke():
+    out = run("large_raster.py", "--sizes", "192,256", "--whole-max", "192", "--tile", "64", "--tiling-side", "128")
+    assert "whole" in out and "windowed" in out and "s/Mpx" in out and "windowed peak RSS, 256^2 / 192^2" in out

@@ -195,6 +195,43 @@ def test_local_mode_failure_carries_the_failure_file(training_image, local_sessi
     print(f"the error fit() raised:\n{message}")
 
 
+# --- 3b. a Ground Truth manifest -------------------------------------------------------------------------------------
+
+def test_local_mode_trains_from_a_ground_truth_manifest(training_image, local_session, tmp_path, capfd):
+    """A labelling job's output manifest with local paths (local mode's form of its s3:// URIs): images and colour
+    masks in different folders, bound as three channels; the colour map becomes the model's classes."""
+    from PIL import Image
+
+    from test_ground_truth import RGB, gt_pairs, line
+
+    lines = []
+    for i, (image, mask, _) in enumerate(gt_pairs(10, seed=4)):
+        image_path = tmp_path / "street-images" / f"frame{i}.png"
+        mask_path = tmp_path / "labels" / "annotations" / "consolidated-annotation" / "output" / f"{i}_2024.png"
+        for path, array in ((image_path, image), (mask_path, mask)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+        lines.append(line(str(image_path), mask_path.as_uri()))
+    manifest = tmp_path / "labels" / "manifests" / "output" / "output.manifest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("\n".join(lines) + "\n" + json.dumps({"source-ref": str(tmp_path / "unlabelled.png")}))
+    est = estimator(training_image, local_session, tmp_path, hyperparameters={**HPS, "val_fraction": 0.3})
+    started = time.monotonic()
+    try:
+        with pytest.warns(UserWarning, match=r"1 object\(s\) without a city-streets-ref"):
+            est.fit(manifest.as_uri(), job_name=job_name("gt"))
+    finally:
+        out, err = capfd.readouterr()
+        print(ANSI.sub("", out + err)[-6000:])
+    assert est.latest_training_job.describe()["TrainingJobStatus"] == "Completed"
+    with tarfile.open(est.model_data[len("file://"):]) as tar:
+        config = json.load(tar.extractfile("config.json"))
+    assert config["class_names"] == ["BACKGROUND", "buildings", "road"] and config["mask_mode"] == "palette"
+    assert config["class_colors"] == [list(RGB[i]) for i in range(3)]
+    assert [h["epoch"] for h in history(est)] == [1, 2]
+    print(f"local job from a manifest: {time.monotonic() - started:.0f}s")
+
+
 # --- 4. spot: SIGTERM mid-epoch, then resume ----------------------------------------------------------------------
 
 # Two DataLoader workers per training process, as on every GPU job: a stop must reach the training processes and not

@@ -409,8 +409,8 @@ def test_transformer_runs_a_folder_of_images(aws):
     assert job["TransformOutput"] == {"S3OutputPath": f"s3://{BUCKET}/masks/", "Accept": "image/png"}
     assert job["TransformResources"] == {"InstanceCount": 1, "InstanceType": "ml.g4dn.xlarge"}
     assert "MaxPayloadInMB" not in job and "MaxConcurrentTransforms" not in job  # the server's /execution-parameters
-    assert [r for r in aws.requests if r != "sagemaker.DescribeTrainingJob"] == [
-        "sagemaker.CreateModel", "sagemaker.CreateTransformJob"]
+    assert [r for r in aws.requests if r != "sagemaker.DescribeTrainingJob"] == [  # the listing: sizes under the limit
+        "sagemaker.CreateModel", "s3.ListObjectsV2", "sagemaker.CreateTransformJob"]
 
 
 def test_transform_defaults_to_png_and_takes_jpeg_and_other_outputs(aws):

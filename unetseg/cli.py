@@ -17,6 +17,7 @@ from typing import Optional
 from .contract.codecs import TTA_MODES
 from .contract.config import TrainConfig
 from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
+from .contract.ground_truth import is_manifest
 from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
 from .contract.sagemaker_env import stopped_exit_code
 
@@ -57,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train in this process. Hyperparameters: key=value or --key value "
                                    "(see `unetseg hyperparameters`).")
     p.add_argument("--data", required=True, type=Path,
-                   help="a folder with images/ and masks/, or with train/ and validation/")
+                   help="a folder with images/ and masks/, or with train/ and validation/, or a Ground Truth output "
+                   "manifest (.manifest) of local paths")
     p.add_argument("--validation", type=Path,
                    help="validation folder (default: validation/ beside train/, else a held-out fraction)")
     p.add_argument("--output", type=Path, help="run folder: model/, checkpoints/, output/ (default: runs/<time>); "
@@ -85,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write a mask per image with a trained model")
     p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
-    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks")
-    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16)")
+    p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks (<name>.tif for TIFFs above "
+                                                                "2048x2048 and GeoTIFFs, read window by window)")
+    p.add_argument("--probabilities", action="store_true", help="also write <name>.npy class probabilities (float16; "
+                                                                "<name>_proba.tif, uint8 x 255, beside a .tif mask)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images up to 2048x2048)")
     p.add_argument("--tta", choices=TTA_MODES, default="none",
@@ -136,7 +140,16 @@ def _split_layout(data: Path, validation: Optional[Path]) -> tuple[Path, Optiona
 
 def _train(args, extra: Sequence[str]) -> int:
     cfg = TrainConfig.from_hyperparameters(parse_hyperparameters(extra))  # fails before torch is even imported
-    train_dir, val_dir = _split_layout(args.data, args.validation)
+    if is_manifest(str(args.data)):  # a Ground Truth labelling job's output manifest, with local paths
+        from .client.manifest_inputs import read_manifest
+
+        manifest = read_manifest(str(args.data), lambda: None, cfg.label_attribute)
+        print(manifest.summary())
+        cfg = manifest.configure(cfg)
+        train_dir = manifest.write_local_pairing(args.data, Path(tempfile.mkdtemp(prefix="unetseg-manifest-")))
+        val_dir = args.validation
+    else:
+        train_dir, val_dir = _split_layout(args.data, args.validation)
     output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
     check_output_folder(output, subfolders=RUN_FOLDERS)  # before the data check: not a failure after an epoch
     return _run_training(cfg, train_dir, val_dir, output, init_model=args.init_model)

@@ -1,4 +1,5 @@
-"""Loss functions by config name. All take logits (N, C, H, W) and targets (N, H, W) with 255 = ignore.
+"""Loss functions by config name. All take logits (N, C, H, W) and targets (N, H, W) with 255 = ignore (the
+dataset's own void value, `ignore_index`, is 255 once MaskCodec has decoded a mask).
 
 Binary tasks use two logits with softmax: cross-entropy over two classes is binary cross-entropy, and one code
 path serves every class count.

@@ -9,7 +9,7 @@ from .data.masks import IGNORE_INDEX
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
-    """(C, C) int64 counts, rows = truth, columns = prediction; ignore pixels skipped."""
+    """(C, C) int64 counts, rows = truth, columns = prediction; void pixels (decoded to IGNORE_INDEX) skipped."""
     valid = target != IGNORE_INDEX
     index = target[valid].long() * classes + pred[valid].long()
     return torch.bincount(index, minlength=classes * classes).view(classes, classes)

@@ -2,11 +2,12 @@
 
 Per image `<stem>.png` (pixel values are class indices; viewers show the class colours), and on request
 `<stem>.npy` (float16 class probabilities, C x H x W) and `<stem>_overlay.png` (the mask blended on the image).
-Same-sized images are batched; large images are tiled (see Segmenter); decoding runs ahead in threads, at most two
-batches ahead and within a byte budget known from the headers (the size limit for one image, UNETSEG_MAX_IMAGE_MB),
-so memory stays bounded whatever the folder holds, also when its images are near the limit. An image that cannot be
-used (unreadable, over the size limit, the wrong channel count) does not stop the others: the good ones get their
-masks, and every bad one is named in one DataError at the end.
+Same-sized images are batched; large images are tiled (see Segmenter). TIFFs above the tiling size and GeoTIFFs are
+read and written window by window instead, their masks as `<stem>.tif` (predict_raster.py). Decoding runs ahead in
+threads, at most two batches ahead and within a byte budget known from the headers (the size limit for one image,
+UNETSEG_MAX_IMAGE_MB), so memory stays bounded whatever the folder holds, also when its images are near the limit.
+An image that cannot be used (unreadable, over the size limit, the wrong channel count) does not stop the others: the
+good ones get their masks, and every bad one is named in one DataError at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .contract.image_headers import max_image_bytes
 from .contract.layout import IMAGES
 from .data.io import declared_size, read_image
 from .data.scan import IMAGE_EXTENSIONS
+from .predict_raster import note_overlays, predict_rasters, windowed
 from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
@@ -84,13 +86,17 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
         shared = ", ".join(sorted({s for s in stems if stems.count(s) > 1}))
         raise DataError(f"two input images share a name ({shared}); "
                         "their masks would overwrite each other")
+    rasters = [p for p in images if windowed(p, model)]  # large TIFFs and GeoTIFFs: read and written window by window
+    images = [p for p in images if p not in rasters]
+    if overlays:
+        note_overlays(rasters)
+    problems: list[str] = []
+    written = predict_rasters(model, rasters, output, problems, probabilities=probabilities, tile=tile, tta=tta)
     bar = None
     if progress if progress is not None else sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=len(images), unit="image")
-    written: list[Path] = []
-    problems: list[str] = []
     for chunk in _decoded_chunks(images, batch_size, model.in_channels, problems):
         for path, image, probs in _predict_chunk(model, chunk, tile, tta):
             mask = probs.argmax(0).astype(np.uint8)
@@ -109,8 +115,9 @@ def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, pro
     if bar is not None:
         bar.close()
     if problems:
-        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {len(images)} images could "
-                        "not be used:\n  " + "\n  ".join(problems))
+        total = len(images) + len(rasters)
+        raise DataError(f"wrote {len(written)} mask(s) to {output}, but {len(problems)} of {total} images could not be "
+                        "used:\n  " + "\n  ".join(problems))
     return written
 
 

@@ -34,6 +34,7 @@ from ..contract.errors import ArtifactError
 from ..contract.layout import INIT_MODEL_CHANNEL
 from ..contract.metrics_log import all_metric_names, metric_definitions, per_class_names
 from ..contract.sagemaker_env import (
+    BATCH_MAX_PAYLOAD_MB,
     CHECKPOINT_DIR_ENV,
     IMAGE_URI_ENV,
     MODEL_SERVER_TIMEOUT_ENV,
@@ -280,6 +281,8 @@ class UNetEstimator(Estimator):
             environment=self.environment or {},
         )
         channels = resolver.resolve(inputs, init_model=init_model)
+        if channels.hyperparameters:  # a Ground Truth manifest's colour map: the job's classes, names and colours
+            self.set_hyperparameters(**channels.hyperparameters)
         self._fit_volume_to(channels.file_mode_bytes)
         return channels.inputs
 
@@ -514,8 +517,15 @@ class UNetEstimator(Estimator):
         session = self._local_inference_session() if kind.local else self.sagemaker_session
         if not kind.local:
             self._check_hostable_remotely(instance_type)
+        payload = None  # SageMaker's limits, which its API model does not state: refused here, not in the job
+        if max_payload is not None and not 0 <= max_payload <= BATCH_MAX_PAYLOAD_MB:
+            payload = (f"max_payload={max_payload}: a batch transform's MaxPayloadInMB is 0 to {BATCH_MAX_PAYLOAD_MB} "
+                       "(megabytes per request); larger images: `unetseg predict` reads TIFFs window by window")
+        elif (max_payload or 0) * (max_concurrent_transforms or 0) > BATCH_MAX_PAYLOAD_MB:
+            payload = (f"max_payload={max_payload} x max_concurrent_transforms={max_concurrent_transforms}: SageMaker "
+                       f"allows at most {BATCH_MAX_PAYLOAD_MB} MB in flight per instance; lower one of them")
         rules.raise_if([None if output_path is None or kind.local else rules.s3_uri_problem("output_path", output_path),
-                        rules.job_name_problem("model_name", model_name), *rules.environment_problems(env)])
+                        rules.job_name_problem("model_name", model_name), *rules.environment_problems(env), payload])
         tags = format_tags(tags) or self.tags
         self._ensure_base_job_name()  # the transform jobs' names too
         model_name = self._get_or_create_name(model_name)

@@ -11,15 +11,21 @@ needs no torch) with the job's TrainConfig, all channels together so that one ma
 files. The container caches decoded pixels; this check keeps none. Data already in S3 is checked by the container.
 Each bucket is checked (`check_bucket`) before the first request that reads or writes it.
 
+A Ground Truth semantic segmentation output manifest (`s3://.../output.manifest`, or in local mode a local one) is a
+channel too: read, checked and sent as plain S3Prefix channels by manifest_inputs.py; its colour map sets `classes`,
+`class_names`, `class_colors` and `mask_mode` (Channels.hyperparameters).
+
 A third channel, `init_model`, carries a trained unetseg model to fine-tune from: an s3:// URI of a model.tar.gz
 (another job's `model_data`), a fitted UNetEstimator, or in local mode a local model.tar.gz or model folder.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ from typing import Any, Optional
 
 from ..contract.config import TrainConfig
 from ..contract.errors import DataError
+from ..contract.ground_truth import is_manifest
 from ..contract.image_headers import job_limit
 from ..contract.layout import (
     CHANNELS,
@@ -41,7 +48,10 @@ from ..contract.layout import (
 )
 from ..data.scan import Sample, pair_channel, split_holdout
 from .job_rules import INPUT_MODES, JobSettingsError, check_s3_uri, split_s3_uri
+from .manifest_inputs import ManifestChannels, local_samples, read_manifest
 from .s3_upload import is_object, list_children, prefix_size, progress_bar, sync_folder
+
+logger = logging.getLogger(__name__)
 
 CHECK_PROGRESS_DELAY_S = 1.0  # the data check's bar shows once a check has taken this long
 
@@ -50,6 +60,7 @@ CHECK_PROGRESS_DELAY_S = 1.0  # the data check's bar shows once a check has take
 class Channels:
     inputs: dict[str, Any]  # channel name -> TrainingInput, FileSystemInput or file:// URI
     file_mode_bytes: int  # bytes that File mode copies onto the instance (0 where unknown or streamed)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # what a Ground Truth manifest's colour map decides
 
 
 @dataclass
@@ -84,6 +95,8 @@ class InputResolver:
             return self._from_dict(inputs)
         if isinstance(inputs, (str, os.PathLike)):
             text = os.fspath(inputs)
+            if is_manifest(text):
+                return self._from_manifests({TRAIN_CHANNEL: text})
             if text.startswith("s3://"):
                 return self._from_s3_prefix(text)
             return self._from_local_folder(self._local_path(text))
@@ -165,7 +178,9 @@ class InputResolver:
         """Read every local file as the container will, before anything is sent; one DataError names each bad file."""
         if self.config is None:
             return
-        from ..data.checks import check_dataset  # numpy and PIL, no torch: imported only for local data
+        from ..data.checks import (
+            check_dataset,  # numpy and PIL, no torch: imported only for local data
+        )
 
         if TRAIN_CHANNEL in paired and VALIDATION_CHANNEL not in paired and not validation_elsewhere:
             split_holdout(paired[TRAIN_CHANNEL], self.config.val_fraction, self.config.seed)  # at least two samples
@@ -235,6 +250,16 @@ class InputResolver:
                             f"{', '.join(CHANNELS)}")
         if TRAIN_CHANNEL not in inputs:
             raise DataError(f"fit() inputs {sorted(inputs)} have no {TRAIN_CHANNEL!r} channel")
+        manifests = {name: os.fspath(value) for name, value in inputs.items() if name != INIT_MODEL_CHANNEL
+                     and isinstance(value, (str, os.PathLike)) and is_manifest(os.fspath(value))}
+        if manifests:
+            if len(manifests) != len([name for name in inputs if name != INIT_MODEL_CHANNEL]):
+                raise DataError(f"fit() inputs: {', '.join(sorted(manifests))} given as Ground Truth manifests, the "
+                                "other channels not: give every data channel as a manifest, or none")
+            found = self._from_manifests(manifests)
+            if INIT_MODEL_CHANNEL in inputs:
+                found.inputs[INIT_MODEL_CHANNEL] = self.model_input(inputs[INIT_MODEL_CHANNEL])
+            return found
         # Local folders first, all together: their problems need no request, and one mask convention spans them.
         folders = {name: self._local_path(os.fspath(value)) for name, value in inputs.items()
                    if name != INIT_MODEL_CHANNEL and isinstance(value, (str, os.PathLike))
@@ -277,6 +302,55 @@ class InputResolver:
                 raise DataError(f"channel {name!r}: {type(value).__name__} is not an s3:// URI, local folder or "
                                 "TrainingInput")
         return Channels(channels, total)
+
+    # --- Ground Truth manifests ---------------------------------------------------------------------------------------
+    def _from_manifests(self, manifests: Mapping[str, str]) -> Channels:
+        """Each manifest read and checked (one colour map for all), its images and masks looked up, its channels
+        made."""
+        attribute = self.config.label_attribute if self.config is not None else None
+        for name, text in manifests.items():
+            if text.startswith("s3://"):
+                check_s3_uri(f"fit inputs[{name!r}]", text)
+                self.check_bucket(f"fit inputs[{name!r}]", text)
+        parsed = {name: read_manifest(text, self.s3_client, attribute) for name, text in manifests.items()}
+        hyperparameters = self._manifest_hyperparameters(parsed)
+        maker = ManifestChannels(self.s3_client, self.datasets_uri, self._training_input, self.check_bucket, self.local)
+        inputs: dict[str, Any] = {}
+        paired = {}
+        for name, manifest in parsed.items():
+            text = manifests[name]
+            if manifest.skipped:  # said once, in one line: the user may have expected every object to train
+                warnings.warn(manifest.summary(), UserWarning, stacklevel=5)
+            else:
+                logger.info(manifest.summary())
+            if text.startswith("s3://"):
+                inputs.update(maker.from_s3(name, manifest))
+            elif not self.local:
+                raise JobSettingsError(f"{text}: a local manifest is for local mode (instance_type='local'); for a "
+                                       "SageMaker job give the s3:// URI of the labelling job's output manifest")
+            else:
+                path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser().resolve()
+                inputs.update(maker.from_local(name, manifest, path))
+                paired[name] = local_samples(manifest, path)
+        if paired and self.config is not None:
+            checker = InputResolver(self.local, self.input_mode, self.s3_client, self.datasets_uri,
+                                    self.config.replace(**hyperparameters), environment=self.environment,
+                                    progress=self.progress)
+            checker._check_local_data(paired, validation_elsewhere=VALIDATION_CHANNEL in manifests,
+                                      where=", ".join(manifests.values()))
+        return Channels(inputs, maker.listed_bytes if self.input_mode == "File" else 0, hyperparameters)
+
+    def _manifest_hyperparameters(self, parsed: Mapping[str, Any]) -> dict[str, Any]:
+        """The class map of the manifests (one for all of them); a hyperparameter the user set otherwise is refused."""
+        (first_name, first), *others = parsed.items()
+        for name, manifest in others:
+            if manifest.hyperparameters() != first.hyperparameters():
+                raise DataError(f"the {first_name!r} manifest ({first.where}) and the {name!r} manifest "
+                                f"({manifest.where}) have different colour maps: {first.class_names} against "
+                                f"{manifest.class_names}; train and validate on one label set")
+        if self.config is not None:
+            first.configure(self.config)
+        return first.hyperparameters()
 
     def _check_training_input_bucket(self, name: str, value: Any) -> None:
         uri = value.config.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri")

@@ -293,6 +293,23 @@ def request_options(custom_attributes: Optional[str] = None, *, tile: Optional[i
     return "; ".join(parts) or None
 
 
+def oversized_inputs(s3: Any, prefix_uri: str, limit_mb: int) -> list[str]:
+    """Each object under `prefix_uri` larger than a batch transform's MaxPayloadInMB: the job would start its instances
+    and then fail on it. Found by listing the prefix (sizes come with the listing), as SageMaker reads it."""
+    bucket, _, prefix = prefix_uri[len("s3://"):].partition("/")
+    limit = limit_mb * 2**20
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", ()):
+            if item["Size"] > limit:
+                found.append(f"s3://{bucket}/{item['Key']} is {item['Size'] / 2**20:.1f} MiB, over the batch "
+                             f"transform's payload limit of {limit_mb} MiB (MaxPayloadInMB, at most "
+                             f"{BATCH_MAX_PAYLOAD_MB}): run "
+                             "`unetseg predict --input <the file>` where it is (a notebook or processing job: it reads "
+                             "TIFFs window by window), or cut the image into smaller files")
+    return found
+
+
 class UNetTransformer(Transformer):
     """A batch transform with defaults that fit a folder of images (made by `UNetEstimator.transformer`).
 
@@ -310,6 +327,9 @@ class UNetTransformer(Transformer):
         if split_type not in (None, "None"):
             raise ValueError(f"split_type={split_type!r}: an image is one record and cannot be split")
         rules.raise_if([rules.job_name_problem("job_name", job_name)])
+        if data_type == "S3Prefix" and isinstance(data, str) and data.startswith("s3://"):
+            rules.raise_if(oversized_inputs(self.sagemaker_session.boto_session.client("s3"), data,
+                                            self.max_payload or BATCH_MAX_PAYLOAD_MB))
         local_output = False
         if self.sagemaker_session.local_mode:
             # The local client runs the whole job before CreateTransformJob returns; waiting would only sleep.

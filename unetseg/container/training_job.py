@@ -27,6 +27,7 @@ from typing import Optional
 
 from ..atomic import WriteFailed, replace_atomically
 from ..contract.errors import DataError
+from ..contract.ground_truth import MANIFEST_SUFFIX, PAIRING_FILE, check_pairing_config, read_pairing
 from ..contract.layout import IMAGES, INIT_MODEL_CHANNEL, MASKS, TRAIN_CHANNEL, read_layout
 from ..contract.sagemaker_env import RANK_REPORTS_ENV, STOP_GRACE_S, TrainingEnv, stopped_exit_code
 from . import stop_registry
@@ -72,6 +73,9 @@ def run(env: TrainingEnv) -> int:
 
     cfg = TrainConfig.from_hyperparameters(env.hyperparameters)
     train_dir, val_dir = pick_channels(env.channels)
+    for folder in (train_dir, val_dir):
+        if folder is not None and (folder / PAIRING_FILE).is_file():  # a Ground Truth manifest's channels
+            check_pairing_config(read_pairing(folder / PAIRING_FILE), cfg)
     paths = RunPaths(train_dir, val_dir, env.model_dir, env.checkpoint_dir, env.output_data_dir,
                      init_model=env.channels.get(INIT_MODEL_CHANNEL))
     result = train(cfg, paths, progress=False)
@@ -98,7 +102,11 @@ def pick_channels(channels: dict[str, Path]) -> tuple[Path, Optional[Path]]:
             raise DataError(f"the job's channels {IMAGES!r} and {MASKS!r} are in different folders ({sorted(root)}); "
                             f"send one channel {TRAIN_CHANNEL!r} holding {IMAGES}/ and {MASKS}/")
         return root.pop(), None
-    return data[layout.train], data[layout.validation] if layout.validation else None
+
+    def channel(name: str) -> Path:  # a Ground Truth manifest's channel is read through its pairing file
+        return data.get(name + MANIFEST_SUFFIX, data[name])
+
+    return channel(layout.train), channel(layout.validation) if layout.validation else None
 
 
 def supervise(command: list[str], failure_file: Path) -> int:

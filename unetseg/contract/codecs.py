@@ -1,6 +1,7 @@
 """Wire formats of the inference endpoint, shared by the server and the notebook's predictor. No torch.
 
-Requests: image/png, image/jpeg (8- or 16-bit, grayscale or RGB) or application/x-npy (an HxW or HxWxC array).
+Requests: image/png, image/jpeg, image/tiff (8- or 16-bit, grayscale or RGB) or application/x-npy (an HxW or HxWxC
+array).
 Responses, chosen by Accept:
 - image/png: the class-index mask as a palette PNG (pixel values are classes; viewers show the class colours);
 - application/x-npy: the uint8 mask, or float16 probabilities (C, H, W) when asked for;
@@ -29,7 +30,8 @@ from .errors import DataError, ImageTooLargeError
 from .image_headers import Declared, check_declared, declared_pil, declared_png
 
 PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
-REQUEST_TYPES = (PNG, JPEG, NPY)
+TIFF = "image/tiff"  # read by PIL here: 8/16-bit grayscale or RGB, one page (a batch transform's large images)
+REQUEST_TYPES = (PNG, JPEG, TIFF, NPY)
 RESPONSE_TYPES = (PNG, NPY, JSON)
 # Test-time augmentation: none; flip = the 4 horizontal/vertical flips; d4 = those and their transposes (8 views,
 # for images without a preferred orientation, e.g. microscopy). Probabilities are averaged over the views.
@@ -75,7 +77,7 @@ def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = Non
     kind = media_type(content_type)
     if kind == NPY:
         return _decode_npy(body, max_pixels)
-    if kind not in (PNG, JPEG):
+    if kind not in (PNG, JPEG, TIFF):
         raise CodecError(f"content type {content_type!r} is not supported; send one of {', '.join(REQUEST_TYPES)}")
     png = declared_png(bytes(body[:33]))
     if png is not None:
@@ -111,8 +113,8 @@ def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = Non
     return array
 
 
-_PIL_FORMATS = {PNG: ("PNG",), JPEG: ("JPEG", "MPO")}  # MPO: a camera's JPEG with more frames after the first
-_FORMAT_TYPES = {"PNG": PNG, "JPEG": JPEG, "MPO": JPEG}
+_PIL_FORMATS = {PNG: ("PNG",), JPEG: ("JPEG", "MPO"), TIFF: ("TIFF",)}  # MPO: a camera's JPEG with more frames
+_FORMAT_TYPES = {"PNG": PNG, "JPEG": JPEG, "MPO": JPEG, "TIFF": TIFF}
 ACCEPTED_PIXELS = "uint8 or uint16 pixels (or other integers within 0..65535, or floats in [0, 1])"
 
 

@@ -61,8 +61,16 @@ class TrainConfig(BaseModel):
     )
     mask_mode: Literal["auto", "binary", "index", "palette"] = Field(
         "auto",
-        description="how mask pixels map to classes: binary ({0,255} or {0,1}), index (0..C-1, 255 = ignore), "
+        description="how mask pixels map to classes: binary ({0,255} or {0,1}), index (0..C-1, ignore_index = void), "
         "palette (RGB through class_colors); auto decides from the data",
+    )
+    label_attribute: Optional[str] = Field(
+        None, description="Ground Truth manifests: the label attribute to train on, where a manifest has several"
+    )
+    ignore_index: int = Field(
+        255, ge=0, le=255,
+        description="the mask value of unlabelled (void) pixels, left out of the loss, the metrics and the pixel "
+        "counts; outside 0..classes-1 (VOC and Cityscapes 255, CamVid 11)",
     )
 
     # --- optimisation ------------------------------------------------------------------------------------------
@@ -173,6 +181,11 @@ class TrainConfig(BaseModel):
                              "much as common ones)")
         if self.mask_mode == "palette" and self.class_colors is None:
             raise ValueError("mask_mode=palette needs class_colors")
+        if self.ignore_index < self.classes:
+            raise ValueError(
+                f"ignore_index={self.ignore_index} is one of the classes 0..{self.classes - 1}; the void value must be "
+                f"outside them (a mask holding 0 = void and classes 1..N, as ADE20K's, needs its labels shifted down "
+                f"by one with the void set to 255: unetseg does not renumber classes silently)")
         if self.mask_mode == "binary" and self.classes != 2:
             raise ValueError(f"mask_mode=binary needs classes=2, got classes={self.classes}")
         return self

@@ -149,9 +149,9 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
 
     if codec is None and good:
         values = {samples[i].mask: f.values for i, f in good.items()}
-        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, values)
+        mode = resolve_mode(cfg.mask_mode, cfg.classes, cfg.class_colors, values, cfg.ignore_index)
         colours = tuple(tuple(c) for c in cfg.class_colors) if cfg.class_colors else None
-        codec = MaskCodec(mode, cfg.classes, colours)
+        codec = MaskCodec(mode, cfg.classes, colours, cfg.ignore_index)
     for i, fact in good.items():
         try:
             codec.check_values(fact.values, samples[i].mask)

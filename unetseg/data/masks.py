@@ -1,8 +1,12 @@
 """Mask pixels to class indices, under one of three conventions.
 
 - binary: 0 = background, 1 or 255 = foreground (classes = 2);
-- index: 0..C-1 are classes, 255 = ignore (excluded from loss and metrics);
+- index: 0..C-1 are classes, `ignore_index` (default 255) = void (excluded from loss, metrics and pixel counts);
 - palette: RGB colours mapped through `class_colors` (SageMaker Ground Truth semantic segmentation output).
+
+Whatever value a dataset uses for its void (CamVid 11, VOC 255), decoded masks carry IGNORE_INDEX (255): the loss,
+the metrics and the crop padding know one value, and the dataset's own is read only here. In binary masks 255 is the
+foreground, so there a void other than 255 is honoured and the default 255 is not a void.
 
 `auto` picks one for the whole dataset from the values seen, so that every file is read the same way. It never
 guesses per file: masks whose only value besides 0 is 255 (binary 0/255 masks, or index masks whose only label is
@@ -21,7 +25,7 @@ import numpy as np
 
 from ..contract.errors import DataError
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the void in decoded masks, whatever the files use (see ignore_index)
 
 
 def squeeze_gray(raw: np.ndarray) -> np.ndarray:
@@ -41,7 +45,7 @@ def mask_values(raw: np.ndarray) -> dict:
 
 
 def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[Sequence[int]]],
-                 values_by_file: dict[Path, dict]) -> str:
+                 values_by_file: dict[Path, dict], ignore_index: int = IGNORE_INDEX) -> str:
     """The mask convention for the whole dataset."""
     rgb_files = [p for p, v in values_by_file.items() if v and isinstance(next(iter(v)), tuple)]
     if requested != "auto":
@@ -55,8 +59,11 @@ def resolve_mode(requested: str, classes: int, class_colors: Optional[Sequence[S
         mode = "palette"
     else:
         union = set().union(*values_by_file.values()) if values_by_file else set()
-        _refuse_mixed_conventions(values_by_file, classes)
-        mode = "binary" if classes == 2 and 255 in union and union <= {0, 255} else "index"
+        if ignore_index == IGNORE_INDEX:
+            _refuse_mixed_conventions(values_by_file, classes)
+        # 255 with a void of its own is no void: only the binary reading gives it a meaning (the foreground)
+        binary = {0, 255} if ignore_index == IGNORE_INDEX else {0, 1, 255, ignore_index}
+        mode = "binary" if classes == 2 and 255 in union and union <= binary else "index"
     gray_files = [p for p, v in values_by_file.items() if v and not isinstance(next(iter(v)), tuple)]
     if mode == "palette" and gray_files:
         raise DataError(f"{gray_files[0]}: single-channel mask, but mask_mode is palette (RGB colour masks)")
@@ -96,13 +103,17 @@ class MaskCodec:
     mode: str  # binary | index | palette
     classes: int
     class_colors: Optional[tuple[tuple[int, int, int], ...]] = None
+    ignore_index: int = IGNORE_INDEX  # the files' void value
 
     def allowed_values(self) -> set:
         if self.mode == "binary":
-            return {0, 1, 255}
+            return {0, 1, 255, self.ignore_index}
         if self.mode == "index":
-            return set(range(self.classes)) | {IGNORE_INDEX}
+            return set(range(self.classes)) | {self.ignore_index}
         return set(self.class_colors or ())
+
+    def _is_void(self, value) -> bool:
+        return self.mode != "palette" and value == self.ignore_index and not (self.mode == "binary" and value == 255)
 
     def check_values(self, values: Iterable, path: Path) -> None:
         bad = set(values) - self.allowed_values()
@@ -110,24 +121,30 @@ class MaskCodec:
             return
         if self.mode == "binary":
             rule = "binary masks hold 0 (background) and 1 or 255 (foreground)"
+            if self.ignore_index != 255:
+                rule += f", and {self.ignore_index} = void (ignore_index={self.ignore_index})"
         elif self.mode == "index":
-            rule = f"class indices are 0..{self.classes - 1} (classes={self.classes}) and 255 = ignore"
+            rule = (f"class indices are 0..{self.classes - 1} (classes={self.classes}) and {self.ignore_index} = void "
+                    f"(ignore_index={self.ignore_index}); set ignore_index to the value your dataset marks unlabelled "
+                    "pixels with")
         else:
             rule = "every colour must be one of class_colors"
         raise DataError(f"{path}: mask values outside the class range: {_show(bad)}; {rule}")
 
     def class_counts(self, value_counts: dict) -> np.ndarray:
-        """Pixels per class from `mask_values` output (ignore excluded)."""
+        """Pixels per class from `mask_values` output (void excluded)."""
         out = np.zeros(self.classes, np.int64)
         lookup = {tuple(c): i for i, c in enumerate(self.class_colors or ())}
         for value, count in value_counts.items():
+            if self._is_void(value):
+                continue
             index = lookup.get(value) if self.mode == "palette" else (min(value, 1) if self.mode == "binary" else value)
             if index is not None and index < self.classes:
                 out[index] += count
         return out
 
     def decode(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        """HxW uint8 class indices with 255 = ignore. `raw` passed squeeze_gray already."""
+        """HxW uint8 class indices with IGNORE_INDEX = void. `raw` passed squeeze_gray already."""
         if self.mode == "palette":
             if raw.ndim != 3:
                 raise DataError(f"{path}: single-channel mask, but mask_mode is palette")
@@ -141,11 +158,16 @@ class MaskCodec:
         if raw.ndim != 2:
             raise DataError(f"{path}: RGB colour mask, but mask_mode is {self.mode}")
         if self.mode == "binary":
-            return (raw > 0).astype(np.uint8)
+            out = (raw > 0).astype(np.uint8)
+            if self.ignore_index != 255:
+                out[raw == self.ignore_index] = IGNORE_INDEX
+            return out
         if raw.dtype != np.uint8:
-            if raw.max() > IGNORE_INDEX:
+            if raw.max() > 255:
                 self.check_values(mask_values(raw), path)
             raw = raw.astype(np.uint8)
+        if self.ignore_index != IGNORE_INDEX:
+            raw = np.where(raw == self.ignore_index, np.uint8(IGNORE_INDEX), raw)
         return raw
 
 

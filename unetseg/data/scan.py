@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract.errors import DataError
+from ..contract.ground_truth import PAIRING_FILE, read_pairing
 from ..contract.layout import IMAGES, MASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -32,6 +33,8 @@ def pair_channel(root: str | Path) -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
+    if (root / PAIRING_FILE).is_file():
+        return ground_truth_samples(root / PAIRING_FILE)
     missing = [name for name in (IMAGES, MASKS) if not (root / name).is_dir()]
     if missing:
         found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
@@ -56,6 +59,28 @@ def pair_channel(root: str | Path) -> list[Sample]:
     if problems:
         raise DataError(f"dataset {root} is not usable:\n  " + "\n  ".join(problems))
     return [Sample(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def ground_truth_samples(path: Path) -> list[Sample]:
+    """The pairs of a Ground Truth manifest (contract/ground_truth.py): image and mask paths relative to the pairing
+    file's two roots, which are relative to the folder holding the pairing file's folder (a job's channels are
+    siblings: /opt/ml/input/data/train_manifest beside train and train_masks). Files are read by the data check."""
+    content = read_pairing(path)
+    roots = [path.parent.parent / root for root in content["roots"]]  # an absolute root stays absolute
+    samples, stems = [], set()
+    for entry in content["samples"]:
+        stem = Path(entry["image"]).stem
+        stem = stem if stem not in stems else f"{stem}-line{entry['line']}"  # one image name in two folders
+        stems.add(stem)
+        samples.append(Sample(stem, roots[0] / entry["image"], roots[1] / entry["mask"]))
+    missing = [s for s in samples if not s.image.is_file() or not s.mask.is_file()]
+    if missing:
+        lines = {s.stem: e["line"] for s, e in zip(samples, content["samples"])}
+        first = missing[0]
+        gone = first.image if not first.image.is_file() else first.mask
+        raise DataError(f"{content.get('manifest', path)} line {lines[first.stem]}: {gone} is not there "
+                        f"({len(missing)} of {len(samples)} samples miss a file)")
+    return samples
 
 
 def _index_folder(folder: Path, allowed: Sequence[str], problems: list[str]) -> dict[str, Path]:
