@@ -336,11 +336,9 @@ def test_the_body_limit_follows_the_mode(trained, monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
     def status_for(app, length: int) -> tuple[int, str]:
-        seen = {}
-        environ = {"PATH_INFO": "/invocations", "REQUEST_METHOD": "POST", "CONTENT_TYPE": codecs.PNG,
-                   "CONTENT_LENGTH": str(length), "wsgi.input": io.BytesIO(b"")}
-        payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]))))
-        return seen["status"], json.loads(payload).get("error", "")
+        """The answer to a request that declares `length` bytes (and sends none: the limit is checked first)."""
+        status, _, payload = wsgi_call(app, content_type=codecs.PNG, environ={"CONTENT_LENGTH": str(length)})
+        return status, json.loads(payload).get("error", "")
 
     realtime = InferenceApp(str(trained[0]), device="cpu")
     status, error = status_for(realtime, REALTIME_MAX_PAYLOAD_BYTES + 1)
