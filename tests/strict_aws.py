@@ -4,7 +4,7 @@ moto accepts any job name, any length, any enum value. The real service checks e
 each string's pattern, min and max length and enum, each number's range, each list's and map's size, and the
 required members, all the way down. botocore's own ParamValidator checks types, required members and minimums, but
 not patterns, maximum lengths or enums. `install(events)` walks botocore's service model (botocore.model shapes) for
-every SageMaker request before it is built, and refuses what the service would refuse with a ClientError
+every request to SERVICES before it is built, and refuses what the service would refuse with a ClientError
 ValidationException that names the field, as the service does:
 
     1 validation error detected: Value 'unet_seg-2024-...' at 'trainingJobName' failed to satisfy constraint:
@@ -35,7 +35,10 @@ try:
 except ImportError:  # pragma: no cover - moto[server] brings it
     _unicode_regex = None
 
-SERVICES = ("sagemaker", "ecr", "sts")  # every operation of these services is checked (ECR, STS: image push)
+# Every operation of these services is checked: SageMaker, its runtime (InvokeEndpointAsync), what the
+# scale-to-zero setup of an async endpoint calls (Application Auto Scaling, CloudWatch), and what `unetseg image push`
+# calls (ECR, STS). Names as botocore's events spell them (the service id, hyphenated).
+SERVICES = ("sagemaker", "sagemaker-runtime", "application-auto-scaling", "cloudwatch", "ecr", "sts")
 _JAVA_SUPPLEMENTARY_RANGE = r"\uD800\uDC00-\uDBFF\uDFFF"  # a UTF-16 surrogate pair range: U+10000..U+10FFFF
 _NUMBERS = ("integer", "long", "float", "double")
 

@@ -80,26 +80,32 @@ def assert_clean_exit(done: subprocess.CompletedProcess, *fragments: str) -> str
     return done.stderr
 
 
+# Linux carries a process's peak RSS across fork and exec (the child's mm starts as a copy of the parent's, and exec
+# keeps the old mm's high-water mark), so a child of a pytest process that has grown to 1.5 GiB reports at least that.
+# A small launcher forks the command instead: its child starts from the launcher's few MiB, and the launcher reports
+# the child's own wait4 figure on stdout.
+_LAUNCHER = """
+import os, resource, subprocess, sys
+def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, preexec_fn=cap)
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def peak_rss_mib(argv: list[str], env: dict | None = None, timeout: int = 300) -> tuple[int, str, float]:
     """(exit code, stderr, peak RSS in MiB) of the real CLI in a child process, measured by wait4 on that child
-    alone. The child's address space is capped at 12 GiB so that a regression fails the test, not the machine."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
-
+    alone, forked from a small launcher (see _LAUNCHER). The child's address space is capped at 12 GiB so that a
+    regression fails the test, not the machine."""
     full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen([PY, "-m", "unetseg.cli", *map(str, argv)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=full_env, preexec_fn=cap)
-    started = time.monotonic()
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        assert time.monotonic() - started < timeout, "the command did not finish"
-        time.sleep(0.05)
-    stderr = proc.stderr.read().decode()
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, stderr, usage.ru_maxrss / 1024
+    try:
+        done = subprocess.run([PY, "-c", _LAUNCHER, PY, "-m", "unetseg.cli", *map(str, argv)], capture_output=True,
+                              env=full_env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the command did not finish") from None
+    code, maxrss_kib = done.stdout.decode().split()
+    return int(code), done.stderr.decode(), int(maxrss_kib) / 1024
 
 
 def _tiny_args(**extra) -> list[str]:

@@ -33,6 +33,13 @@ def test_tta_benchmark_smoke():
     assert "tta=none" in out and "tta=flip" in out and "tta=d4" in out and "images/s" in out
 
 
+def test_onnx_runtime_benchmark_smoke():
+    out = run("onnx_runtime.py", "--sizes", "64", "--images", "1", "--repeats", "1", "--encoder", "resnet18")
+    row = out.strip().splitlines()[-1].split()
+    assert "onnx img/s" in out and row[0] == "64" and float(row[3]) > 0  # size, torch, onnx, ratio, parity
+    assert float(row[4]) < 1e-3
+
+
 GPU_CHECKS = ["environment", "train-eager", "inference", "fp16", "resume", "sync", "train-compiled", "gpu-bench"]
 
 

@@ -260,8 +260,8 @@ def test_each_rank_reads_and_keeps_only_its_shard_but_knows_the_whole_dataset(tm
     samples = pair_channel(make_channel(tmp_path, count=7, classes=3))
     alone = check_dataset(samples, CFG.replace(classes=3))
     reads = []
-    real_read = checks.read_image
-    monkeypatch.setattr(checks, "read_image", lambda path: reads.append(path.name) or real_read(path))
+    real_read = checks.read_image_valid
+    monkeypatch.setattr(checks, "read_image_valid", lambda path: reads.append(path.name) or real_read(path))
     ranks = check_as_ranks(samples, CFG.replace(classes=3), world=3)
     assert sorted(reads) == sorted(s.image.name for s in samples)  # every file decoded once, by one rank
     for rank, checked in enumerate(ranks):

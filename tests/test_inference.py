@@ -35,8 +35,8 @@ from unetseg.contract.sagemaker_env import (
     SERVING_MODE_ENV,
     TTA_ENV,
 )
+from unetseg.inference import _starts
 from unetseg.model import load_model
-from unetseg.segmenter import _starts
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
 

@@ -15,14 +15,14 @@ from .contract.errors import ArtifactError, ConfigError, DataError, UnetsegError
 
 _LAZY = {
     "UNetEstimator": "unetseg.client.estimator",
-    "load_model": "unetseg.model",
+    "load_model": "unetseg.runtime",
     "Segmenter": "unetseg.segmenter",
     "make_demo_dataset": "unetseg.synthetic",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client.estimator import UNetEstimator  # noqa: F401
-    from .model import load_model  # noqa: F401
+    from .runtime import load_model  # noqa: F401
     from .segmenter import Segmenter  # noqa: F401
     from .synthetic import make_demo_dataset  # noqa: F401
 

@@ -20,6 +20,7 @@ from .contract.errors import OutputError, UnetsegError, UsageError, write_failur
 from .contract.ground_truth import is_manifest
 from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
 from .contract.sagemaker_env import stopped_exit_code
+from .runtime import EXPORT_FORMATS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo_data)
 
     p = sub.add_parser("predict", help="write a mask per image with a trained model")
-    p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
+    p.add_argument("--model", required=True, help="model folder, model.tar.gz, s3://.../model.tar.gz, or an exported "
+                                                  "model.onnx (onnxruntime, no torch) or TorchScript file")
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
     p.add_argument("--output", required=True, type=Path, help="folder for <name>.png masks (<name>.tif for TIFFs above "
                                                                 "2048x2048 and GeoTIFFs, read window by window)")
@@ -96,8 +98,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="test-time augmentation: average over 4 flips (flip) or also their transposes (d4)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present; cpu for .onnx)")
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX (runs on onnxruntime, no torch) or TorchScript",
+                       description="Dynamic batch, height and width; the classes, normalization, stride and provenance "
+                                   "travel inside the file. An architecture that cannot take a dynamic size is "
+                                   "refused with the reason.")
+    p.add_argument("--model", required=True, help="model folder, model.tar.gz, or s3://.../model.tar.gz")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 weights and compute (float32 in and out; parity with torch within 2e-2)")
+    p.add_argument("--output", required=True, type=Path, help="the file to write, e.g. model.onnx")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("hyperparameters", help="list every hyperparameter with its default")
     p.set_defaults(run=_hyperparameters)
@@ -225,10 +238,10 @@ def _predict(args, _extra) -> int:
         if value is not None and value < 1:
             hint = " of pixels, or leave it out" if flag == "--tile" else ""
             raise UsageError(f"{flag} {value}: give a positive number{hint}")
-    from .model import load_model
     from .predict import find_images, predict_files, resolve_device
+    from .runtime import load_model, uses_torch
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if uses_torch(args.model) else args.device  # no torch for .onnx
     check_output_folder(args.output)
     images = find_images(args.input)
     model = load_model(args.model, device=device)
@@ -238,6 +251,17 @@ def _predict(args, _extra) -> int:
     written = predict_files(model, images, args.output, probabilities=args.probabilities, overlays=args.overlay,
                             tile=args.tile, batch_size=args.batch_size, tta=args.tta)
     print(f"wrote {len(written)} mask(s) to {args.output} (classes: {', '.join(model.class_names)})")
+    return 0
+
+
+def _export(args, _extra) -> int:
+    from .export import export_model
+
+    if args.output.is_dir():
+        raise OutputError(f"--output {args.output} is a folder; give the file to write, e.g. {args.output}/model.onnx")
+    check_output_folder(args.output.parent)
+    written = export_model(args.model, args.output, args.format, fp16=args.fp16)
+    print(f"wrote {written} ({args.format}{', fp16' if args.fp16 else ''}, {written.stat().st_size / 2**20:.1f} MB)")
     return 0
 
 

@@ -43,10 +43,17 @@ DEFAULT_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 
 
 # --- building ----------------------------------------------------------------------------------------------------
 
-def normalization(cfg: TrainConfig) -> dict[str, Any]:
-    """What the model expects of its input after scaling pixels to [0, 1] by their bit depth."""
-    if cfg.normalize == "per_image":
+def normalization(cfg: TrainConfig, band_stats: Optional[tuple[list[float], list[float]]] = None) -> dict[str, Any]:
+    """What the model expects of its input after dividing pixels by their bit depth (data/io.py bit_depth_scale).
+    `band_stats`: the (mean, std) per band that the data check measured, used where cfg.resolved_normalize is
+    dataset."""
+    if cfg.resolved_normalize == "per_image":
         return {"mode": "per_image"}
+    if cfg.resolved_normalize == "dataset":
+        if band_stats is None:
+            raise ValueError("normalize=dataset needs the band statistics of the data check")
+        mean, std = band_stats
+        return {"mode": "mean_std", "mean": list(mean), "std": list(std), "source": "dataset"}
     if cfg.in_channels == 3:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:  # smp folds a pretrained RGB stem into other channel counts; the grey statistics match that
@@ -104,12 +111,26 @@ def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
         state = state["state_dict"]
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
+    state = {k: _adapt_first_conv(v, own[k]) if k in own else v for k, v in state.items()}
     if not set(state) & set(own):
         raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the {type(model.encoder).__name__} encoder")
     try:
         model.encoder.load_state_dict(state, strict=False)  # a classifier head in the file is fine to skip
     except RuntimeError as exc:
         raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': {str(exc)[:300]}") from None
+
+
+def _adapt_first_conv(weight: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A pretrained RGB stem for an encoder of another channel count, as smp adapts ImageNet weights (encoders/_utils.py
+    patch_first_conv): 1 channel takes the sum of the RGB filters; N channels cycle R, G, B and scale by 3/N, so that
+    an input of equal bands gives the activations the RGB stem gave. Other tensors are returned as they are."""
+    if weight.ndim != 4 or own.ndim != 4 or weight.shape[1] != 3 or own.shape[1] == 3 or \
+            weight.shape[:1] + weight.shape[2:] != own.shape[:1] + own.shape[2:]:
+        return weight
+    channels = own.shape[1]
+    if channels == 1:
+        return weight.sum(1, keepdim=True)
+    return weight[:, [i % 3 for i in range(channels)]] * (3 / channels)
 
 
 def freeze_unused(model: torch.nn.Module, in_channels: int, stride: int) -> list[str]:
@@ -134,13 +155,13 @@ def freeze_unused(model: torch.nn.Module, in_channels: int, stride: int) -> list
 # --- the artifact -----------------------------------------------------------------------------------------------
 
 def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = None,
-                    init_model: Optional[str] = None) -> dict[str, Any]:
+                    init_model: Optional[str] = None, norm: Optional[dict] = None) -> dict[str, Any]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "unetseg_version": __version__,
         "arch": cfg.arch, "encoder": cfg.encoder, "encoder_depth": cfg.encoder_depth,
         "decoder_channels": cfg.decoder_channels, "in_channels": cfg.in_channels, "classes": cfg.classes,
         "class_names": cfg.resolved_class_names, "class_colors": class_colors(cfg.class_colors, cfg.classes),
-        "mask_mode": mask_mode, "normalization": normalization(cfg),
+        "mask_mode": mask_mode, "normalization": norm or normalization(cfg),
         "input": {"image_size": cfg.image_size, "stride": cfg.stride},
         "hyperparameters": cfg.to_hyperparameters(), "best": best or {},
         "init_model": init_model,  # provenance: the model this one was fine-tuned from, if any

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .contract.codecs import encode_mask_png
@@ -30,8 +29,8 @@ from .contract.image_headers import max_image_bytes
 from .contract.layout import IMAGES
 from .data.io import declared_size, read_image
 from .data.scan import IMAGE_EXTENSIONS
+from .inference import SegmenterBase, tta_views
 from .predict_raster import note_overlays, predict_rasters, windowed
-from .segmenter import Segmenter, tta_views
 from .visualize import overlay
 
 
@@ -47,8 +46,11 @@ def find_images(source: Path) -> list[Path]:
     return images
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
-    """The device `--device` names, checked here: a typo or a missing GPU is one message, not a CUDA traceback."""
+def resolve_device(name: Optional[str]):
+    """The torch.device `--device` names, checked here: a typo or a missing GPU is one message, not a CUDA
+    traceback."""
+    import torch  # here: an ONNX model predicts without torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -68,7 +70,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
     raise UsageError(f"--device {name}: unetseg predicts on cpu, cuda or cuda:<index>")
 
 
-def predict_files(model: Segmenter, images: Sequence[Path], output: Path, *, probabilities: bool = False,
+def predict_files(model: SegmenterBase, images: Sequence[Path], output: Path, *, probabilities: bool = False,
                   overlays: bool = False, tile: Optional[int] = None, batch_size: int = 8,
                   progress: Optional[bool] = None, tta: str = "none") -> list[Path]:
     """Write one mask per image into `output`; returns the mask paths. `tta`: see Segmenter.predict.
@@ -189,15 +191,16 @@ def _load(path: Path, channels: int) -> tuple[Path, Optional[np.ndarray], Option
     except DataError as exc:
         return path, None, str(exc)
     if image.shape[2] != channels:
-        names = {1: "grayscale", 3: "RGB"}
         found = image.shape[2]
-        return path, None, (f"{path}: the image has {found} channel(s) ({names.get(found, '?')}), but the model "
-                            f"takes {channels} ({names.get(channels, '?')}); convert it, e.g. with PIL's "
-                            f".convert('{'RGB' if channels == 3 else 'L'}')")
+        names = {1: " (grayscale)", 3: " (RGB)"}
+        hint = (f"; convert it, e.g. with PIL's .convert('{'RGB' if channels == 3 else 'L'}')"
+                if found in names and channels in names else "; give it the bands the model was trained on")
+        return path, None, (f"{path}: the image has {found} channel(s){names.get(found, '')}, but the model takes "
+                            f"{channels}{names.get(channels, '')}{hint}")
     return path, image, None
 
 
-def _predict_chunk(model: Segmenter, chunk, tile: Optional[int], tta: str):
+def _predict_chunk(model: SegmenterBase, chunk, tile: Optional[int], tta: str):
     """Same-sized small images in one forward pass; others one by one (tiled when large)."""
     by_shape: dict[tuple, list[int]] = {}
     for i, (_, image) in enumerate(chunk):
@@ -205,7 +208,7 @@ def _predict_chunk(model: Segmenter, chunk, tile: Optional[int], tta: str):
     results: dict[int, np.ndarray] = {}
     for shape, members in by_shape.items():
         if tile is None and len(members) > 1 and shape[0] * shape[1] <= model.max_pixels:
-            probs = model.probabilities(model.to_batch([chunk[i][1] for i in members]), tta).cpu().numpy()
+            probs = model.predict_proba_batch([chunk[i][1] for i in members], tta)
             results.update(zip(members, probs))
         else:
             for i in members:

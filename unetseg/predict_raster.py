@@ -23,13 +23,13 @@ from typing import Optional
 import numpy as np
 
 from .contract.errors import DataError, OutputError
+from .inference import SegmenterBase, _starts
 from .raster_io import TIFF_SUFFIXES, RasterSink, RasterSource, open_source, raster_header
-from .segmenter import Segmenter, _starts
 
 DEFAULT_STRIPE = 8192  # pixels: 12 x 4 bytes x (tile + step) rows x stripe per blend buffer at 3 classes
 
 
-def windowed(path: Path, model: Segmenter) -> bool:
+def windowed(path: Path, model: SegmenterBase) -> bool:
     """Whether `unetseg predict` takes `path` window by window (see the module's docstring)."""
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return False
@@ -37,7 +37,7 @@ def windowed(path: Path, model: Segmenter) -> bool:
     return header is not None and (header[0] * header[1] > model.max_pixels or header[2])
 
 
-def predict_rasters(model: Segmenter, paths: Sequence[Path], output: Path, problems: list[str], *,
+def predict_rasters(model: SegmenterBase, paths: Sequence[Path], output: Path, problems: list[str], *,
                     probabilities: bool = False, tile: Optional[int] = None, batch_size: int = 4,
                     tta: str = "none") -> list[Path]:
     """`predict_raster` for each path; a raster that cannot be used goes to `problems`, the others are written."""
@@ -51,7 +51,7 @@ def predict_rasters(model: Segmenter, paths: Sequence[Path], output: Path, probl
     return written
 
 
-def predict_raster(model: Segmenter, path: Path, output: Path, *, probabilities: bool = False,
+def predict_raster(model: SegmenterBase, path: Path, output: Path, *, probabilities: bool = False,
                    tile: Optional[int] = None, overlap: float = 0.25, batch_size: int = 4, tta: str = "none",
                    stripe: int = DEFAULT_STRIPE, backend: Optional[str] = None) -> list[Path]:
     """Write `<stem>.tif` (the mask: class indices, the class colours as its palette, 255 where the source has no data)
@@ -80,7 +80,7 @@ def predict_raster(model: Segmenter, path: Path, output: Path, *, probabilities:
         return sink.close()
 
 
-def probability_windows(model: Segmenter, source: RasterSource, *, tile: Optional[int] = None,
+def probability_windows(model: SegmenterBase, source: RasterSource, *, tile: Optional[int] = None,
                         overlap: float = 0.25, batch_size: int = 4, tta: str = "none",
                         stripe: int = DEFAULT_STRIPE) -> Iterator[tuple[int, int, np.ndarray]]:
     """(first row, first column, (C, h, w) float32 probabilities) of the whole image, stripe by stripe and band by band
@@ -96,7 +96,7 @@ def probability_windows(model: Segmenter, source: RasterSource, *, tile: Optiona
     for c0, c1, s0, s1 in stripes(width, tw, step, stripe):
         view = _Columns(source, s0, s1)
         for top, band in model._tiled_bands(view, tile, overlap, batch_size, tta):
-            yield top, c0, band[:, :, c0 - s0:c1 - s0].float().cpu().numpy()
+            yield top, c0, model.ops.to_numpy(band[:, :, c0 - s0:c1 - s0]).astype(np.float32, copy=False)
 
 
 def stripes(width: int, tile: int, step: int, stripe: int) -> list[tuple[int, int, int, int]]:

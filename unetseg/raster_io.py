@@ -150,9 +150,15 @@ class _RasterioSource(RasterSource):
         self.masked = any(flags != [MaskFlags.all_valid] for flags in self.ds.mask_flag_enums)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        from rasterio.errors import RasterioIOError
         from rasterio.windows import Window
 
-        return self._pixels(np.moveaxis(self.ds.read(window=Window(x0, y0, x1 - x0, y1 - y0)), 0, -1))
+        try:
+            window = self.ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+        except RasterioIOError as exc:  # truncated or damaged blocks (a header bomb has none): the file and the reason
+            raise DataError(f"{self.path}: cannot read its pixels at rows {y0}..{y1}, columns {x0}..{x1} ({exc}); "
+                            "the file is damaged or incomplete") from None
+        return self._pixels(np.moveaxis(window, 0, -1))
 
     def void(self, y0: int, y1: int, x0: int, x1: int) -> Optional[np.ndarray]:
         from rasterio.windows import Window

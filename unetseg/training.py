@@ -126,8 +126,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     if weights is not None:
         say("class weights (cross-entropy): " + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
     loss_fn = build_loss(cfg.loss, weights).to(device)
-    norm = normalization(cfg)
-    predict_config = artifact_config(cfg, train_data.codec.mode)  # what a Segmenter of this model reads
+    norm = normalization(cfg, train_data.band_stats)  # band_stats: measured by the data check, where asked for
+    predict_config = artifact_config(cfg, train_data.codec.mode, norm=norm)  # what a Segmenter of this model reads
 
     # --- resume -----------------------------------------------------------------------------------------------
     start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
@@ -303,11 +303,14 @@ def score_tiled(segmenter: Segmenter, image: np.ndarray, mask: np.ndarray, loss_
 
 def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say,
            picture: bool = True) -> None:
-    """Rank 0: the best weights, config and history to the model dir; then, with `picture`, a picture of
-    predictions to the output dir."""
+    """Rank 0: the best weights, config and history to the model dir; then, with `picture` (not on a stop), a picture
+    of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it."""
     weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
-    config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None)
+    config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None,
+                             normalization(cfg, train_data.band_stats))
     save_artifact(paths.model_dir, weights, config, history)
+    if cfg.export_onnx and picture:
+        export_onnx(paths.model_dir, say)
     drawn = paths.output_data_dir / "predictions.png" if picture else None
     if drawn:
         try:
@@ -321,6 +324,18 @@ def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: Ch
     say(f"metrics: {paths.model_dir / 'history.json'}")
     if drawn:
         say(f"predictions: {drawn}")
+
+
+def export_onnx(model_dir: Path, say) -> None:
+    """model.onnx from the artifact just written; a model that cannot be exported keeps its job a success."""
+    from .export import ExportRefused, export_model
+    from .runtime_onnx import ONNX_FILE
+
+    try:
+        export_model(model_dir, model_dir / ONNX_FILE)
+        say(f"onnx: {model_dir / ONNX_FILE}")
+    except ExportRefused as exc:
+        say(f"no {ONNX_FILE} (export_onnx): {exc}")
 
 
 PICTURE_CROP = 256  # px: the picture shows each image's centre; the other ranks wait in a barrier while it is drawn

@@ -39,6 +39,7 @@ from ..contract.sagemaker_env import (
     IMAGE_URI_ENV,
     MODEL_SERVER_TIMEOUT_ENV,
     MODEL_SERVER_WORKERS_ENV,
+    SERVING_MODE_ENV,
 )
 from . import job_rules as rules
 from .fit_inputs import InputResolver
@@ -427,17 +428,26 @@ class UNetEstimator(Estimator):
     def create_model(self, role: Optional[str] = None, image_uri: Optional[str] = None, predictor_cls: Any = None,
                      vpc_config_override: Any = _VPC_CONFIG_DEFAULT, *, env: Optional[Mapping[str, str]] = None,
                      model_server_workers: Optional[int] = None, model_server_timeout: Optional[int] = None,
-                     sagemaker_session: Any = None, **kwargs: Any) -> Any:
+                     sagemaker_session: Any = None, async_inference: bool = False, **kwargs: Any) -> Any:
         """A `sagemaker.model.Model` of the latest job's artifact, served by the training image (`<image> serve`).
 
         Its predictor is a `UNetPredictor` (numpy images in, numpy masks out). `model_server_workers` and
         `model_server_timeout` (seconds per request) set the server's SAGEMAKER_MODEL_SERVER_* variables; `env` adds
         others (UNETSEG_MAX_BODY_MB, UNETSEG_MAX_PIXELS). `sagemaker_session` overrides the estimator's (deploy()
-        passes a LocalSession for instance_type='local').
+        passes a LocalSession for instance_type='local'). `async_inference=True`: a model for an asynchronous endpoint
+        (`model.deploy(..., async_inference_config=...)`): the server serves with the async limits, since SageMaker
+        does not tell a container it serves asynchronously, and the predictor is a `UNetAsyncPredictor`.
         """
-        from .predictor import UNetPredictor
+        from .predictor import UNetAsyncPredictor, UNetPredictor
 
         environment = dict(env or {})
+        if async_inference:
+            named = environment.get(SERVING_MODE_ENV)
+            if named not in (None, "async"):
+                raise JobSettingsError(f"env {SERVING_MODE_ENV}={named!r} with async_inference: an asynchronous "
+                                       "endpoint serves with the async limits (1 GB, 900 s); leave it out")
+            environment[SERVING_MODE_ENV] = "async"
+            predictor_cls = predictor_cls or UNetAsyncPredictor
         for name, value in ((MODEL_SERVER_WORKERS_ENV, model_server_workers),
                             (MODEL_SERVER_TIMEOUT_ENV, model_server_timeout)):
             if value is not None:
@@ -459,7 +469,8 @@ class UNetEstimator(Estimator):
         return model
 
     def deploy(self, initial_instance_count: Optional[int] = None, instance_type: Optional[str] = None,
-               serializer: Any = None, deserializer: Any = None, **kwargs: Any) -> Any:
+               serializer: Any = None, deserializer: Any = None, *, async_inference: bool = False,
+               **kwargs: Any) -> Any:
         """Host the latest job's model on an endpoint and return its `UNetPredictor`:
 
             predictor = est.deploy(instance_type="ml.g5.xlarge")     # or "local" / "local_gpu" (Docker here)
@@ -467,12 +478,23 @@ class UNetEstimator(Estimator):
             predictor.delete_endpoint()
 
         A real-time endpoint carries at most 6 MB each way; the predictor checks each request before sending it.
+        `async_inference=True` (or an `async_inference_config=AsyncInferenceConfig(...)`) deploys the same image as
+        an asynchronous endpoint instead (images up to 1 GB through S3, requests up to an hour, scale-to-zero) and
+        returns a `UNetAsyncPredictor`; its objects go under the job's output, <output_path>/<job>/async-input/,
+        async-output/ and async-failures/, unless the config names others. Local mode has no asynchronous inference:
+        there it deploys a real-time local endpoint, with a warning.
         `initial_instance_count` defaults to 1. Everything else is `Estimator.deploy`'s (endpoint_name, wait,
         serverless_inference_config, ...) or `create_model`'s (env, model_server_workers, ...).
         """
         rules.raise_if([rules.job_name_problem(name, kwargs.get(name)) for name in ("endpoint_name", "model_name")])
+        is_async = bool(async_inference) or kwargs.get("async_inference_config") is not None
+        if is_async and kwargs.get("serverless_inference_config") is not None:
+            raise JobSettingsError("async_inference and serverless_inference_config exclude each other: a serverless "
+                                   "endpoint is real-time; pass one of them")
+        local = False
         if kwargs.get("serverless_inference_config") is None:
             kind = rules.parse_instance_type(instance_type, self._image_cuda)
+            local = kind.local
             initial_instance_count = 1 if initial_instance_count is None else initial_instance_count
             if not rules.is_whole(initial_instance_count, minimum=1):
                 raise JobSettingsError(f"initial_instance_count={initial_instance_count!r}: use 1 or more")
@@ -484,12 +506,38 @@ class UNetEstimator(Estimator):
                 kwargs["wait"] = False
             elif not kind.local:
                 self._check_hostable_remotely(instance_type)
+        input_path = self._prepare_async_deploy(kwargs, local=local) if is_async else None
+        from sagemaker.predictor_async import AsyncPredictor
+
         from .predictor import UNetPredictor
 
         predictor = super().deploy(initial_instance_count, instance_type, serializer, deserializer, **kwargs)
+        if isinstance(predictor, AsyncPredictor):  # the SDK's wrapper: ours does what it does, and decodes as ours
+            predictor = predictor.predictor
         if isinstance(predictor, UNetPredictor):
             predictor.classes = self._config.classes  # the size of its probabilities, checked before each request
+        if input_path is not None:
+            predictor.input_path = input_path
         return predictor
+
+    def _prepare_async_deploy(self, kwargs: dict, *, local: bool) -> Optional[str]:
+        """Set deploy()'s `kwargs` for an asynchronous endpoint; return where its input images go (None: local)."""
+        from .async_inference import ASYNC_INPUT_FOLDER, default_config, job_prefix
+
+        kwargs["async_inference"] = True  # to create_model: the server's mode and the predictor's class
+        if local:
+            kwargs.pop("async_inference_config", None)
+            warnings.warn("local mode has no asynchronous inference: this deploys a real-time local endpoint (with the "
+                          "async limits: 1 GB a request, 900 s), whose predict_async() answers at once; deploy to an "
+                          "ml.* instance type for an asynchronous endpoint", UserWarning, stacklevel=3)
+            return None
+        if self.latest_training_job is None:
+            return None  # Estimator.deploy says that a training job is needed
+        prefix = job_prefix(self.output_path, self.latest_training_job.name)
+        kwargs["async_inference_config"] = default_config(
+            prefix, config=kwargs.get("async_inference_config"),
+            max_concurrent_invocations=kwargs.get("model_server_workers"))
+        return prefix + ASYNC_INPUT_FOLDER + "/"
 
     def transformer(self, instance_count: int = 1, instance_type: Optional[str] = None,
                     strategy: Optional[str] = "SingleRecord", assemble_with: Optional[str] = None,

@@ -12,6 +12,9 @@ encodes with: requests go as image/png (default), image/jpeg or application/x-np
 probabilities as application/x-npy (asked for with the custom attribute `output=probabilities`), summaries as
 application/json.
 
+An asynchronous endpoint (`deploy(..., async_inference=True)`) returns a `UNetAsyncPredictor`: images up to 1 GB through
+S3, `predict_async(image)` returning a handle whose `result()` decodes as above (unetseg.client.async_inference).
+
 A real-time endpoint carries at most 6 MB each way (sagemaker_env.REALTIME_MAX_PAYLOAD_BYTES). The predictor refuses
 before sending a request body over it, and a request whose answer is known to be over it (probabilities: float16,
 C x H x W; a .npy mask: H x W), saying what to use instead.
@@ -34,12 +37,19 @@ from sagemaker.transformer import Transformer
 
 from ..contract import codecs
 from ..contract.errors import UnetsegError
-from ..contract.sagemaker_env import BATCH_MAX_PAYLOAD_MB, REALTIME_MAX_PAYLOAD_BYTES
+from ..contract.sagemaker_env import (
+    ASYNC_MAX_PAYLOAD_BYTES,
+    ASYNC_MAX_REQUEST_TTL_S,
+    ASYNC_MAX_TIMEOUT_S,
+    BATCH_MAX_PAYLOAD_MB,
+    REALTIME_MAX_PAYLOAD_BYTES,
+)
 from . import job_rules as rules
 from .local_mode import LOCAL_OUTPUT_DIR
 from .quiet_sdk import quiet_v2_notice
 
-_EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY}
+_EXTENSION_TYPES = {".png": codecs.PNG, ".jpg": codecs.JPEG, ".jpeg": codecs.JPEG, ".npy": codecs.NPY,
+                    ".tif": codecs.TIFF, ".tiff": codecs.TIFF}
 
 
 class ImageSerializer(BaseSerializer):
@@ -47,7 +57,7 @@ class ImageSerializer(BaseSerializer):
     already-encoded file, as a request body of `content_type`.
 
     PNG (the default) is lossless and keeps 16-bit images; JPEG is smaller but changes pixels; application/x-npy
-    sends the array as it is (float images included).
+    and image/tiff send the array as it is (float images and any number of bands included: multispectral images).
     """
 
     def __init__(self, content_type: str = codecs.PNG):
@@ -72,7 +82,11 @@ class ImageSerializer(BaseSerializer):
         if array.dtype == object or array.ndim not in (2, 3):
             raise TypeError(f"cannot send {type(data).__name__} of shape {array.shape}: pass an HxW or HxWxC image "
                             "array, a PIL image, a file path, or encoded bytes")
-        if self.content_type != codecs.NPY and array.dtype.kind == "f":
+        bands = array.shape[2] if array.ndim == 3 else 1
+        if self.content_type in (codecs.PNG, codecs.JPEG) and bands not in (1, 3):
+            raise ValueError(f"an image of {bands} bands cannot be sent as {self.content_type}, which holds grayscale "
+                             f"or RGB: use UNetPredictor(..., content_type='{codecs.NPY}') or '{codecs.TIFF}'")
+        if self.content_type not in (codecs.NPY, codecs.TIFF) and array.dtype.kind == "f":
             raise ValueError(f"a {array.dtype} image cannot be sent as {self.content_type}: convert it to uint8 or "
                              f"uint16, or use UNetPredictor(..., content_type='{codecs.NPY}')")
         if self.content_type == codecs.JPEG and array.dtype != np.uint8:
@@ -148,7 +162,8 @@ class UNetPredictor(Predictor):
         endpoint_name: the endpoint.
         sagemaker_session: a sagemaker.Session (LocalSession for local mode); default: one from the AWS config.
         serializer / deserializer: default `ImageSerializer(content_type)` and `MaskDeserializer()`.
-        content_type: how images travel: image/png (default, lossless), image/jpeg, or application/x-npy.
+        content_type: how images travel: image/png (default, lossless), image/jpeg, image/tiff or application/x-npy
+            (these two carry any number of bands: multispectral images).
         classes: the model's class count, for the size of `predict_proba`'s answer (deploy() sets it); default 2,
             the fewest a model has.
     """
@@ -211,7 +226,8 @@ class UNetPredictor(Predictor):
                 f"{REALTIME_MAX_PAYLOAD_BYTES:,} bytes (6 MiB) per request: send the image as image/jpeg "
                 "(UNetPredictor(..., content_type='image/jpeg'), smaller but lossy), send a smaller image or crop, or "
                 f"run a batch transform over the images in S3 (est.transformer(...).transform('s3://...'), up to "
-                f"{BATCH_MAX_PAYLOAD_MB} MB per image)")
+                f"{BATCH_MAX_PAYLOAD_MB} MB per image), or deploy an asynchronous endpoint "
+                "(est.deploy(..., async_inference=True): up to 1 GB per image)")
         accept = codecs.media_type(request.get("Accept"))
         if accept != codecs.NPY or size is None:
             return  # a PNG or JSON answer is compressed: its size is not known before it is made
@@ -367,3 +383,184 @@ class UNetTransformer(Transformer):
                 return
             logs = False
         super().wait(logs=logs)
+
+
+# --- asynchronous endpoints ----------------------------------------------------------------------------------------
+
+# Files an async request sends as they are (the server reads each of these formats), by extension; and back.
+_ASYNC_FILE_TYPES = {**_EXTENSION_TYPES, ".tif": codecs.TIFF, ".tiff": codecs.TIFF}
+_TYPE_EXTENSIONS = {codecs.PNG: ".png", codecs.JPEG: ".jpg", codecs.TIFF: ".tif", codecs.NPY: ".npy"}
+# predict_async(output=...) -> (Accept, the `output` custom attribute)
+_ASYNC_OUTPUTS = {"mask": (codecs.PNG, None), "probabilities": (codecs.NPY, "probabilities"),
+                  "json": (codecs.JSON, None)}
+
+
+class UNetAsyncPredictor(UNetPredictor):
+    """An asynchronous unetseg endpoint (`UNetEstimator.deploy(..., async_inference=True)`): images of up to 1 GB,
+    requests of up to an hour, through S3 (see unetseg.client.async_inference).
+
+        handle = predictor.predict_async(image)                # or an s3:// URI of an image already there
+        mask = handle.result(timeout=1800)                     # (H, W) uint8, as UNetPredictor.predict gives
+        probs = predictor.predict_async(image, output="probabilities").result()
+        mask = predictor.predict(image)                        # predict_async(image).result()
+
+    An image is uploaded to `input_path` (deploy() sets <job prefix>/async-input/; default s3://<session's default
+    bucket>/unetseg/async-input/<endpoint>/): a .png, .jpg, .tif or .npy file as it is (streamed, with the content type
+    of its extension), an array, PIL image or bytes as `content_type`. An s3:// URI is sent as it is, with the content
+    type of its extension, else `content_type`.
+
+    A local endpoint (instance_type='local') has no asynchronous inference: it answers each request at once, and
+    predict_async returns a handle that is already done.
+    """
+
+    def __init__(self, endpoint_name: str, sagemaker_session: Any = None, serializer: Optional[BaseSerializer] = None,
+                 deserializer: Optional[BaseDeserializer] = None, *, content_type: str = codecs.PNG,
+                 classes: Optional[int] = None, input_path: Optional[str] = None, **kwargs: Any):
+        super().__init__(endpoint_name, sagemaker_session, serializer, deserializer, content_type=content_type,
+                         classes=classes, **kwargs)
+        if input_path is not None:
+            rules.check_s3_uri("input_path", input_path)
+        self.input_path = input_path
+        self.scale_to_zero = None  # what enable_scale_to_zero() set up
+
+    def predict_async(self, data: Any, *, output: Optional[str] = None, tile: Optional[int] = None,
+                      tta: Optional[str] = None, inference_id: Optional[str] = None,
+                      invocation_timeout_s: Optional[int] = None, request_ttl_s: Optional[int] = None,
+                      custom_attributes: Optional[str] = None) -> Any:
+        """Queue one image (or an s3:// URI of one) and return its `AsyncInference` handle.
+
+        `output`: "mask" (a PNG, decoded to (H, W) uint8), "probabilities" ((C, H, W) float32) or "json" (pixel counts
+        and the mask); default: what the deserializer accepts (the mask). `tile`, `tta`: as UNetPredictor.predict.
+        `invocation_timeout_s`: the request's time limit on the endpoint (SageMaker's default 900 s, at most 3600; the
+        server's own is SAGEMAKER_MODEL_SERVER_TIMEOUT, set at deploy). `request_ttl_s`: how long it may wait in the
+        queue (default 6 hours).
+        """
+        from .async_inference import AsyncInference
+
+        if output is not None and output not in _ASYNC_OUTPUTS:
+            raise ValueError(f"output={output!r}: use one of {', '.join(_ASYNC_OUTPUTS)}")
+        accept, option = _ASYNC_OUTPUTS[output] if output else (self.accept[0], None)
+        custom = request_options(custom_attributes, tile=tile, tta=tta, output=option)
+        problems = [_seconds_problem("invocation_timeout_s", invocation_timeout_s, 1, ASYNC_MAX_TIMEOUT_S),
+                    _seconds_problem("request_ttl_s", request_ttl_s, 60, ASYNC_MAX_REQUEST_TTL_S)]
+        rules.raise_if(problems)
+        if self.sagemaker_session.local_mode:
+            return AsyncInference.completed(self._answer_now(data, accept, custom), inference_id=inference_id)
+        input_location, content_type = self._input_location(data)
+        request = {"EndpointName": self.endpoint_name, "InputLocation": input_location, "ContentType": content_type,
+                   "Accept": accept}
+        for name, value in (("CustomAttributes", custom), ("InferenceId", inference_id),
+                            ("InvocationTimeoutSeconds", invocation_timeout_s), ("RequestTTLSeconds", request_ttl_s)):
+            if value is not None:
+                request[name] = value
+        response = self.sagemaker_session.sagemaker_runtime_client.invoke_endpoint_async(**request)
+        return AsyncInference(self._s3(), output_location=response["OutputLocation"],
+                              failure_location=response.get("FailureLocation"),
+                              inference_id=response.get("InferenceId"), input_location=input_location,
+                              decode=self._decode)
+
+    def predict(self, data: Any, *, tile: Optional[int] = None, tta: Optional[str] = None,  # type: ignore[override]
+                timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """The mask of one image: predict_async(...).result(timeout) (default: async_inference.DEFAULT_WAIT_S)."""
+        return self._wait(self.predict_async(data, tile=tile, tta=tta, **kwargs), timeout)
+
+    def predict_proba(self, data: Any, *, tile: Optional[int] = None, tta: Optional[str] = None,
+                      timeout: Optional[float] = None, **kwargs: Any) -> np.ndarray:
+        """(C, H, W) float32 class probabilities, of any size: no 6 MB limit here."""
+        return self._wait(self.predict_async(data, output="probabilities", tile=tile, tta=tta, **kwargs), timeout)
+
+    def predict_json(self, data: Any, *, tile: Optional[int] = None, tta: Optional[str] = None,
+                     timeout: Optional[float] = None, **kwargs: Any) -> dict:
+        return self._wait(self.predict_async(data, output="json", tile=tile, tta=tta, **kwargs), timeout)
+
+    def enable_scale_to_zero(self, max_instances: int = 1, **kwargs: Any) -> Any:
+        """Let this endpoint go to 0 instances while its queue is empty, and up to `max_instances` under load; see
+        unetseg.client.autoscaling.enable_scale_to_zero for the policies and their settings."""
+        from .autoscaling import enable_scale_to_zero
+
+        self.scale_to_zero = enable_scale_to_zero(self.sagemaker_session, self.endpoint_name,
+                                                  max_instances=max_instances, **kwargs)
+        return self.scale_to_zero
+
+    def disable_scale_to_zero(self) -> None:
+        from .autoscaling import disable_scale_to_zero
+
+        disable_scale_to_zero(self.sagemaker_session, self.endpoint_name, setup=self.scale_to_zero)
+        self.scale_to_zero = None
+
+    def delete_endpoint(self, delete_endpoint_config: bool = True) -> None:
+        """Delete the endpoint (and its config), and the scale-to-zero alarm and target this predictor set up."""
+        if self.scale_to_zero is not None:
+            self.disable_scale_to_zero()
+        super().delete_endpoint(delete_endpoint_config)
+
+    # --- helpers ---
+    @staticmethod
+    def _wait(handle: Any, timeout: Optional[float]) -> Any:
+        from .async_inference import DEFAULT_WAIT_S
+
+        return handle.result(DEFAULT_WAIT_S if timeout is None else timeout)
+
+    def _decode(self, body: bytes, content_type: Optional[str]) -> Any:
+        from .async_inference import answer_type
+
+        return self.deserializer.deserialize(io.BytesIO(body), answer_type(body, content_type) or content_type)
+
+    def _s3(self) -> Any:
+        session = self.sagemaker_session
+        return session.s3_client or session.boto_session.client("s3", region_name=session.boto_region_name)
+
+    def _input_location(self, data: Any) -> tuple[str, str]:
+        """Where the request's image is in S3, and its content type: an s3:// URI as it is, else uploaded."""
+        import uuid
+
+        if isinstance(data, str) and data.startswith("s3://"):
+            rules.check_s3_uri("data", data)
+            return data, _ASYNC_FILE_TYPES.get(Path(data).suffix.lower(), self.content_type)
+        bucket, key_prefix = rules.split_s3_uri(self.input_path or self._default_input_path())
+        s3 = self._s3()
+        path = Path(data) if isinstance(data, (str, os.PathLike)) else None
+        kind = _ASYNC_FILE_TYPES.get(path.suffix.lower()) if path is not None else None
+        if kind is not None:  # a file the server reads as it is: streamed to S3, never decoded here
+            key = f"{key_prefix.rstrip('/')}/{uuid.uuid4()}{path.suffix.lower()}".lstrip("/")
+            _check_async_size(path.stat().st_size, kind)
+            s3.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": kind})
+            return f"s3://{bucket}/{key}", kind
+        key = f"{key_prefix.rstrip('/')}/{uuid.uuid4()}{_TYPE_EXTENSIONS[self.content_type]}".lstrip("/")
+        body = self.serializer.serialize(data)
+        _check_async_size(len(body), self.content_type)
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=self.content_type)
+        return f"s3://{bucket}/{key}", self.content_type
+
+    def _default_input_path(self) -> str:
+        session = self.sagemaker_session
+        parts = [session.default_bucket(), session.default_bucket_prefix, "unetseg", "async-input", self.endpoint_name]
+        return "s3://" + "/".join(part.strip("/") for part in parts if part) + "/"
+
+    def _answer_now(self, data: Any, accept: str, custom: Optional[str]) -> Any:
+        """Local mode: the same request, sent to the local endpoint at once."""
+        initial_args = {"Accept": accept}
+        if isinstance(data, str) and data.startswith("s3://"):
+            bucket, key = rules.split_s3_uri(rules.check_s3_uri("data", data))
+            data = self._s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+            initial_args["ContentType"] = _ASYNC_FILE_TYPES.get(Path(key).suffix.lower(), self.content_type)
+        return Predictor.predict(self, data, initial_args=initial_args, custom_attributes=custom)
+
+    def _check_payloads(self, request: dict) -> None:
+        # Local mode's only requests: the local server runs with the async limits (deploy sets them), not 6 MB.
+        body = request.get("Body")
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            _check_async_size(len(body), request.get("ContentType"))
+
+
+def _check_async_size(size: int, content_type: Optional[str]) -> None:
+    if size > ASYNC_MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"this image is {size:,} bytes of {content_type}; an asynchronous endpoint takes at most "
+                              f"{ASYNC_MAX_PAYLOAD_BYTES:,} bytes (1 GiB) per request: send it as image/jpeg, or "
+                              "split it into crops")
+
+
+def _seconds_problem(name: str, value: Any, low: int, high: int) -> Optional[str]:
+    if value is None or (rules.is_whole(value, minimum=low) and value <= high):
+        return None
+    return f"{name}={value!r}: use a whole number of seconds from {low} to {high}"

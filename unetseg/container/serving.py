@@ -19,7 +19,8 @@ Settings by environment, all read and checked by read_settings: SAGEMAKER_MODEL_
 SAGEMAKER_MODEL_SERVER_TIMEOUT (seconds; default by mode), UNETSEG_SERVING_MODE (realtime, batch or async; default
 batch under SAGEMAKER_BATCH, else realtime), UNETSEG_MAX_BODY_MB (default by mode), UNETSEG_MAX_PIXELS (height x width,
 default 64 million), UNETSEG_MAX_IMAGE_MB (decoded bytes of one image, contract/image_headers.py), UNETSEG_MODEL_DIR,
-UNETSEG_TTA (the test-time augmentation of requests that name none; batch transform cannot send custom attributes).
+UNETSEG_TTA (the test-time augmentation of requests that name none; batch transform cannot send custom attributes),
+UNETSEG_RUNTIME (torch, onnx or auto: onnxruntime on the model dir's model.onnx on a CPU instance, see choose_runtime).
 A bad value does not stop the server: it is one line in the log at start, and /ping answers 500 naming it, so the
 endpoint never turns healthy on a guessed value.
 Request options in the X-Amzn-SageMaker-Custom-Attributes header: `output=probabilities`, `tile=<pixels>`,
@@ -61,8 +62,10 @@ from ..contract.sagemaker_env import (
     MODEL_SERVER_WORKERS_ENV,
     REALTIME_MAX_PAYLOAD_BYTES,
     REALTIME_TIMEOUT_S,
+    RUNTIME_ENV,
     SERVING_MODE_ENV,
     SERVING_MODEL_DIR_ENV,
+    SERVING_RUNTIMES,
     TTA_ENV,
 )
 
@@ -76,7 +79,9 @@ STATUS = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found", 405: "405
           406: "406 Not Acceptable", 408: "408 Request Timeout", 413: "413 Payload Too Large",
           415: "415 Unsupported Media Type", 500: "500 Internal Server Error", 504: "504 Gateway Timeout"}
 # What to send instead when a request is too large or too slow for the mode.
-INSTEAD = {"realtime": f"a batch transform, or async inference ({SERVING_MODE_ENV}=async), for larger or slower ones",
+INSTEAD = {"realtime": "a batch transform, or an asynchronous endpoint (UNetEstimator.deploy(..., async_inference="
+                       f"True): {ASYNC_MAX_PAYLOAD_BYTES >> 30} GB, {ASYNC_TIMEOUT_S} s by default), for larger or "
+                       "slower ones",
            "batch": f"a larger MaxPayloadInMB (at most {BATCH_MAX_PAYLOAD_MB}) or ModelClientConfig "
                     "InvocationsTimeoutInSeconds",
            "async": f"smaller images, or a larger {MODEL_SERVER_TIMEOUT_ENV} and InvocationTimeoutSeconds"}
@@ -98,6 +103,7 @@ class ServerSettings:
     workers: Optional[int]  # None: one per GPU, or a few on a CPU
     port: int
     problems: tuple[str, ...] = ()
+    runtime: str = "auto"  # torch, onnx or auto (choose_runtime)
 
 
 class _Reader:
@@ -173,17 +179,33 @@ def read_settings() -> ServerSettings:
     tta = read.get(TTA_ENV, _one_of(codecs.TTA_MODES), f"use one of {', '.join(codecs.TTA_MODES)}", "none")
     workers = read.get(MODEL_SERVER_WORKERS_ENV, _whole(1), "a whole number of workers, 1 or more")
     port = read.get(BIND_TO_PORT_ENV, _whole(1, 65535), "a port number (1-65535)", DEFAULT_PORT)
+    runtime = read.get(RUNTIME_ENV, _one_of(SERVING_RUNTIMES), f"use {', '.join(SERVING_RUNTIMES)}", "auto")
     try:  # read by the decoder at each request (image_headers.py); checked here so that a bad one is named at start
         max_image_bytes()
     except ConfigError as exc:
         read.problems.append(str(exc))
     return ServerSettings(mode, max(1, int(body_mb * 2**20)) if body_mb else body, timeout, max_pixels, tta, workers,
-                          port, tuple(read.problems))
+                          port, tuple(read.problems), runtime)
 
 
 def report_problems(settings: ServerSettings) -> None:
     for problem in settings.problems:
         log.error("bad setting %s; /ping answers 500 until it is fixed", problem)
+
+
+def choose_runtime(setting: str, model_dir: str, device: Optional[str] = None) -> tuple[str, str]:
+    """(torch or onnx, why) for UNETSEG_RUNTIME=`setting`. auto: torch on a GPU; onnxruntime on a CPU when the model
+    dir has a model.onnx (training's export_onnx): it ran the default Unet/resnet34 1.35x as fast as torch eager there,
+    at 256 and 512 px (bench/onnx_runtime.py); else torch."""
+    from ..runtime_onnx import ONNX_FILE
+
+    if setting != "auto":
+        return setting, f"{RUNTIME_ENV}={setting}"
+    if str(device or "").startswith("cuda") or (device is None and gpu_count()):
+        return "torch", "auto, on a GPU"
+    if os.path.isfile(os.path.join(model_dir, ONNX_FILE)):
+        return "onnx", f"auto, on a CPU, with {ONNX_FILE}"
+    return "torch", f"auto, on a CPU, no {ONNX_FILE} in the model dir (train with export_onnx=true for onnxruntime)"
 
 
 class _Deadline(threading.local):
@@ -226,13 +248,14 @@ class InferenceApp:
         self.max_pixels = max_pixels or settings.max_pixels
         self.timeout_s = timeout_s or settings.timeout_s
         try:
-            from ..model import load_model
+            from ..runtime import load_model
 
-            self.model = load_model(model_dir, device=device)
+            runtime, why = choose_runtime(settings.runtime, model_dir, device)
+            self.model = load_model(model_dir, device=device, runtime=runtime)
             # Every forward pass (a tile batch, a TTA orientation) first checks the request's deadline.
-            self.model.model.register_forward_pre_hook(self._check_deadline)
-            log.info("model loaded from %s on %s: %s classes", model_dir, self.model.device,
-                     len(self.model.class_names))
+            self.model.forward_checks.append(self._check_deadline)
+            log.info("model loaded from %s on %s (%s runtime: %s): %s classes", model_dir, self.model.device, runtime,
+                     why, len(self.model.class_names))
         except Exception as exc:  # noqa: BLE001 - reported by /ping, so that the endpoint never turns healthy
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load from %s:\n%s", model_dir, traceback.format_exc())
@@ -248,7 +271,7 @@ class InferenceApp:
             reasons.append(f"model not loaded: {self.load_error}")
         return "; ".join(reasons) or None
 
-    def _check_deadline(self, module, args) -> None:
+    def _check_deadline(self) -> None:
         if self.deadline.at is not None:
             if time.monotonic() > self.deadline.at:
                 raise DeadlineExceeded()
@@ -304,7 +327,9 @@ class InferenceApp:
         if not body:
             raise HttpError(400, "empty body: POST an image")
         try:
-            image = codecs.decode_request(body, content_type, max_pixels=self.max_pixels)
+            # A model normalized by measured band statistics takes float bands as they are, in any range.
+            measured = self.model.config.get("normalization", {}).get("source") == "dataset"
+            image = codecs.decode_request(body, content_type, max_pixels=self.max_pixels, any_float=measured)
         except codecs.CodecError as exc:
             raise HttpError(exc.status, str(exc)) from None
         del body

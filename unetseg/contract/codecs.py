@@ -1,7 +1,7 @@
 """Wire formats of the inference endpoint, shared by the server and the notebook's predictor. No torch.
 
-Requests: image/png, image/jpeg, image/tiff (8- or 16-bit, grayscale or RGB) or application/x-npy (an HxW or HxWxC
-array).
+Requests: image/png, image/jpeg (8- or 16-bit, grayscale or RGB), image/tiff (any number of bands, 8/16-bit or
+float; no-data pixels of a GeoTIFF set to 0 as in training) or application/x-npy (an HxW or HxWxC array).
 Responses, chosen by Accept:
 - image/png: the class-index mask as a palette PNG (pixel values are classes; viewers show the class colours);
 - application/x-npy: the uint8 mask, or float16 probabilities (C, H, W) when asked for;
@@ -13,7 +13,8 @@ first (image_headers.py: UNETSEG_MAX_IMAGE_MB, and the caller's pixel limit), so
 The server reads a request with decode_request: the body must be the format its content type names (PIL alone would
 read any format it knows), and the pixels must be ones a model takes (request_pixels): HxW or HxWxC, at least one
 pixel, uint8 or uint16, other integers within 0..65535 (read as 16-bit, as unetseg reads 32-bit integer image
-files), or floats in [0, 1] with no NaN or infinity. Anything else is a CodecError whose `status` is the HTTP answer.
+files), or floats with no NaN or infinity, in [0, 1] unless the model normalizes by measured band statistics (which
+take floats as they are). Anything else is a CodecError whose `status` is the HTTP answer.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError, ImageTooLargeError
-from .image_headers import Declared, check_declared, declared_pil, declared_png
+from .image_headers import Declared, check_declared, declared_pil, declared_png, declared_tiff
+from .multiband import npy_header, read_tiff, without_nodata
 
-PNG, JPEG, NPY, JSON = "image/png", "image/jpeg", "application/x-npy", "application/json"
-TIFF = "image/tiff"  # read by PIL here: 8/16-bit grayscale or RGB, one page (a batch transform's large images)
+PNG, JPEG, TIFF, NPY, JSON = "image/png", "image/jpeg", "image/tiff", "application/x-npy", "application/json"
 REQUEST_TYPES = (PNG, JPEG, TIFF, NPY)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 RESPONSE_TYPES = (PNG, NPY, JSON)
 # Test-time augmentation: none; flip = the 4 horizontal/vertical flips; d4 = those and their transposes (8 views,
 # for images without a preferred orientation, e.g. microscopy). Probabilities are averaged over the views.
@@ -63,10 +65,11 @@ def checked_type(value: str, allowed: Sequence[str], name: str) -> str:
     return kind
 
 
-def decode_request(body: bytes, content_type: str, max_pixels: Optional[int] = None) -> np.ndarray:
+def decode_request(body: bytes, content_type: str, max_pixels: Optional[int] = None,
+                   any_float: bool = False) -> np.ndarray:
     """The image of an /invocations request, as the server takes it: decode_image, with the body's format checked
-    against its content type, then request_pixels."""
-    return request_pixels(decode_image(body, content_type, max_pixels, exact_type=True))
+    against its content type, then request_pixels (`any_float`: see there)."""
+    return request_pixels(decode_image(body, content_type, max_pixels, exact_type=True), any_float)
 
 
 def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = None,
@@ -77,6 +80,10 @@ def decode_image(body: bytes, content_type: str, max_pixels: Optional[int] = Non
     kind = media_type(content_type)
     if kind == NPY:
         return _decode_npy(body, max_pixels)
+    if bytes(body[:4]) in _TIFF_MAGIC and (kind == TIFF or not exact_type):
+        array = _decode_tiff(body, max_pixels)
+        if array is not None:
+            return array
     if kind not in (PNG, JPEG, TIFF):
         raise CodecError(f"content type {content_type!r} is not supported; send one of {', '.join(REQUEST_TYPES)}")
     png = declared_png(bytes(body[:33]))
@@ -118,10 +125,11 @@ _FORMAT_TYPES = {"PNG": PNG, "JPEG": JPEG, "MPO": JPEG, "TIFF": TIFF}
 ACCEPTED_PIXELS = "uint8 or uint16 pixels (or other integers within 0..65535, or floats in [0, 1])"
 
 
-def request_pixels(array: np.ndarray) -> np.ndarray:
+def request_pixels(array: np.ndarray, any_float: bool = False) -> np.ndarray:
     """`array` as a model takes it (uint8, uint16, or float in [0, 1], in native byte order), or a CodecError that
     says what is wrong with it. Floats are taken to be in [0, 1], as unetseg scales uint8 and uint16 images: values
-    outside would be read with another meaning than the sender's, so they are refused rather than clipped."""
+    outside would be read with another meaning than the sender's, so they are refused rather than clipped. With
+    `any_float` (a model normalized by measured band statistics, which takes floats as they are) any finite float."""
     shape = "x".join(map(str, array.shape)) or "()"
     if array.ndim not in (2, 3):
         raise CodecError(f"array of shape {shape}: send an HxW or HxWxC image")
@@ -143,7 +151,7 @@ def request_pixels(array: np.ndarray) -> np.ndarray:
         bad = int((~finite).reshape(pixels, -1).any(1).sum())
         raise CodecError(f"{bad} of {pixels} pixels are NaN or infinite: send finite values in [0, 1]")
     low, high = float(array.min()), float(array.max())
-    if low < 0 or high > 1:
+    if not any_float and (low < 0 or high > 1):
         raise CodecError(f"float pixel values must lie in [0, 1]; this image has {low:g}..{high:g}: divide 8-bit "
                          "values by 255 (16-bit by 65535), or send the uint8 or uint16 image")
     return array
@@ -161,15 +169,30 @@ def _check_size(declared: Declared, max_pixels: Optional[int], body_bytes: int) 
         raise CodecError(str(exc)) from None
 
 
+def _decode_tiff(body: bytes, max_pixels: Optional[int]) -> Optional[np.ndarray]:
+    """A TIFF body of any number of bands, its declared size checked before its pixels are decoded; None where
+    tifffile cannot read it (no tifffile, a compression it has no codec for): PIL then tries, and names the fault."""
+    declared = declared_tiff(io.BytesIO(body), "TIFF")
+    if declared is None:
+        return None
+    _check_size(declared, max_pixels, len(body))
+    try:
+        image, nodata = read_tiff(io.BytesIO(body), "the request body")
+        image = without_nodata(image, nodata, "the request body")[0]
+        return image[..., 0] if image.shape[2] == 1 else image  # one band: HxW, as a grayscale PNG decodes
+    except DataError as exc:
+        raise CodecError(str(exc)) from None
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - PIL reads some TIFFs tifffile cannot, and refuses the rest with a reason
+        return None
+
+
 def _decode_npy(body: bytes, max_pixels: Optional[int]) -> np.ndarray:
     """A .npy body, its header checked first: numpy allocates the array its header declares before reading it."""
     stream = io.BytesIO(body)
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f".npy format version {version[0]}.{version[1]}; send version 1.0 or 2.0")
-        shape, _, dtype = read_header[version](stream)
+        shape, dtype = npy_header(stream)
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise CodecError(f"body is not a readable .npy array ({exc})") from None
     described = f"array of shape {'x'.join(map(str, shape)) or '()'} and dtype {dtype}"
@@ -238,6 +261,14 @@ def encode_image(image: np.ndarray, content_type: str = PNG) -> bytes:
     if kind == NPY:
         return encode_npy(np.asarray(image))
     array = np.asarray(image)
+    if kind == TIFF:
+        import tifffile
+
+        out = io.BytesIO()
+        rgb = array.ndim == 3 and array.shape[2] == 3
+        tifffile.imwrite(out, array, photometric="rgb" if rgb else "minisblack",
+                         planarconfig="contig" if array.ndim == 3 else None)  # the last axis holds the bands
+        return out.getvalue()
     array = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
     out = io.BytesIO()
     if kind == PNG and array.dtype == np.uint16 and array.ndim == 3:

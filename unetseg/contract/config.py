@@ -53,7 +53,8 @@ class TrainConfig(BaseModel):
     decoder_channels: Optional[list[int]] = Field(
         None, description="decoder widths, one per encoder stage (Unet family); none = the architecture's default"
     )
-    in_channels: int = Field(3, ge=1, le=64, description="image channels: 1 for grayscale, 3 for RGB")
+    in_channels: int = Field(3, ge=1, le=64, description="image channels: 1 for grayscale, 3 for RGB, N for N-band "
+                             "TIFF or .npy images (multispectral)")
     classes: int = Field(2, ge=2, le=255, description="number of classes, background included (2 = binary)")
     class_names: Optional[list[str]] = Field(None, description="one name per class; default class_0, class_1, ...")
     class_colors: Optional[list[list[int]]] = Field(
@@ -95,9 +96,11 @@ class TrainConfig(BaseModel):
     # --- data --------------------------------------------------------------------------------------------------
     image_size: int = Field(256, ge=16, le=8192, description="square training crop; must divide by 2**encoder_depth")
     augment: Literal["none", "light", "default", "strong"] = "default"
-    normalize: Literal["imagenet", "per_image"] = Field(
-        "imagenet", description="imagenet: scale to [0,1] by bit depth, then ImageNet mean/std; "
-                                "per_image: zero mean, unit std per image"
+    normalize: Literal["auto", "imagenet", "dataset", "per_image"] = Field(
+        "auto",
+        description="pixels are first divided by their bit depth (8-bit by 255, 16-bit by 65535, floats as they are); "
+        "then imagenet: ImageNet mean/std; dataset: each band's mean/std measured on the training data; "
+        "per_image: zero mean, unit std per image; auto: imagenet for 1 or 3 channels, dataset for other counts"
     )
     val_fraction: float = Field(0.2, gt=0, lt=1, description="held-out fraction when there is no validation channel")
     seed: int = Field(42, ge=0, le=2**31 - 1)
@@ -112,6 +115,11 @@ class TrainConfig(BaseModel):
     channels_last: bool = Field(True, description="NHWC memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(0, ge=0, description="print a step line every N optimizer steps; 0 = epoch lines only")
+
+    # --- the artifact ------------------------------------------------------------------------------------------
+    export_onnx: bool = Field(False, description="also write model.onnx (onnxruntime: CPU serving, predict "
+                                                 "without torch); an architecture that cannot export is skipped, "
+                                                 "with the reason")
 
     # ------------------------------------------------------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
@@ -216,6 +224,13 @@ class TrainConfig(BaseModel):
     def stride(self) -> int:
         """Input sides must be multiples of this for the encoder-decoder to line up."""
         return 2 ** self.encoder_depth
+
+    @property
+    def resolved_normalize(self) -> str:
+        """imagenet, dataset or per_image: what `normalize` means for this channel count."""
+        if self.normalize == "auto":
+            return "imagenet" if self.in_channels in (1, 3) else "dataset"
+        return self.normalize
 
     @property
     def resolved_class_names(self) -> list[str]:

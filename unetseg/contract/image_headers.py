@@ -26,11 +26,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ConfigError, DataError, ImageTooLargeError
+from .multiband import npy_data_bytes, npy_header
 from .sagemaker_env import MAX_IMAGE_MB_ENV
 
 DEFAULT_MAX_IMAGE_MB = 2048
@@ -134,8 +135,9 @@ def declared_pil(im: Image.Image) -> Declared:
 
 
 def declared_file(path: Path) -> Declared:
-    """The declared size of an image file: PNG from its IHDR, TIFF from tifffile's reading of the IFD (every page
-    of the first series, as it decodes them), others from PIL's header parser. Raises DataError naming the file."""
+    """The declared size of an image file: PNG from its IHDR, TIFF from tifffile's reading of the IFDs (every band of
+    the first series at full resolution, as it decodes them), .npy from its header, others from PIL's header parser.
+    Raises DataError naming the file."""
     try:
         with open(path, "rb") as f:
             head = f.read(33)
@@ -146,10 +148,17 @@ def declared_file(path: Path) -> Declared:
     png = declared_png(head)
     if png is not None:
         return png
-    if path.suffix.lower() in (".tif", ".tiff"):
-        tiff = _declared_tiff(path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        tiff = declared_tiff(path)
         if tiff is not None:
             return tiff
+    if suffix == ".npy":
+        with open(path, "rb") as f:
+            try:
+                return declared_npy(f)
+            except DataError as exc:
+                raise DataError(f"{path}: {exc}") from None
     try:
         with Image.open(path) as im:
             return declared_pil(im)
@@ -185,21 +194,41 @@ def _raise_the_limit(needed_bytes: Optional[int]) -> str:
             + (f"the limit: {MAX_IMAGE_MB_ENV}={mib}" if mib else MAX_IMAGE_MB_ENV))
 
 
-def _declared_tiff(path: Path) -> Optional[Declared]:
+def declared_tiff(source: Any, kind: str = "uncompressed TIFF") -> Optional[Declared]:
+    """From a TIFF's IFDs (a path or a file object): series 0 at full resolution, as multiband.read_tiff decodes it,
+    every band counted whatever its layout (interleaved, planar, a page per band). None where tifffile cannot parse
+    it."""
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            page, series = tif.pages[0], tif.series[0]
-            itemsize = series.dtype.itemsize
-            total = math.prod(series.shape) * itemsize  # what tifffile.imread allocates: every page of the series
-            height, width = int(page.imagelength), int(page.imagewidth)
+        with tifffile.TiffFile(source) as tif:
+            series = tif.series[0]
+            shape, axes, itemsize = tuple(series.shape), series.axes, series.dtype.itemsize
+            page = series.keyframe
             raw = page.compression == 1  # uncompressed: the file holds the first page's pixels as they are
             page_bytes = math.prod(page.shape) * itemsize if raw else None
     except Exception:  # noqa: BLE001 - no tifffile, or a TIFF it cannot parse: PIL reads the header instead
         return None
-    channels = max(1, -(-int(total) // max(1, height * width * itemsize)))  # samples per pixel, pages included
-    return Declared(width, height, channels, itemsize, page_bytes, "uncompressed TIFF")
+    if "Y" in axes and "X" in axes and len(axes) == len(shape):
+        height, width = shape[axes.index("Y")], shape[axes.index("X")]
+    else:  # not an image: the reader names the layout; the size counts every sample all the same
+        height, width = int(page.imagelength), int(page.imagewidth)
+    channels = max(1, -(-math.prod(shape) // max(1, height * width)))
+    return Declared(int(width), int(height), int(channels), itemsize, page_bytes, kind)
+
+
+def declared_npy(head: Any, kind: str = ".npy file") -> Declared:
+    """From a .npy stream's header (HxW or HxWxC); DataError (without a name: the caller adds it) for one that is
+    not an image. The least the file holds is the header's data size: numpy allocates it before reading."""
+    try:
+        shape, dtype = npy_header(head)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise DataError(f"not a readable .npy array ({exc})") from None
+    if len(shape) not in (2, 3) or dtype.kind not in "buif":
+        raise DataError(f"an array of shape {'x'.join(map(str, shape)) or '()'} and dtype {dtype} is not an image; "
+                        "save an HxW or HxWxC array of integers or floats")
+    channels = shape[2] if len(shape) == 3 else 1
+    return Declared(shape[1], shape[0], channels, dtype.itemsize, head.tell() + npy_data_bytes(shape, dtype), kind)
 
 
 def _mib(count: int) -> str:

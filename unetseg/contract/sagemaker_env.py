@@ -75,6 +75,10 @@ MAX_BODY_MB_ENV = "UNETSEG_MAX_BODY_MB"
 MAX_PIXELS_ENV = "UNETSEG_MAX_PIXELS"
 TTA_ENV = "UNETSEG_TTA"  # the test-time augmentation of requests that name none
 SERVING_MODEL_DIR_ENV = "UNETSEG_MODEL_DIR"  # instead of /opt/ml/model
+# The model runtime: torch, onnx (onnxruntime on the model dir's model.onnx, which training's export_onnx writes) or
+# auto: onnx on a CPU instance whose model dir has a model.onnx (faster there: bench/onnx_runtime.py), else torch.
+RUNTIME_ENV = "UNETSEG_RUNTIME"
+SERVING_RUNTIMES = ("auto", "torch", "onnx")
 
 # --- the notebook's -----------------------------------------------------------------------------------------------
 IMAGE_URI_ENV = "UNETSEG_IMAGE_URI"  # UNetEstimator's image when none is given
@@ -87,6 +91,8 @@ BATCH_MAX_PAYLOAD_MB = 100  # CreateTransformJob MaxPayloadInMB: at most 100
 ASYNC_MAX_PAYLOAD_BYTES = 2**30  # InvokeEndpointAsync: S3 input up to 1 GB
 BATCH_TIMEOUT_S = 600  # CreateTransformJob ModelClientConfig.InvocationsTimeoutInSeconds: default 600 (at most 3600)
 ASYNC_TIMEOUT_S = 900  # InvokeEndpointAsync InvocationTimeoutSeconds: default 900 (at most 3600)
+ASYNC_MAX_TIMEOUT_S = 3600  # InvokeEndpointAsync InvocationTimeoutSeconds: at most 1 hour
+ASYNC_MAX_REQUEST_TTL_S = 6 * 3600  # InvokeEndpointAsync RequestTTLSeconds: a queued request lives 6 h at most
 CUSTOM_ATTRIBUTES_MAX_CHARS = 1024  # InvokeEndpoint CustomAttributes: at most 1024 visible ASCII characters
 
 # A failed job writes its error to <output dir>/failure; SageMaker shows this many characters of it as FailureReason.

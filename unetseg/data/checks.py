@@ -1,7 +1,8 @@
 """Read every file of a dataset once, before training, and fail with one error naming each bad file.
 
-The same pass measures what training needs to know (mask convention, bit depth, class balance) and, when the
-decoded dataset fits in memory, keeps the pixels so that no epoch decodes a file again.
+The same pass measures what training needs to know (mask convention, bit depth, class balance, and where the
+normalization is measured, each band's mean and spread: band_stats.py) and, when the decoded dataset fits in memory,
+keeps the pixels so that no epoch decodes a file again. Pixels an image marks as no data are ignored in its mask.
 
 Files are decoded in threads, as many at once as fit in a byte budget known from their headers (the size limit for one
 image, UNETSEG_MAX_IMAGE_MB): memory follows the budget, not the thread count times the largest image.
@@ -25,8 +26,9 @@ import numpy as np
 from ..contract.config import TrainConfig
 from ..contract.errors import DataError
 from ..contract.image_headers import max_image_bytes
-from .io import declared_size, read_image, read_mask
-from .masks import MaskCodec, mask_values, resolve_mode, squeeze_gray
+from . import band_stats
+from .io import declared_size, read_image_valid, read_mask
+from .masks import IGNORE_INDEX, MaskCodec, mask_values, resolve_mode, squeeze_gray
 from .scan import MAX_LISTED, Sample
 
 
@@ -40,6 +42,8 @@ class CheckedDataset:
     # an image too large to keep: see check_dataset's `uncached`)
     cached: Optional[list[Optional[tuple[np.ndarray, np.ndarray]]]] = field(default=None, repr=False)
     stored: list[tuple[int, int]] = field(default_factory=list, repr=False)  # bytes of the image and mask files
+    # (samples, 3, channels) per-band pixel count, mean, M2 (band_stats.py), where the normalization is measured
+    sample_band_moments: Optional[np.ndarray] = field(default=None, repr=False)
 
     def subset(self, indices: Sequence[int]) -> CheckedDataset:
         def pick(items: Sequence) -> list:
@@ -47,7 +51,8 @@ class CheckedDataset:
 
         return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
                               pick(self.sizes), pick(self.cached) if self.cached is not None else None,
-                              pick(self.stored) if self.stored else [])
+                              pick(self.stored) if self.stored else [],
+                              None if self.sample_band_moments is None else self.sample_band_moments[list(indices)])
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint records of the data it was trained on: the sample count and a digest of the file names and
@@ -62,11 +67,20 @@ class CheckedDataset:
         if self.cached is not None and self.cached[index] is not None:
             return self.cached[index]
         sample = self.samples[index]
-        return read_image(sample.image), self.codec.decode(squeeze_gray(read_mask(sample.mask)), sample.mask)
+        image, valid = read_image_valid(sample.image)
+        return image, _ignore_outside(self.codec.decode(squeeze_gray(read_mask(sample.mask)), sample.mask), valid)
 
     @property
     def class_pixels(self) -> np.ndarray:
         return self.sample_class_pixels.sum(0)
+
+    @property
+    def band_stats(self) -> Optional[tuple[list[float], list[float]]]:
+        """(mean, std) per band over these samples' pixels, on the scale the model sees; None where not measured."""
+        if self.sample_band_moments is None:
+            return None
+        channels = self.sample_band_moments.shape[2]
+        return band_stats.mean_std(band_stats.merge_all(self.sample_band_moments, channels))
 
 
 class _Header(NamedTuple):
@@ -79,13 +93,15 @@ class _Header(NamedTuple):
 class _FileFacts:
     channels: int
     dtype: str
-    values: dict  # pixel count per raw mask value
+    values: dict  # pixel count per raw mask value, of the pixels that hold data
     image: Optional[np.ndarray]
     mask: Optional[np.ndarray]
+    valid: Optional[np.ndarray] = None  # HxW pixels that hold data; None = all
+    moments: Optional[np.ndarray] = None  # (3, channels) band moments, where the normalization is measured
 
     def without_pixels(self) -> _FileFacts:
         """What other processes need to know: small enough to send."""
-        return _FileFacts(self.channels, self.dtype, self.values, None, None)
+        return _FileFacts(self.channels, self.dtype, self.values, None, None, None, self.moments)
 
 
 def memory_budget_bytes(share: int = 1) -> int:
@@ -165,9 +181,10 @@ def check_dataset(samples: Sequence[Sample], cfg: TrainConfig, *, codec: Optiona
         cached = [None] * len(samples)
         for i, (image, raw) in pixels.items():
             if image is not None:
-                cached[i] = (image, codec.decode(raw, samples[i].mask))
+                cached[i] = (image, _ignore_outside(codec.decode(raw, samples[i].mask), read[i].valid))
+    moments = np.stack([good[i].moments for i in range(len(samples))]) if cfg.resolved_normalize == "dataset" else None
     return CheckedDataset(list(samples), codec, class_pixels, [headers[i].size for i in range(len(samples))], cached,
-                          [headers[i].stored for i in range(len(samples))])
+                          [headers[i].stored for i in range(len(samples))], moments)
 
 
 def _parallel(work: Callable[[int], Any], items: Sequence[int], threads: int,
@@ -216,18 +233,36 @@ def _header(sample: Sample) -> _Header | str:
 
 def _read(sample: Sample, cfg: TrainConfig, keep: bool) -> _FileFacts | str:
     try:
-        image = read_image(sample.image)
+        image, valid = read_image_valid(sample.image)
         raw = squeeze_gray(read_mask(sample.mask))
     except DataError as exc:
         return str(exc)
     channels = image.shape[2]
     if channels != cfg.in_channels:
-        hint = {1: "; set in_channels=1 for grayscale data", 3: "; set in_channels=3 for RGB data"}.get(channels, "")
+        hint = {1: "; set in_channels=1 for grayscale data", 3: "; set in_channels=3 for RGB data"}.get(
+            channels, f"; set in_channels={channels} for {channels}-band data")
         return f"{sample.image}: image has {channels} channel(s), but in_channels={cfg.in_channels}{hint}"
     if image.shape[:2] != raw.shape[:2]:  # headers agreed; the decoded pixels must too
         return (f"{sample.mask}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image size "
                 f"{image.shape[1]}x{image.shape[0]}")
-    return _FileFacts(channels, str(image.dtype), mask_values(raw), image if keep else None, raw if keep else None)
+    values = mask_values(raw if valid is None else raw[valid][None])  # no-data pixels are no class's
+    if image.dtype.kind == "f" and cfg.resolved_normalize == "imagenet":
+        low, high = float(image.min()), float(image.max())
+        if low < 0 or high > 1:
+            return (f"{sample.image}: float pixel values {low:g}..{high:g} lie outside [0, 1], the "
+                    "range normalize=imagenet expects of float images; set normalize=dataset to normalize each band by "
+                    "the mean and std measured on the training data")
+    moments = band_stats.image_moments(image, valid) if cfg.resolved_normalize == "dataset" else None
+    return _FileFacts(channels, str(image.dtype), values, image if keep else None, raw if keep else None,
+                      valid if keep else None, moments)
+
+
+def _ignore_outside(mask: np.ndarray, valid: Optional[np.ndarray]) -> np.ndarray:
+    """The class mask with the pixels that hold no image data set to ignore: they are not learned, nor scored."""
+    if valid is not None:
+        mask = mask.copy() if not mask.flags.writeable else mask
+        mask[~valid] = IGNORE_INDEX
+    return mask
 
 
 def _raise_if(problems: list[str], samples: Sequence[Sample]) -> None:

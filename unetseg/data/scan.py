@@ -16,7 +16,7 @@ from ..contract.errors import DataError
 from ..contract.ground_truth import PAIRING_FILE, read_pairing
 from ..contract.layout import IMAGES, MASKS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")  # .npy: an HxW or HxWxC array
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")  # lossless only: JPEG smears class boundaries into new values
 MAX_LISTED = 10  # files named in one error message; the rest are counted
 
