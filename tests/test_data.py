@@ -296,3 +296,30 @@ def test_epoch_sampler_gives_each_rank_its_shard_and_every_rank_as_many_steps():
     one = EpochSampler(10, batch_size=2, seed=5)
     one.set_epoch(1)
     assert [i for _, i in one] == list(np.random.default_rng([5, 1]).permutation(10))  # one process: unchanged order
+
+
+@pytest.mark.parametrize("stored", ["P", "RGBA"])
+def test_colour_masks_stored_as_palette_or_opaque_rgba_are_read_by_colour(tmp_path, stored):
+    """Ground Truth's colour masks (mask_mode=palette) decode by colour however the PNG stores them: a palette image
+    whose index order is not the class order, or RGBA with every pixel opaque. A transparent pixel is refused."""
+    from PIL import Image
+
+    colours = [[255, 255, 255], [255, 0, 0], [0, 0, 255]]
+    labels = np.array([[0, 1], [2, 0]]).repeat(8, 0).repeat(8, 1)
+    write_pair(tmp_path, "a", np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16), np.uint8))
+    if stored == "P":
+        indices = np.array([1, 2, 0], np.uint8)[labels]  # palette order: blue, white, red
+        mask = Image.fromarray(indices, mode="P")
+        mask.putpalette([0, 0, 255, 255, 255, 255, 255, 0, 0] + [0] * 759)
+    else:
+        rgba = np.concatenate([np.asarray(colours, np.uint8)[labels], np.full((16, 16, 1), 255, np.uint8)], 2)
+        mask = Image.fromarray(rgba, mode="RGBA")
+    mask.save(tmp_path / "masks" / "a.png")
+    cfg = CFG.replace(classes=3, class_colors=colours, mask_mode="palette")
+    checked = check(tmp_path, cfg)
+    assert np.array_equal(checked.cached[0][1], labels) and list(checked.class_pixels) == [128, 64, 64]
+    if stored == "RGBA":
+        rgba[0, 0, 3] = 0
+        Image.fromarray(rgba, mode="RGBA").save(tmp_path / "masks" / "a.png")
+        message = data_error(tmp_path, cfg)
+        assert "masks/a.png" in message and "transparent" in message

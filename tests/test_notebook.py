@@ -70,7 +70,7 @@ def moto_server(tmp_path):
 
 
 def kernel_environment(endpoint: str, sdk_config: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_", "UNETSEG_"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_", "UNETSEG_", "MLFLOW_"))
            and k.upper() not in ("MPLBACKEND", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")}
     env.update({
         "AWS_ENDPOINT_URL": endpoint,  # boto3 and botocore send every service here

@@ -6,6 +6,7 @@ Importing this module stays light; each command imports what it needs (torch onl
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from .contract.config import TrainConfig
 from .contract.errors import OutputError, UnetsegError, UsageError, write_failure_reason
 from .contract.ground_truth import is_manifest
 from .contract.layout import TRAIN_CHANNEL, VALIDATION_CHANNEL, VALIDATION_FOLDERS, folder_names, read_layout
-from .contract.sagemaker_env import stopped_exit_code
+from .contract.sagemaker_env import MLFLOW_EXPERIMENT_ENV, MLFLOW_TRACKING_URI_ENV, stopped_exit_code
 from .runtime import EXPORT_FORMATS
 
 
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                                                "the same folder resumes an interrupted run")
     p.add_argument("--init-model", help="start from this trained unetseg model (folder, model.tar.gz or s3://...): "
                                         "fine-tuning; a different class count gets a new head")
+    p.add_argument("--mlflow-uri", help=f"log the run to this MLflow server (http(s) URL or SageMaker MLflow ARN; "
+                                        f"default ${MLFLOW_TRACKING_URI_ENV}); the run is named after --output")
+    p.add_argument("--mlflow-experiment",
+                   help=f"the MLflow experiment (default ${MLFLOW_EXPERIMENT_ENV}, else unetseg)")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("demo", help="make a synthetic dataset and train a small model on it (no AWS, no Docker)")
@@ -165,6 +170,13 @@ def _train(args, extra: Sequence[str]) -> int:
         train_dir, val_dir = _split_layout(args.data, args.validation)
     output = args.output or Path("runs") / time.strftime("unetseg-%Y%m%d-%H%M%S")
     check_output_folder(output, subfolders=RUN_FOLDERS)  # before the data check: not a failure after an epoch
+    if args.mlflow_uri is not None:
+        from .client.tracking import check_tracking_uri
+
+        check_tracking_uri(args.mlflow_uri)
+        os.environ[MLFLOW_TRACKING_URI_ENV] = args.mlflow_uri  # where the training loop and MLflow's client read it
+    if args.mlflow_experiment:
+        os.environ[MLFLOW_EXPERIMENT_ENV] = args.mlflow_experiment
     return _run_training(cfg, train_dir, val_dir, output, init_model=args.init_model)
 
 

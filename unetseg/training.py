@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, tracking
 from .contract.config import TrainConfig
 from .data.checks import CheckedDataset, check_dataset
 from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
@@ -142,6 +142,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
             partial.update(loss_sum=0.0, samples=0)
         say(f"resumed from {paths.checkpoint_dir / checkpoint.LAST}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+    tracker = tracking.start(cfg, paths, train_data, val_data, history) if ctx.is_main else tracking.NO_TRACKING
 
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
     net = torch.compile(net) if cfg.compile else net
@@ -220,6 +221,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                     checkpoint.save_best(paths.checkpoint_dir, model.state_dict())
                 checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch + 1, 0))
             say(format_line(metrics, epoch=epoch + 1), flush=True)
+            tracker.log_epoch(history[-1])
             if cfg.early_stopping_patience and epochs_without_gain >= cfg.early_stopping_patience:
                 say(f"early stopping: no better {SELECTION_METRIC} for {epochs_without_gain} epochs (best {best})")
                 break
@@ -227,14 +229,14 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                 raise Interrupted(stop.name)
     except Interrupted:
         if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
-            finish(cfg, paths, model, train_data, val_data, history, best, say, picture=False)
+            finish(cfg, paths, model, train_data, val_data, history, best, say, picture=False, tracker=tracker)
         distributed.barrier(ctx)
         return TrainResult(history, best, interrupted=stop.name)
     finally:
         stop.restore()
 
     if ctx.is_main:
-        finish(cfg, paths, model, train_data, val_data, history, best, say)
+        finish(cfg, paths, model, train_data, val_data, history, best, say, tracker=tracker)
     # Every rank waits for rank 0's artifacts: a container that exits first can end the job with an empty model.
     distributed.barrier(ctx)
     return TrainResult(history, best)
@@ -302,12 +304,14 @@ def score_tiled(segmenter: Segmenter, image: np.ndarray, mask: np.ndarray, loss_
 
 
 def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say,
-           picture: bool = True) -> None:
+           picture: bool = True, tracker=tracking.NO_TRACKING) -> None:
     """Rank 0: the best weights, config and history to the model dir; then, with `picture` (not on a stop), a picture
-    of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it."""
+    of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it; then, within a
+    deadline, all of it to the tracking server."""
     weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
     config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None,
                              normalization(cfg, train_data.band_stats))
+    config.update(tracker.config_fields())
     save_artifact(paths.model_dir, weights, config, history)
     if cfg.export_onnx and picture:
         export_onnx(paths.model_dir, say)
@@ -324,6 +328,7 @@ def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: Ch
     say(f"metrics: {paths.model_dir / 'history.json'}")
     if drawn:
         say(f"predictions: {drawn}")
+    tracker.finish(paths.model_dir, drawn, best=best, stopped=not picture)
 
 
 def export_onnx(model_dir: Path, say) -> None:

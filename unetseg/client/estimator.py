@@ -37,6 +37,8 @@ from ..contract.sagemaker_env import (
     BATCH_MAX_PAYLOAD_MB,
     CHECKPOINT_DIR_ENV,
     IMAGE_URI_ENV,
+    MLFLOW_EXPERIMENT_ENV,
+    MLFLOW_TRACKING_URI_ENV,
     MODEL_SERVER_TIMEOUT_ENV,
     MODEL_SERVER_WORKERS_ENV,
     SERVING_MODE_ENV,
@@ -47,6 +49,7 @@ from .job_rules import JobSettingsError
 from .local_mode import LOCAL_OUTPUT_DIR
 from .quiet_sdk import keep_root_logging_quiet, quiet_v2_notice
 from .s3_upload import bucket_facts
+from .tracking import tracking_uri_problem
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,10 @@ class UNetEstimator(Estimator):
             or later runs Blackwell GPUs such as ml.p6-b200 and ml.g7e); None skips the GPU architecture check.
         baked_encoders: encoders whose pretrained weights the image carries (`unetseg image build --bake-weights
             resnet34` gives ["resnet34"]): with enable_network_isolation=True a job cannot download them.
+        mlflow_tracking_uri: log the job to MLflow (unetseg/tracking.py): an http(s) server the job can reach, or a
+            SageMaker MLflow tracking server ARN in the job's region (the role then needs `sagemaker-mlflow:*` on it).
+            Sets $MLFLOW_TRACKING_URI in the job; `unetseg.client.tracking.compare_runs` compares the runs.
+        mlflow_experiment: the MLflow experiment of the run (default "unetseg").
         **kwargs: anything else `sagemaker.estimator.Estimator` accepts (tags, subnets, base_job_name, ...).
     """
 
@@ -115,6 +122,8 @@ class UNetEstimator(Estimator):
         disable_profiler: bool = True,
         image_cuda: Optional[str] = rules.IMAGE_CUDA,
         baked_encoders: Sequence[str] = (),
+        mlflow_tracking_uri: Optional[str] = None,
+        mlflow_experiment: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         # 1. Everything that needs no AWS call, so that a mistake costs nothing.
@@ -144,6 +153,7 @@ class UNetEstimator(Estimator):
                                                                                name="repository:tag"),
             *rules.gpu_setting_problems(config, kind),
             *rules.hyperparameter_problems(config.to_hyperparameters()),
+            *_tracking_problems(mlflow_tracking_uri, mlflow_experiment, environment),
         ])
 
         # 2. Local mode: the SDK raises on spot and checkpoint arguments there; they mean nothing on one machine.
@@ -175,6 +185,12 @@ class UNetEstimator(Estimator):
         image_uri = image_uri or _ecr_image_uri(session, repository, tag, account, region)
         if not kind.local:
             rules.raise_if([rules.image_region_problem(image_uri, session.boto_region_name)])
+        if mlflow_tracking_uri is not None:
+            rules.raise_if([tracking_uri_problem(mlflow_tracking_uri, session.boto_region_name)])
+            # The container logs to it (unetseg/tracking.py); the image URI tags the run with what trained it.
+            environment = {**(environment or {}), MLFLOW_TRACKING_URI_ENV: mlflow_tracking_uri,
+                           IMAGE_URI_ENV: image_uri,
+                           **({MLFLOW_EXPERIMENT_ENV: mlflow_experiment} if mlflow_experiment else {})}
 
         self._config = config
         self._kind = kind
@@ -630,6 +646,18 @@ class UNetEstimator(Estimator):
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+def _tracking_problems(uri: Any, experiment: Any, environment: Any) -> list[Optional[str]]:
+    """mlflow_tracking_uri and mlflow_experiment, before any AWS call (the ARN's region is checked with the session)."""
+    if uri is None:
+        return [None if experiment is None else "mlflow_experiment needs mlflow_tracking_uri: the server to log to"]
+    given = (environment or {}).get(MLFLOW_TRACKING_URI_ENV) if isinstance(environment, Mapping) else None
+    return [tracking_uri_problem(uri),
+            None if experiment is None or (isinstance(experiment, str) and experiment.strip()) else
+            f"mlflow_experiment={experiment!r}: give the experiment's name, or leave it out (default 'unetseg')",
+            None if given in (None, uri) else
+            f"mlflow_tracking_uri={uri!r} and environment[{MLFLOW_TRACKING_URI_ENV!r}]={given!r} disagree; give one"]
+
 
 def _session_for(kind: rules.InstanceKind, session: Any, region: Optional[str]) -> Any:
     import boto3

@@ -55,6 +55,8 @@ NETWORK_INTERFACE_ENV = "SM_NETWORK_INTERFACE_NAME"
 MODEL_DIR_ENV, OUTPUT_DIR_ENV, OUTPUT_DATA_DIR_ENV = "SM_MODEL_DIR", "SM_OUTPUT_DIR", "SM_OUTPUT_DATA_DIR"
 INPUT_DATA_DIR_ENV, INPUT_CONFIG_DIR_ENV = "SM_INPUT_DATA_DIR", "SM_INPUT_CONFIG_DIR"
 JOB_NAME_ENV = "TRAINING_JOB_NAME"
+JOB_ARN_ENV = "TRAINING_JOB_ARN"  # set by SageMaker in a training job's container
+CURRENT_INSTANCE_TYPE_ENV = "SM_CURRENT_INSTANCE_TYPE"
 
 # --- unetseg's own, in the container ------------------------------------------------------------------------------
 OPT_ML_ENV = "UNETSEG_OPT_ML"  # moves the whole /opt/ml tree (tests, local runs)
@@ -63,6 +65,13 @@ PROCS_PER_HOST_ENV = "UNETSEG_PROCS_PER_HOST"  # training processes per host ins
 MASTER_PORT_ENV = "UNETSEG_MASTER_PORT"  # torchrun's rendezvous port
 RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
 MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"  # the largest decoded image, in training, predict and serving
+
+# --- experiment tracking: MLflow's own names (its client reads them too), and unetseg's ----------------------------
+MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # an http(s) server or a SageMaker MLflow tracking server's ARN
+MLFLOW_EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+MLFLOW_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"  # seconds per request (MLflow's default: 120)
+MLFLOW_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"  # the client's own retries (MLflow's default: 7, with backoff)
+TRACKING_FLUSH_ENV = "UNETSEG_MLFLOW_FLUSH_S"  # seconds the end of training waits for tracking to catch up
 
 # --- serving: SageMaker's settings of an inference container, and unetseg's ---------------------------------------
 MODEL_SERVER_WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"

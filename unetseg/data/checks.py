@@ -68,7 +68,8 @@ class CheckedDataset:
             return self.cached[index]
         sample = self.samples[index]
         image, valid = read_image_valid(sample.image)
-        return image, _ignore_outside(self.codec.decode(squeeze_gray(read_mask(sample.mask)), sample.mask), valid)
+        raw = squeeze_gray(read_mask(sample.mask, colours=self.codec.mode == "palette"))
+        return image, _ignore_outside(self.codec.decode(raw, sample.mask), valid)
 
     @property
     def class_pixels(self) -> np.ndarray:
@@ -234,7 +235,7 @@ def _header(sample: Sample) -> _Header | str:
 def _read(sample: Sample, cfg: TrainConfig, keep: bool) -> _FileFacts | str:
     try:
         image, valid = read_image_valid(sample.image)
-        raw = squeeze_gray(read_mask(sample.mask))
+        raw = squeeze_gray(read_mask(sample.mask, colours=cfg.mask_mode == "palette"))
     except DataError as exc:
         return str(exc)
     channels = image.shape[2]

@@ -57,11 +57,16 @@ def read_image_valid(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]
     return without_nodata(_as_hwc(array, path), nodata, str(path))
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """HxW integer labels (palette PNGs: their indices), or HxWx3 uint8 for RGB-coloured masks."""
+def read_mask(path: str | Path, colours: bool = False) -> np.ndarray:
+    """HxW integer labels (palette PNGs: their indices), or HxWx3 uint8 for RGB-coloured masks.
+
+    `colours` (mask_mode=palette: classes are told by colour, as Ground Truth's masks are): a palette PNG gives its
+    colours rather than its indices, and an RGBA one its RGB when every pixel is opaque."""
     path = Path(path)
     _check_size(path)
     with _open(path) as im:
+        if colours and (im.mode in _ALPHA_MODES or im.mode == "P"):
+            return _opaque_rgb(im, path)
         if im.mode in _ALPHA_MODES:
             raise DataError(f"{path}: mask has an alpha channel ({im.mode}); save it as a single-channel or RGB PNG")
         if im.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
@@ -77,6 +82,16 @@ def read_mask(path: str | Path) -> np.ndarray:
             raise DataError(f"{path}: mask values {array.min()}..{array.max()} do not fit 16 bits")
         array = array.astype(np.uint16)
     return np.ascontiguousarray(array)
+
+
+def _opaque_rgb(im: Image.Image, path: Path) -> np.ndarray:
+    rgba = np.array(im.convert("RGBA"))
+    transparent = rgba[..., 3] != 255
+    if transparent.any():
+        y, x = np.argwhere(transparent)[0]
+        raise DataError(f"{path}: colour mask with {int(transparent.sum())} transparent pixel(s) (the first at x={x}, "
+                        f"y={y}); a class is told by its colour, so save every pixel opaque")
+    return np.ascontiguousarray(rgba[..., :3])
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
