@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   - create .venv, make a synthetic dataset, train a small model locally (no AWS, no Docker)
 #   make test   - create .venv and run the test suite
+#   make test-fast - the edit loop: the tests not marked slow or docker (no process started, no model trained)
 #   make lint   - ruff check (configured in pyproject.toml; CI runs it before the tests)
 #   make gpu-check - on a GPU machine: prove the CUDA path in one run (bench/gpu_check.sh; GPU_CHECK_ARGS=--smoke on a CPU)
 PYTHON ?= python3
@@ -11,7 +12,7 @@ MLFLOW_VENV := .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 MLFLOW_SERVER_VERSION := 3.17.2
 
-.PHONY: demo test lint bench gpu-check clean
+.PHONY: demo test test-fast lint bench gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP) $(MLFLOW_STAMP)
 	SAGEMAKER_SUPPRESS_V2_WARNING=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	SAGEMAKER_SUPPRESS_V2_WARNING=1 $(VENV)/bin/python -m pytest -m 'not slow and not docker' $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,6 @@
   under UNETSEG_REQUIRE_DOCKER=1 (CI), where a skip would hide a broken setup.
 - `ci_base_image()`: the registry-free CI base (ci/build-base-image.sh): $UNETSEG_CI_BASE, else the newest
   `unetseg-ci-base:<hash>` tag.
-- `opt_ml_tree()`: an /opt/ml folder as SageMaker lays it out for `docker run <image> train`.
 - `training_image()`: `unetseg:ci` built from entry/Dockerfile on the CI base, offline; once per test session.
 - `internal_network()` / `remove_network()`: the `sagemaker-local` network that the SDK's local mode joins, made
   `--internal` so that no container reaches beyond this machine.
@@ -24,8 +23,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
 
@@ -74,25 +72,6 @@ def ci_base_image() -> str:
         unavailable(f"no {BASE_REPOSITORY}:<hash> image: build it with `bash ci/build-base-image.sh` "
                     f"(or name one in ${BASE_ENV})")
     return f"{BASE_REPOSITORY}:{tags[0][0]}"
-
-
-def opt_ml_tree(root: Path, hyperparameters: Mapping[str, object], channels: Mapping[str, Path],
-                host: str = "algo-1") -> Path:
-    """/opt/ml as SageMaker hands it to `train`: config JSONs (hyperparameters as strings), channel folders copied
-    in (File mode), and an empty checkpoints/ (the checkpoint_s3_uri sync target)."""
-    config = root / "input" / "config"
-    config.mkdir(parents=True)
-    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in hyperparameters.items()}
-    (config / "hyperparameters.json").write_text(json.dumps(strings))
-    (config / "resourceconfig.json").write_text(json.dumps(
-        {"current_host": host, "hosts": [host], "network_interface_name": "eth0", "current_instance_type": "local"}))
-    (config / "inputdataconfig.json").write_text(json.dumps(
-        {name: {"TrainingInputMode": "File"} for name in channels}))
-    for name, folder in channels.items():
-        shutil.copytree(folder, root / "input" / "data" / name)
-    for sub in ("checkpoints", "model", "output/data"):
-        (root / sub).mkdir(parents=True)
-    return root
 
 
 def network_info(name: str = LOCAL_NETWORK) -> dict | None:

@@ -35,10 +35,10 @@ try:
 except ImportError:  # pragma: no cover - moto[server] brings it
     _unicode_regex = None
 
-# Every operation of these services is checked: SageMaker, its runtime (InvokeEndpointAsync), and what the
-# scale-to-zero setup of an async endpoint calls (Application Auto Scaling, CloudWatch). Names as botocore's events
-# spell them (the service id, hyphenated).
-SERVICES = ("sagemaker", "sagemaker-runtime", "application-auto-scaling", "cloudwatch")
+# Every operation of these services is checked: SageMaker, its runtime (InvokeEndpointAsync), what the
+# scale-to-zero setup of an async endpoint calls (Application Auto Scaling, CloudWatch), and what `unetseg image push`
+# calls (ECR, STS). Names as botocore's events spell them (the service id, hyphenated).
+SERVICES = ("sagemaker", "sagemaker-runtime", "application-auto-scaling", "cloudwatch", "ecr", "sts")
 _JAVA_SUPPLEMENTARY_RANGE = r"\uD800\uDC00-\uDBFF\uDFFF"  # a UTF-16 surrogate pair range: U+10000..U+10FFFF
 _NUMBERS = ("integer", "long", "float", "double")
 

@@ -27,9 +27,10 @@ import pytest
 from PIL import Image
 
 from conftest import BUCKET
+from support import wsgi_call
 
 # The model artifact and the docker double that runs the real server (fixtures), and helpers.
-from test_predictor import CLASS_NAMES, artifact, call, local_docker, rgb, trained_estimator  # noqa: F401
+from test_predictor import CLASS_NAMES, artifact, local_docker, rgb, trained_estimator  # noqa: F401
 from unetseg.client.async_inference import AsyncInferenceFailed, AsyncResultTimeout
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
@@ -97,12 +98,12 @@ class AsyncEndpoint:
         sent = next(r for r in self.requests if r["x-amzn-sagemaker-inputlocation"] == handle.input_location)
         bucket, key = handle.input_location[len("s3://"):].split("/", 1)
         body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        status, content_type, payload = call(app, body, sent["x-amzn-sagemaker-content-type"],
-                                             sent.get("x-amzn-sagemaker-accept"),
-                                             sent.get("x-amzn-sagemaker-custom-attributes"))
+        status, headers, payload = wsgi_call(app, body=body, content_type=sent["x-amzn-sagemaker-content-type"],
+                                             accept=sent.get("x-amzn-sagemaker-accept"),
+                                             attrs=sent.get("x-amzn-sagemaker-custom-attributes"))
         target = handle.output_location if status == 200 else handle.failure_location
         bucket, key = target[len("s3://"):].split("/", 1)
-        self.s3.put_object(Bucket=bucket, Key=key, Body=payload, ContentType=content_type)
+        self.s3.put_object(Bucket=bucket, Key=key, Body=payload, ContentType=headers["Content-Type"])
         return status
 
 
@@ -514,11 +515,8 @@ def test_the_server_in_async_mode_takes_a_200_mb_body(artifact, tmp_path):  # no
 
     # The same body is refused in real-time mode, from its Content-Length alone.
     realtime = InferenceApp(str(artifact[0]), device="cpu")
-    status = {}
-    refusal = b"".join(realtime({"REQUEST_METHOD": "POST", "PATH_INFO": "/invocations", "CONTENT_TYPE": codecs.NPY,
-                                 "CONTENT_LENGTH": str(size), "wsgi.input": io.BytesIO()},
-                                lambda s, h: status.update(code=s)))
-    assert status["code"].startswith("413") and "async_inference=True" in json.loads(refusal)["error"]
+    status, _, refusal = wsgi_call(realtime, content_type=codecs.NPY, environ={"CONTENT_LENGTH": str(size)})
+    assert status == 413 and "async_inference=True" in json.loads(refusal)["error"]
 
     port = free_port()
     proc = start_server(artifact[0], {SERVING_MODE_ENV: "async", MODEL_SERVER_WORKERS_ENV: "1"}, "--port", str(port))

@@ -111,7 +111,10 @@ def peak_rss_mib(argv: list[str], env: dict | None = None, timeout: int = 300) -
 def _tiny_args(**extra) -> list[str]:
     """A one-epoch TINY run's hyperparameters as `unetseg train` arguments."""
     hps = {**TINY, "epochs": 1, "num_workers": 0, **extra}
-    text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)  # noqa: E731
+
+    def text(v):
+        return ",".join(map(str, v)) if isinstance(v, list) else "none" if v is None else str(v)
+
     return [f"{k}={text(v)}" for k, v in hps.items()]
 
 
@@ -658,7 +661,7 @@ def test_disk_full_in_the_container_is_the_failure_file_first_line(tiny_dataset,
     root = tmp_path / "ml"
     env = sagemaker_tree(root, {**TINY, "epochs": 1, "num_workers": 2},
                          {"train": tiny_dataset / "train", "validation": tiny_dataset / "validation"})
-    (root / where).mkdir(parents=True)
+    (root / where).mkdir(parents=True, exist_ok=True)  # SageMaker makes model/ and checkpoints/ beforehand
     done = run_with_mounts([(root / where, f"size={size}")], [], listing=root / where, env=env,
                            command=[PY, str(Path(__file__).resolve().parents[1] / "entry" / "train.py")])
     assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
@@ -689,6 +692,7 @@ for name, save in (("last.pt", lambda: checkpoint.save_state(folder, {"model": w
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("staged", [False, True])
 def test_every_file_write_fails_with_one_error_naming_the_file_and_leaves_no_partial_file(tmp_path, staged):
     # torch.save says "unexpected pos" and safetensors "os error 27": a file size limit (EFBIG) behaves as a quota does
@@ -949,7 +953,8 @@ def test_a_damaged_checkpoint_in_the_container_is_the_failure_file_first_line(tr
     data, trained = trained_run
     env = sagemaker_tree(tmp_path / "ml", {**TINY, "epochs": 2}, {"train": data / "train",
                                                                   "validation": data / "validation"})
-    shutil.copytree(trained / "checkpoints", tmp_path / "ml" / "checkpoints")
+    # restored into the checkpoints/ folder that is already there, as SageMaker restores checkpoint_s3_uri
+    shutil.copytree(trained / "checkpoints", tmp_path / "ml" / "checkpoints", dirs_exist_ok=True)
     damaged = _damage_last(lambda data: data[: len(data) // 2])(tmp_path / "ml" / "checkpoints")
     done = run_entry(env)
     assert done.returncode == 1, done.stderr[-3000:]

@@ -22,6 +22,7 @@ def test_bad_hyperparameter_fails_before_torch_is_imported(tmp_path, capsys):
     assert err.startswith("error: hyperparameter 'optimizer' = 'adamx': allowed values: adamw, adam, sgd")
 
 
+@pytest.mark.slow
 def test_bad_dataset_is_one_line_error_without_traceback(tmp_path):
     (tmp_path / "images").mkdir()
     done = subprocess.run([*TRAIN, "--data", str(tmp_path), "encoder_weights=none"], capture_output=True, text=True)
@@ -30,6 +31,7 @@ def test_bad_dataset_is_one_line_error_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_init_model_fails_before_the_data_is_read(tmp_path):
     # a broken dataset too (a channel without images): the init model's error must come first
     (tmp_path / "images").mkdir()

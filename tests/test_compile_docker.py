@@ -14,8 +14,8 @@ import uuid
 import pytest
 
 import docker_support
-from docker_support import docker, opt_ml_tree
-from support import TINY
+from docker_support import docker
+from support import TINY, opt_ml_tree
 from unetseg.synthetic import make_demo_dataset
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

@@ -88,6 +88,7 @@ def start_init(request):
             proc.wait(10)
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_the_registered_trainer_and_spares_its_workers(start_init, tmp_path):
     proc, init_pid = start_init(sys.executable, "-c", TOOLKIT, TRAINER, str(tmp_path))
     assert proc.stdout.readline().strip() == "ready"
@@ -99,6 +100,7 @@ def test_sigterm_reaches_the_registered_trainer_and_spares_its_workers(start_ini
     assert code == 128 + signal.SIGTERM  # the toolkit's status: it died of the SIGTERM, as SageMaker's does
 
 
+@pytest.mark.slow
 def test_a_trainer_that_registers_after_the_stop_request_still_hears_it(start_init, tmp_path):
     # The toolkit ignores SIGTERM here, so that the trainer it starts outlives the request; the trainer registers 1 s
     # after the request came.
@@ -113,6 +115,7 @@ def test_a_trainer_that_registers_after_the_stop_request_still_hears_it(start_in
     assert not (tmp_path / "worker-got-sigterm").exists()
 
 
+@pytest.mark.slow
 def test_exit_codes_pass_through():
     assert subprocess.run([*INIT, sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
     killed = subprocess.run([*INIT, sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
@@ -120,6 +123,7 @@ def test_exit_codes_pass_through():
     assert subprocess.run(INIT, capture_output=True).returncode == 2
 
 
+@pytest.mark.slow
 def test_a_command_that_ignores_sigterm_keeps_running_until_it_ends(tmp_path):
     start = time.time()
     deaf = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "

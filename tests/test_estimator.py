@@ -483,6 +483,7 @@ def test_attach_rebuilds_an_equal_estimator(aws, monkeypatch):
 
 # --- the import stays light -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_import_and_construction_do_not_import_torch(tmp_path):
     script = textwrap.dedent(f"""
         import sys

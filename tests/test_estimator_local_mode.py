@@ -153,6 +153,7 @@ def run_local(tmp_path, session, instance_type="local_gpu", instance_count=1, **
     return est, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compose_version", ["Docker Compose version v2.29.7", "Docker Compose version v5.0.2",
                                              "Docker Compose version 2.26.1"])
 def test_local_gpu_job_writes_compose_file_and_configs(tmp_path, docker, local_session, fake_engine,
@@ -196,6 +197,7 @@ def test_local_gpu_job_writes_compose_file_and_configs(tmp_path, docker, local_s
     assert local_session.requests == []
 
 
+@pytest.mark.slow
 def test_standalone_docker_compose_v1_is_the_fallback(tmp_path, docker, local_session, fake_engine):
     docker.plugin("").standalone_compose()
     run_local(tmp_path, local_session, instance_type="local")
@@ -206,6 +208,7 @@ def test_standalone_docker_compose_v1_is_the_fallback(tmp_path, docker, local_se
     assert docker.config(host, "resourceconfig.json")["current_instance_type"] == "local"
 
 
+@pytest.mark.slow
 def test_several_cpu_containers(tmp_path, docker, local_session, fake_engine):
     docker.plugin("Docker Compose version v2.29.7")
     run_local(tmp_path, local_session, instance_type="local", instance_count=2)
@@ -214,6 +217,7 @@ def test_several_cpu_containers(tmp_path, docker, local_session, fake_engine):
     assert docker.config(hosts[0], "resourceconfig.json")["hosts"] == hosts
 
 
+@pytest.mark.slow
 def test_spot_and_checkpoint_arguments_are_dropped_with_a_warning(tmp_path, docker, local_session, fake_engine):
     docker.plugin("Docker Compose version v5.0.2")
     with pytest.warns(UserWarning, match="local mode ignores use_spot_instances, max_wait, checkpoint_s3_uri"):
@@ -223,6 +227,7 @@ def test_spot_and_checkpoint_arguments_are_dropped_with_a_warning(tmp_path, dock
     assert docker.compose_up()
 
 
+@pytest.mark.slow
 def test_default_local_output_is_a_folder_per_job_under_the_current_directory(tmp_path, docker, local_session,
                                                                              fake_engine, monkeypatch):
     docker.plugin("Docker Compose version v2.29.7")
@@ -236,6 +241,7 @@ def test_default_local_output_is_a_folder_per_job_under_the_current_directory(tm
     assert (tmp_path / "unetseg-output" / "job-b" / "model.tar.gz").is_file()
 
 
+@pytest.mark.slow
 def test_a_failed_job_raises_with_its_failure_file(tmp_path, docker, local_session, fake_engine, monkeypatch):
     docker.plugin("Docker Compose version v2.29.7")
     reason = "DataError: masks/s01.png: cannot decode the mask (truncated PNG)"
@@ -275,6 +281,7 @@ def test_compose_plugin_major(output, major):
     assert local_mode.compose_plugin_major(output) == major
 
 
+@pytest.mark.slow
 def test_sdk_detection_rejects_compose_v5_and_ours_accepts_it(docker):
     local_mode.install_compose_detection()
     from sagemaker.local.image import _SageMakerContainer
@@ -285,6 +292,7 @@ def test_sdk_detection_rejects_compose_v5_and_ours_accepts_it(docker):
     assert _SageMakerContainer._get_compose_cmd_prefix() == ["docker", "compose"]
 
 
+@pytest.mark.slow
 def test_no_compose_at_all_raises_the_sdk_error_type(docker, monkeypatch):
     docker.plugin("")
     with pytest.raises(ImportError, match="install the Compose plugin"):
@@ -294,6 +302,7 @@ def test_no_compose_at_all_raises_the_sdk_error_type(docker, monkeypatch):
         local_mode.compose_command()
 
 
+@pytest.mark.slow
 def test_local_mode_binds_an_init_model_file_as_its_channel(tmp_path, docker, local_session, fake_engine):
     docker.plugin("Docker Compose version v2.29.7")
     previous = tmp_path / "previous-run" / "model.tar.gz"

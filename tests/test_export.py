@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from support import REPO, TINY
+from support import REPO, TINY, wsgi_call
 from unetseg.cli import main as cli
 from unetseg.contract.config import ARCHITECTURES, TrainConfig
 from unetseg.contract.errors import ArtifactError
@@ -163,7 +164,8 @@ def test_every_architecture_exports_or_is_refused_with_the_reason(arch, tmp_path
 def test_export_command_writes_the_file_or_says_why_not(exported, tmp_path, capsys):
     model_dir = exported[0]
     archive = tmp_path / "model.tar.gz"
-    subprocess.run(["tar", "-czf", str(archive), "-C", str(model_dir), "."], check=True)
+    with tarfile.open(archive, "w:gz") as tar:  # as `tar -czf model.tar.gz -C model .` makes it, without a process
+        tar.add(model_dir, arcname=".")
     assert cli(["export", "--model", str(archive), "--output", str(tmp_path / "out.onnx")]) == 0
     assert "wrote" in capsys.readouterr().out and load_onnx(tmp_path / "out.onnx").class_names == ["bg", "cell", "edge"]
 
@@ -230,16 +232,6 @@ print("ok")
 
 # --- the server: UNETSEG_RUNTIME ---------------------------------------------------------------------------------
 
-def call(app, path="/invocations", body=b"", content_type=None, accept=None, method="POST", attrs=None):
-    environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "CONTENT_LENGTH": str(len(body)),
-               "wsgi.input": io.BytesIO(body), "CONTENT_TYPE": content_type or "", "HTTP_ACCEPT": accept or ""}
-    if attrs:
-        environ["HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"] = attrs
-    seen = {}
-    payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]))))
-    return seen["status"], payload
-
-
 @pytest.fixture(scope="module")
 def served(exported, tmp_path_factory):
     """A model dir as export_onnx=true leaves it: model.onnx beside the weights."""
@@ -271,8 +263,9 @@ def test_the_onnx_server_answers_as_the_torch_server(served, monkeypatch):
     body = codecs.encode_image(picture, codecs.PNG)
     for accept, attrs in [(codecs.PNG, ""), (codecs.JSON, "tta=d4"), (codecs.NPY, "tile=32"),
                           (codecs.NPY, "output=probabilities; tta=flip")]:
-        (s1, torch_answer), (s2, onnx_answer) = (call(app, body=body, content_type=codecs.PNG, accept=accept,
-                                                      attrs=attrs) for app in apps.values())
+        (s1, _, torch_answer), (s2, _, onnx_answer) = (
+            wsgi_call(app, body=body, content_type=codecs.PNG, accept=accept, attrs=attrs or None)
+            for app in apps.values())
         assert s1 == s2 == 200, (accept, attrs, onnx_answer[:200])
         if "probabilities" in attrs:
             theirs = np.load(io.BytesIO(torch_answer)).astype(np.float32)
@@ -290,9 +283,9 @@ def test_auto_takes_onnx_on_a_cpu_when_the_model_has_it(served, exported, monkey
 
 
 def test_a_bad_runtime_or_a_missing_model_onnx_fails_ping_with_the_reason(exported, monkeypatch):
-    status, payload = call(server_app(exported[0], monkeypatch, "tensorrt"), "/ping", method="GET")
+    status, _, payload = wsgi_call(server_app(exported[0], monkeypatch, "tensorrt"), "/ping", method="GET")
     assert status == 500 and "UNETSEG_RUNTIME='tensorrt': use auto, torch, onnx" in json.loads(payload)["error"]
-    status, payload = call(server_app(exported[0], monkeypatch, "onnx"), "/ping", method="GET")
+    status, _, payload = wsgi_call(server_app(exported[0], monkeypatch, "onnx"), "/ping", method="GET")
     error = json.loads(payload)["error"]
     assert status == 500 and "model.onnx: no such ONNX model" in error and "export_onnx=true" in error
 

@@ -234,6 +234,7 @@ def test_the_container_trains_from_a_manifests_channels_and_learns(tmp_path):
     assert config["best"]["val_miou"] >= 0.6, done.stdout[-2000:]
 
 
+@pytest.mark.slow  # runs entry/train.py in a child process
 def test_the_container_refuses_hyperparameters_that_contradict_the_pairing_file(tmp_path):
     channels = write_job_channels(tmp_path / "data", gt_pairs(2), "train")
     swapped = [list(RGB[0]), list(RGB[2]), list(RGB[1])]  # buildings read as road

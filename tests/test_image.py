@@ -113,24 +113,6 @@ def fake_docker(tmp_path, monkeypatch):
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-@pytest.fixture
-def aws(monkeypatch):
-    """Fake credentials and region, no credential files, no instance metadata lookups; moto answers STS and ECR."""
-    from moto import mock_aws
-
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_REGION"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with mock_aws():
-        yield
-
-
 MOTO_PASSWORD = "123456789012-auth-token"  # what moto's get_authorization_token hands out
 
 
@@ -169,7 +151,10 @@ def test_image_requirements_cover_the_train_and_serve_extras():
     `serve` extras."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    norm = lambda req: re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+
+    def norm(req):
+        return re.split(r"[<>=!~\[; ]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
     extras = cfg["options.extras_require"]
     train = {norm(r) for extra in ("train", "serve", "mlflow") for r in extras[extra].splitlines() if r.strip()}
     listed = {norm(r) for r in (REPO / "entry" / "requirements-image.in").read_text().splitlines()
@@ -237,6 +222,7 @@ def test_an_installed_wheel_lays_out_its_own_build_context(tmp_path):
 
 
 # --- build -----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_build_command(fake_docker):
     """The classic builder (Docker 20.10's, or a newer CLI without buildx): single-platform linux/amd64, which it pushes
     as a Docker v2 schema 2 manifest, the one media type SageMaker accepts."""
@@ -257,6 +243,7 @@ def test_build_command(fake_docker):
     assert "Successfully built" in out.getvalue()  # streamed
 
 
+@pytest.mark.slow
 def test_build_with_buildx_makes_one_docker_v2_manifest(fake_docker, monkeypatch):
     """A client with buildx (docker build is its alias from Docker 23): BuildKit adds provenance attestations by
     default, which turn the pushed image into an OCI index that SageMaker refuses ("Unsupported manifest media type").
@@ -273,6 +260,7 @@ def test_build_with_buildx_makes_one_docker_v2_manifest(fake_docker, monkeypatch
     assert build["env"].get("BUILDX_NO_DEFAULT_ATTESTATIONS") == "1"
 
 
+@pytest.mark.slow
 def test_build_with_a_buildx_that_has_no_attestation_flags(fake_docker, monkeypatch):
     """buildx before 0.10 adds no attestations and would reject --provenance: the flags follow what the client
     offers."""
@@ -284,6 +272,7 @@ def test_build_with_a_buildx_that_has_no_attestation_flags(fake_docker, monkeypa
     assert argv[argv.index("--output") + 1] == "type=docker,oci-mediatypes=false"
 
 
+@pytest.mark.slow
 def test_docker_buildkit_0_keeps_the_classic_builder(fake_docker, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_CLIENT", "buildx")
     monkeypatch.setenv("DOCKER_BUILDKIT", "0")  # the user asked docker for its classic builder
@@ -293,6 +282,7 @@ def test_docker_buildkit_0_keeps_the_classic_builder(fake_docker, monkeypatch):
     assert [b[0] for b in builds] == ["build"] and builds[0][builds[0].index("--platform") + 1] == "linux/amd64"
 
 
+@pytest.mark.slow
 def test_push_from_the_containerd_image_store_pushes_the_amd64_manifest(fake_docker, aws, monkeypatch):
     """The containerd image store keeps what a build made, index included, and `docker push` sends all of it; with
     --platform it sends the linux/amd64 manifest alone."""
@@ -302,6 +292,7 @@ def test_push_from_the_containerd_image_store_pushes_the_amd64_manifest(fake_doc
     assert push == ["push", "--platform", "linux/amd64", uri]
 
 
+@pytest.mark.slow
 def test_build_failure_carries_the_log_tail(fake_docker, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "build")
     with pytest.raises(ImageError, match=r"docker build of unetseg:latest failed \(exit 1\):.*torch==9\.9") as info:
@@ -310,6 +301,7 @@ def test_build_failure_carries_the_log_tail(fake_docker, monkeypatch):
     assert info.value.log_tail[-1].startswith("The command")
 
 
+@pytest.mark.slow
 def test_no_docker_engine(fake_docker, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "engine")
     with pytest.raises(ImageError, match="no Docker engine.*Cannot connect to the Docker daemon"):
@@ -323,11 +315,15 @@ def test_no_docker_command(monkeypatch, tmp_path):
 
 
 # --- push to ECR (moto) ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, capsys):
     import boto3
 
     uri = docker_image.push_image("unetseg:v1", repository="team/unetseg")
     assert uri == "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/unetseg:v1"
+    # push's own boto3 session went through the suite's one offline AWS: recorded, and checked by strict_aws
+    asked = {"sts.GetCallerIdentity", "ecr.CreateRepository", "ecr.GetAuthorizationToken"}
+    assert asked <= set(aws.requests), aws.requests
 
     repo = boto3.client("ecr").describe_repositories(repositoryNames=["team/unetseg"])["repositories"][0]
     assert repo["imageScanningConfiguration"]["scanOnPush"] is True
@@ -346,6 +342,7 @@ def test_push_creates_repository_and_logs_in_through_stdin(fake_docker, aws, cap
         ["tag", "unetseg:v1", uri], ["push", uri]]  # the classic image store pushes one manifest: no --platform
 
 
+@pytest.mark.slow
 def test_push_to_an_existing_repository(fake_docker, aws):
     import boto3
 
@@ -355,6 +352,7 @@ def test_push_to_an_existing_repository(fake_docker, aws):
     assert len(boto3.client("ecr").describe_repositories()["repositories"]) == 1
 
 
+@pytest.mark.slow
 def test_push_denied(fake_docker, aws, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "push")
     denied = r"push to .*/unetseg:latest denied: denied: .*ecr:InitiateLayerUpload"
@@ -363,12 +361,14 @@ def test_push_denied(fake_docker, aws, monkeypatch):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_push_without_a_local_image(fake_docker, aws, monkeypatch):
     monkeypatch.setenv("FAKE_DOCKER_FAIL", "noimage")
     with pytest.raises(ImageError, match="no local image 'unetseg:latest': build it first"):
         docker_image.push_image("unetseg:latest", out=None)
 
 
+@pytest.mark.slow
 def test_no_aws_credentials(fake_docker, aws, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -377,18 +377,21 @@ def test_no_aws_credentials(fake_docker, aws, monkeypatch):
     assert not any(c["argv"][0] in ("login", "push") for c in fake_docker())
 
 
+@pytest.mark.slow
 def test_no_aws_region(fake_docker, aws, monkeypatch):
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     with pytest.raises(ImageError, match="no AWS region"):
         docker_image.push_image("unetseg:latest", out=None)
 
 
+@pytest.mark.slow
 def test_cli_push_prints_only_the_uri(fake_docker, aws, capsys):
     assert docker_image.main(["push", "--tag", "unetseg:v2", "--repository", "seg", "--region", "eu-west-1"]) == 0
     out = capsys.readouterr().out
     assert out == "123456789012.dkr.ecr.eu-west-1.amazonaws.com/seg:v2\n"
 
 
+@pytest.mark.slow
 def test_cli_build_then_push(fake_docker, aws, capsys):
     assert docker_image.main(["build", "--tag", "unetseg:v3", "--base-image", "b:1", "--bake-weights", "resnet34",
                        "--build-arg", "A=b", "--push", "--repository", "seg"]) == 0
@@ -403,6 +406,7 @@ def test_cli_build_checks_the_repository_before_building(fake_docker, aws):
     assert not any(c["argv"][0] == "build" for c in fake_docker())
 
 
+@pytest.mark.slow
 def test_building_the_image_needs_no_boto3():
     """boto3 only once a push needs it (torch never: tests/test_layers.py checks the whole client)."""
     code = "import sys, unetseg.client.docker_image; assert 'boto3' not in sys.modules, sorted(sys.modules)"
@@ -662,7 +666,10 @@ def test_a_failed_build_names_the_step_and_leaves_no_container(tmp_path):
     if subprocess.run([docker, "image", "inspect", base], capture_output=True).returncode != 0:
         pytest.skip(f"no CI base image {base}")
     (tmp_path / "Dockerfile").write_text(f"FROM {base}\nRUN echo broken-step && exit 3\n")
-    listing = lambda: set(subprocess.run([docker, "ps", "-aq"], capture_output=True, text=True).stdout.split())  # noqa: E731
+
+    def listing():
+        return set(subprocess.run([docker, "ps", "-aq"], capture_output=True, text=True).stdout.split())
+
     before = listing()
     with pytest.raises(ImageError, match="docker build of unetseg:test-broken failed") as info:
         docker_image.build_image("unetseg:test-broken", context=tmp_path, dockerfile=tmp_path / "Dockerfile",

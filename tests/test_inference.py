@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from readiness import first_answer
-from support import free_port
+from support import free_port, wsgi_call
 from unetseg.cli import main as cli
 from unetseg.container.serving import InferenceApp
 from unetseg.contract import codecs
@@ -109,20 +109,6 @@ def test_predict_command_writes_masks_probabilities_and_overlays(trained, tmp_pa
 
 # --- the server -------------------------------------------------------------------------------------------------
 
-def call(app, path="/invocations", body=b"", content_type=None, accept=None, method="POST", attrs=None):
-    environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "CONTENT_LENGTH": str(len(body)),
-               "wsgi.input": io.BytesIO(body)}
-    if content_type:
-        environ["CONTENT_TYPE"] = content_type
-    if accept:
-        environ["HTTP_ACCEPT"] = accept
-    if attrs:
-        environ["HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"] = attrs
-    seen = {}
-    payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]), headers=dict(headers))))
-    return seen["status"], seen["headers"]["Content-Type"], payload
-
-
 @pytest.fixture(scope="module")
 def app(trained):
     return InferenceApp(str(trained[0]), device="cpu", max_body_bytes=200_000)
@@ -135,27 +121,28 @@ def image(trained):
 
 def test_every_request_and_response_type(app, image):
     expected = app.model.predict(image)
-    assert call(app, "/ping", method="GET")[0] == 200
+    assert wsgi_call(app, "/ping", method="GET")[0] == 200
     for content_type in (codecs.PNG, codecs.NPY):
         body = codecs.encode_image(image, content_type)
-        status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.PNG)
-        assert (status, kind) == (200, codecs.PNG)
+        status, headers, payload = wsgi_call(app, body=body, content_type=content_type, accept=codecs.PNG)
+        assert (status, headers["Content-Type"]) == (200, codecs.PNG)
         assert np.array_equal(np.array(Image.open(io.BytesIO(payload))), expected)
-        status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.NPY)
-        assert (status, kind) == (200, codecs.NPY) and np.array_equal(np.load(io.BytesIO(payload)), expected)
-        status, kind, payload = call(app, body=body, content_type=content_type, accept=codecs.JSON)
+        status, headers, payload = wsgi_call(app, body=body, content_type=content_type, accept=codecs.NPY)
+        assert (status, headers["Content-Type"]) == (200, codecs.NPY)
+        assert np.array_equal(np.load(io.BytesIO(payload)), expected)
+        status, headers, payload = wsgi_call(app, body=body, content_type=content_type, accept=codecs.JSON)
         answer = json.loads(payload)
         assert np.array_equal(codecs.decode_json_mask(answer), expected)
         assert answer["pixel_counts"] == {n: int((expected == i).sum()) for i, n in enumerate(app.model.class_names)}
         assert len(payload) < expected.size  # run-length encoded, not a pixel list
-    status, kind, payload = call(app, body=codecs.encode_image(image, codecs.JPEG), content_type=codecs.JPEG)
-    assert status == 200 and kind == codecs.PNG  # image/png for no Accept header
-    status, kind, payload = call(app, body=codecs.encode_image(image, codecs.NPY), content_type=codecs.NPY,
+    status, headers, payload = wsgi_call(app, body=codecs.encode_image(image, codecs.JPEG), content_type=codecs.JPEG)
+    assert status == 200 and headers["Content-Type"] == codecs.PNG  # image/png for no Accept header
+    status, headers, payload = wsgi_call(app, body=codecs.encode_image(image, codecs.NPY), content_type=codecs.NPY,
                                  accept=codecs.NPY, attrs="output=probabilities")
     probs = np.load(io.BytesIO(payload))
     assert probs.dtype == np.float16 and probs.shape == (3, *image.shape[:2])
     assert np.array_equal(probs.argmax(0), expected) or (probs.argmax(0) == expected).mean() > 0.999
-    status, kind, payload = call(app, body=codecs.encode_image(image, codecs.NPY), content_type=codecs.NPY,
+    status, headers, payload = wsgi_call(app, body=codecs.encode_image(image, codecs.NPY), content_type=codecs.NPY,
                                  accept=codecs.NPY, attrs="output=probabilities; tta=d4")
     assert status == 200
     assert np.abs(np.load(io.BytesIO(payload)) - app.model.predict_proba(image, tta="d4")).max() < 1e-3  # float16
@@ -175,16 +162,16 @@ def test_every_request_and_response_type(app, image):
     (dict(method="GET"), 405, "POST"),
 ])
 def test_client_errors_are_4xx_with_a_reason(app, request_args, status, fragment):
-    got, kind, payload = call(app, **request_args)
-    assert got == status and kind == codecs.JSON and fragment in json.loads(payload)["error"]
+    got, headers, payload = wsgi_call(app, **request_args)
+    assert got == status and headers["Content-Type"] == codecs.JSON and fragment in json.loads(payload)["error"]
 
 
 def test_wrong_channel_count_and_oversized_image(app, image):
-    got, _, payload = call(app, body=codecs.encode_image(image[..., 0]), content_type=codecs.PNG)
+    got, _, payload = wsgi_call(app, body=codecs.encode_image(image[..., 0]), content_type=codecs.PNG)
     assert got == 400 and "1 channel(s); this model takes 3" in json.loads(payload)["error"]
     small = InferenceApp.__new__(InferenceApp)
     small.__dict__.update(app.__dict__, max_pixels=100)
-    got, _, payload = call(small, body=codecs.encode_image(image), content_type=codecs.PNG)
+    got, _, payload = wsgi_call(small, body=codecs.encode_image(image), content_type=codecs.PNG)
     assert got == 413 and "pixels" in json.loads(payload)["error"]
 
 
@@ -193,15 +180,15 @@ def test_a_server_error_leaks_no_internals(app, image, monkeypatch):
         raise RuntimeError("secret internal detail in /opt/ml/model")
 
     monkeypatch.setattr(app.model, "predict_proba", explode)
-    status, _, payload = call(app, body=codecs.encode_image(image), content_type=codecs.PNG)
+    status, _, payload = wsgi_call(app, body=codecs.encode_image(image), content_type=codecs.PNG)
     assert status == 500 and b"secret" not in payload and b"Traceback" not in payload
 
 
 def test_ping_fails_when_the_model_failed_to_load(tmp_path):
     broken = InferenceApp(str(tmp_path / "missing"), device="cpu")
-    status, _, payload = call(broken, "/ping", method="GET")
+    status, _, payload = wsgi_call(broken, "/ping", method="GET")
     assert status == 500 and "model not loaded" in json.loads(payload)["error"]
-    assert call(broken, body=b"x", content_type=codecs.PNG)[0] == 500
+    assert wsgi_call(broken, body=b"x", content_type=codecs.PNG)[0] == 500
 
 
 def test_endpoint_default_tta_from_the_environment(trained, image, monkeypatch):
@@ -209,12 +196,12 @@ def test_endpoint_default_tta_from_the_environment(trained, image, monkeypatch):
     monkeypatch.setenv(TTA_ENV, "flip")
     app = InferenceApp(str(trained[0]), device="cpu")
     body = codecs.encode_image(image, codecs.PNG)
-    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY)
+    status, _, payload = wsgi_call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY)
     assert status == 200 and np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(image, tta="flip"))
-    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="tta=none")
+    status, _, payload = wsgi_call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="tta=none")
     assert np.array_equal(np.load(io.BytesIO(payload)), app.model.predict(image))  # a request's own choice wins
     monkeypatch.setenv(TTA_ENV, "rotate")
-    status, _, payload = call(InferenceApp(str(trained[0]), device="cpu"), "/ping", method="GET")
+    status, _, payload = wsgi_call(InferenceApp(str(trained[0]), device="cpu"), "/ping", method="GET")
     assert status == 500 and "UNETSEG_TTA='rotate'" in json.loads(payload)["error"]
 
 
@@ -349,11 +336,9 @@ def test_the_body_limit_follows_the_mode(trained, monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
     def status_for(app, length: int) -> tuple[int, str]:
-        seen = {}
-        environ = {"PATH_INFO": "/invocations", "REQUEST_METHOD": "POST", "CONTENT_TYPE": codecs.PNG,
-                   "CONTENT_LENGTH": str(length), "wsgi.input": io.BytesIO(b"")}
-        payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]))))
-        return seen["status"], json.loads(payload).get("error", "")
+        """The answer to a request that declares `length` bytes (and sends none: the limit is checked first)."""
+        status, _, payload = wsgi_call(app, content_type=codecs.PNG, environ={"CONTENT_LENGTH": str(length)})
+        return status, json.loads(payload).get("error", "")
 
     realtime = InferenceApp(str(trained[0]), device="cpu")
     status, error = status_for(realtime, REALTIME_MAX_PAYLOAD_BYTES + 1)
@@ -363,7 +348,7 @@ def test_the_body_limit_follows_the_mode(trained, monkeypatch):
     monkeypatch.setenv(BATCH_ENV, "true")
     monkeypatch.setenv(MAX_PAYLOAD_IN_MB_ENV, "20")
     batch = InferenceApp(str(trained[0]), device="cpu")
-    assert json.loads(call(batch, "/execution-parameters", method="GET")[2])["MaxPayloadInMB"] == 20
+    assert json.loads(wsgi_call(batch, "/execution-parameters", method="GET")[2])["MaxPayloadInMB"] == 20
     assert status_for(batch, 20 * 2**20)[0] == 400 and status_for(batch, 20 * 2**20 + 1)[0] == 413
 
     monkeypatch.delenv(BATCH_ENV)
@@ -384,10 +369,11 @@ def test_a_realtime_answer_over_6_mb_is_refused_with_the_reason(trained, monkeyp
     image = np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)  # a small PNG: the request is fine
     body = codecs.encode_image(image)
     assert len(body) < REALTIME_MAX_PAYLOAD_BYTES
-    status, _, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY, attrs="output=probabilities")
+    status, _, payload = wsgi_call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY,
+                                   attrs="output=probabilities")
     assert status == 413, (status, f"{len(payload)} bytes")
     error = json.loads(payload)["error"]
     assert f"over the limit of {REALTIME_MAX_PAYLOAD_BYTES} bytes" in error, error
     assert "ask for the mask" in error
-    status, kind, payload = call(app, body=body, content_type=codecs.PNG, accept=codecs.PNG)
-    assert (status, kind) == (200, codecs.PNG) and len(payload) < REALTIME_MAX_PAYLOAD_BYTES
+    status, headers, payload = wsgi_call(app, body=body, content_type=codecs.PNG, accept=codecs.PNG)
+    assert (status, headers["Content-Type"]) == (200, codecs.PNG) and len(payload) < REALTIME_MAX_PAYLOAD_BYTES

@@ -45,6 +45,7 @@ def imported_by(module: str) -> set[str]:
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["unetseg", *CLIENT, *CONTRACT])
 def test_the_client_and_the_contract_import_nothing_of_the_engine(module):
     loaded = imported_by(module)

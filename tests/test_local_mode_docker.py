@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 
 import docker_support
-from docker_support import LOCAL_NETWORK, docker, network_info, opt_ml_tree
-from support import TINY
+from docker_support import LOCAL_NETWORK, docker, network_info
+from support import TINY, opt_ml_tree
 from unetseg.contract.metrics_log import EPOCH_METRICS, parse_line, regex_for
 from unetseg.contract.sagemaker_env import PROCS_PER_HOST_ENV
 from unetseg.synthetic import make_demo_dataset
@@ -320,7 +320,10 @@ def test_docker_stop_mid_epoch_then_resume_gives_the_same_model(training_image, 
     assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
     assert (last_a["epoch"], last_a["step"]) == (last_b["epoch"], last_b["step"]) == (2, 2 * steps)
     # The epoch cut in two reports the loss of all its steps over all ranks, as the uninterrupted run does.
-    loss = lambda last: [h["train_loss"] for h in last["history"]]  # noqa: E731
+
+    def loss(last):
+        return [h["train_loss"] for h in last["history"]]
+
     assert loss(last_b) == pytest.approx(loss(last_a), rel=1e-5, abs=0)
     print(f"uninterrupted container run ({procs} process(es)): {straight_seconds:.0f}s; SIGTERM after step "
           f"{SPOT_STOP_AT} stopped it at epoch 1, batch {batch} of {steps}")

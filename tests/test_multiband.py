@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 
-from support import TINY
+from support import TINY, wsgi_call
 from unetseg.contract import codecs
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.errors import DataError, ImageTooLargeError
@@ -363,17 +363,10 @@ def test_a_3_band_model_refuses_a_7_band_image_naming_the_file_and_both_counts(t
 
     from unetseg.container.serving import InferenceApp
 
-    status, _, payload = _call(InferenceApp(str(tmp_path / "model"), device="cpu"),
-                               codecs.encode_image(bands(np.random.default_rng(9)), codecs.TIFF), codecs.TIFF)
+    status, _, payload = wsgi_call(InferenceApp(str(tmp_path / "model"), device="cpu"), content_type=codecs.TIFF,
+                                   body=codecs.encode_image(bands(np.random.default_rng(9)), codecs.TIFF),
+                                   accept=codecs.NPY)
     assert status == 400 and "7 channel(s); this model takes 3" in json.loads(payload)["error"]
-
-
-def _call(app, body: bytes, content_type: str, accept: str = codecs.NPY):
-    environ = {"PATH_INFO": "/invocations", "REQUEST_METHOD": "POST", "CONTENT_LENGTH": str(len(body)),
-               "wsgi.input": io.BytesIO(body), "CONTENT_TYPE": content_type, "HTTP_ACCEPT": accept}
-    seen = {}
-    payload = b"".join(app(environ, lambda status, headers: seen.update(status=int(status[:3]))))
-    return seen["status"], None, payload
 
 
 @pytest.mark.slow
@@ -389,13 +382,13 @@ def test_the_server_takes_n_band_tiff_and_npy_as_predict_reads_them(multispectra
     for body, kind in ((path.read_bytes(), codecs.TIFF), (codecs.encode_image(image, codecs.NPY), codecs.NPY),
                        (codecs.encode_image(image, codecs.TIFF), codecs.TIFF),
                        (codecs.encode_image(image.astype(np.float32) / 65535, codecs.NPY), codecs.NPY)):
-        status, _, payload = _call(app, body, kind)
+        status, _, payload = wsgi_call(app, body=body, content_type=kind, accept=codecs.NPY)
         assert status == 200, payload[:300]
         np.testing.assert_array_equal(np.load(io.BytesIO(payload)), expected)
 
     # Floats are taken as they are by a model of measured statistics: raw band values in any range are its data.
     raw = read_image(path).astype(np.float32)
-    status, _, _ = _call(app, codecs.encode_image(raw, codecs.NPY), codecs.NPY)
+    status, _, _ = wsgi_call(app, body=codecs.encode_image(raw, codecs.NPY), content_type=codecs.NPY, accept=codecs.NPY)
     assert status == 200
 
 

@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from conftest import BUCKET, IMAGE, ROLE
-from support import ENGINE_ONLY_MODULES
+from support import ENGINE_ONLY_MODULES, wsgi_call
 from unetseg.client.estimator import UNetEstimator
 from unetseg.client.job_rules import JobSettingsError
 from unetseg.client.predictor import (
@@ -83,23 +83,6 @@ def segmenter(app):
     return app.model
 
 
-def call(app, body: bytes, content_type: str, accept: str | None = None, custom: str | None = None):
-    """One POST /invocations through the WSGI app: (status, response content type, body)."""
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/invocations", "CONTENT_TYPE": content_type,
-               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
-    if accept:
-        environ["HTTP_ACCEPT"] = accept
-    if custom:
-        environ["HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"] = custom
-    answer = {}
-
-    def start_response(status, headers):
-        answer["status"], answer["headers"] = int(status.split()[0]), dict(headers)
-
-    payload = b"".join(app(environ, start_response))
-    return answer["status"], answer["headers"]["Content-Type"], payload
-
-
 def rgb(seed: int = 0, shape=(40, 56, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
@@ -115,9 +98,10 @@ def rgb(seed: int = 0, shape=(40, 56, 3)) -> np.ndarray:
 def test_mask_round_trip_matches_segmenter(app, segmenter, content_type, image):
     serializer, deserializer = ImageSerializer(content_type), MaskDeserializer()
     body = serializer.serialize(image)
-    status, response_type, payload = call(app, body, serializer.CONTENT_TYPE, ", ".join(deserializer.ACCEPT))
-    assert status == 200 and response_type == codecs.PNG
-    mask = deserializer.deserialize(io.BytesIO(payload), response_type)
+    status, headers, payload = wsgi_call(app, body=body, content_type=serializer.CONTENT_TYPE,
+                                     accept=", ".join(deserializer.ACCEPT))
+    assert status == 200 and headers["Content-Type"] == codecs.PNG
+    mask = deserializer.deserialize(io.BytesIO(payload), headers["Content-Type"])
     assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
     assert np.array_equal(mask, segmenter.predict(image))
 
@@ -126,8 +110,8 @@ def test_jpeg_is_lossy_but_the_server_sees_what_was_sent(app, segmenter):
     image = rgb(4)
     body = ImageSerializer(codecs.JPEG).serialize(image)
     assert body[:2] == b"\xff\xd8"
-    status, response_type, payload = call(app, body, codecs.JPEG)
-    mask = MaskDeserializer().deserialize(io.BytesIO(payload), response_type)
+    status, headers, payload = wsgi_call(app, body=body, content_type=codecs.JPEG)
+    mask = MaskDeserializer().deserialize(io.BytesIO(payload), headers["Content-Type"])
     assert status == 200
     assert np.array_equal(mask, segmenter.predict(codecs.decode_image(body, codecs.JPEG)))
 
@@ -135,20 +119,22 @@ def test_jpeg_is_lossy_but_the_server_sees_what_was_sent(app, segmenter):
 def test_probabilities_and_npy_mask(app, segmenter):
     image = rgb(5)
     body = ImageSerializer().serialize(image)
-    status, response_type, payload = call(app, body, codecs.PNG, codecs.NPY, request_options(output="probabilities"))
-    assert status == 200 and response_type == codecs.NPY
-    probs = MaskDeserializer(codecs.NPY).deserialize(io.BytesIO(payload), response_type)
+    status, headers, payload = wsgi_call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY,
+                                     attrs=request_options(output="probabilities"))
+    assert status == 200 and headers["Content-Type"] == codecs.NPY
+    probs = MaskDeserializer(codecs.NPY).deserialize(io.BytesIO(payload), headers["Content-Type"])
     assert probs.dtype == np.float32 and probs.shape == (3, *image.shape[:2])
     np.testing.assert_allclose(probs, segmenter.predict_proba(image), atol=1e-3)  # float16 on the wire
 
-    status, response_type, payload = call(app, body, codecs.PNG, codecs.NPY)
-    assert np.array_equal(decode_response(payload, response_type), segmenter.predict(image))
+    status, headers, payload = wsgi_call(app, body=body, content_type=codecs.PNG, accept=codecs.NPY)
+    assert np.array_equal(decode_response(payload, headers["Content-Type"]), segmenter.predict(image))
 
 
 def test_json_gives_pixel_counts_and_the_mask(app, segmenter):
     image = rgb(6)
-    status, response_type, payload = call(app, ImageSerializer().serialize(image), codecs.PNG, codecs.JSON)
-    result = MaskDeserializer(codecs.JSON).deserialize(io.BytesIO(payload), response_type)
+    status, headers, payload = wsgi_call(app, body=ImageSerializer().serialize(image), content_type=codecs.PNG,
+                                     accept=codecs.JSON)
+    result = MaskDeserializer(codecs.JSON).deserialize(io.BytesIO(payload), headers["Content-Type"])
     expected = segmenter.predict(image)
     assert np.array_equal(result["mask"], expected)
     assert result["class_names"] == CLASS_NAMES
@@ -158,10 +144,10 @@ def test_json_gives_pixel_counts_and_the_mask(app, segmenter):
 
 def test_tiles_travel_as_a_custom_attribute(app, segmenter):
     image = rgb(7, (80, 96, 3))
-    status, response_type, payload = call(app, ImageSerializer().serialize(image), codecs.PNG,
-                                          custom=request_options(tile=48))
+    status, headers, payload = wsgi_call(app, body=ImageSerializer().serialize(image), content_type=codecs.PNG,
+                                     attrs=request_options(tile=48))
     assert status == 200
-    assert np.array_equal(decode_response(payload, response_type), segmenter.predict(image, tile=48))
+    assert np.array_equal(decode_response(payload, headers["Content-Type"]), segmenter.predict(image, tile=48))
 
 
 def test_serializer_accepts_files_pil_images_and_encoded_bytes(app, segmenter, tmp_path):
@@ -176,9 +162,9 @@ def test_serializer_accepts_files_pil_images_and_encoded_bytes(app, segmenter, t
     assert ImageSerializer(codecs.JPEG).serialize(jpg) == jpg.read_bytes()
     for source in (jpg, npy, Image.fromarray(image), png.read_bytes()):
         body = serializer.serialize(source)
-        status, response_type, payload = call(app, body, codecs.PNG)
+        status, headers, payload = wsgi_call(app, body=body, content_type=codecs.PNG)
         assert status == 200
-        assert np.array_equal(decode_response(payload, response_type),
+        assert np.array_equal(decode_response(payload, headers["Content-Type"]),
                               segmenter.predict(codecs.decode_image(body, codecs.PNG)))
     gray = rgb(9, (24, 24, 1))
     assert np.array_equal(codecs.decode_image(serializer.serialize(gray), codecs.PNG), gray[..., 0])
@@ -230,9 +216,10 @@ def endpoint_session(app, sent: list[dict]):
         headers = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in request.headers.items()}
         sent.append({"url": request.url, **headers})
         body = request.body if isinstance(request.body, bytes) else request.body.read()
-        status, content_type, payload = call(app, body, headers.get("content-type"), headers.get("accept"),
-                                             headers.get("x-amzn-sagemaker-custom-attributes"))
-        return AWSResponse(request.url, status, {"Content-Type": content_type,
+        status, answered, payload = wsgi_call(app, body=body, content_type=headers.get("content-type"),
+                                              accept=headers.get("accept"),
+                                              attrs=headers.get("x-amzn-sagemaker-custom-attributes"))
+        return AWSResponse(request.url, status, {"Content-Type": answered["Content-Type"],
                                                  "x-Amzn-Invoked-Production-Variant": "AllTraffic"}, Raw(payload))
 
     boto_session = boto3.Session(region_name="us-east-1")
@@ -486,6 +473,7 @@ def test_a_local_mode_model_is_not_sent_to_sagemaker(aws, monkeypatch):
     assert aws.requests == []
 
 
+@pytest.mark.slow
 def test_deploy_and_transformer_import_no_torch():
     script = textwrap.dedent(f"""
         import sys

@@ -87,6 +87,7 @@ def test_the_checkpoint_dir_is_the_jobs_checkpoint_local_path(tmp_path):
     assert TrainingEnv.from_environ(base).checkpoint_dir == tmp_path / "checkpoints"
 
 
+@pytest.mark.slow
 def test_a_finished_tuning_trial_removes_its_state_from_the_synced_folder(tmp_path):
     # SageMaker restores a tuning job's whole checkpoint prefix into every trial, and deletes from S3 what the
     # container deletes from the synced folder. A trial that finished removes its own state, so later trials fetch

@@ -20,6 +20,7 @@ A tiny untrained model: predictions are arbitrary but exact.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -40,7 +41,7 @@ from PIL import Image
 
 from bombs import PNG_SIGNATURE, jpeg_bomb, npy_bomb, png_bomb, tiff_bomb
 from readiness import first_answer
-from support import TINY, free_port
+from support import TINY, free_port, wsgi_call
 from unetseg.contract import codecs
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.sagemaker_env import (
@@ -89,21 +90,8 @@ def app(model_dir):
     return app
 
 
-def call(app, path="/invocations", body: bytes = b"", content_type: str | None = codecs.NPY, accept=None,
-         method="POST", attrs=None, environ=None) -> tuple[int, dict, bytes]:
-    """One request through the WSGI app: (status, response headers, body)."""
-    env = {"PATH_INFO": path, "REQUEST_METHOD": method, "CONTENT_LENGTH": str(len(body)),
-           "wsgi.input": io.BytesIO(body)}
-    if content_type is not None:
-        env["CONTENT_TYPE"] = content_type
-    if accept is not None:
-        env["HTTP_ACCEPT"] = accept
-    if attrs is not None:
-        env["HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"] = attrs
-    env.update(environ or {})
-    seen = {}
-    payload = b"".join(app(env, lambda status, headers: seen.update(status=int(status[:3]), headers=dict(headers))))
-    return seen["status"], seen["headers"], payload
+# This file's requests carry .npy unless they say otherwise.
+call = functools.partial(wsgi_call, content_type=codecs.NPY)
 
 
 def refused(answer: tuple[int, dict, bytes], status: int, *fragments: str) -> str:

@@ -65,6 +65,7 @@ def test_an_experiment_without_a_server_and_a_disagreeing_environment_are_refuse
         make(aws, mlflow_tracking_uri=ARN, environment={MLFLOW_TRACKING_URI_ENV: "https://other.example.com"})
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_the_client_module_imports_neither_torch_nor_mlflow():
     probe = "import json, sys, unetseg.client.tracking; print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
@@ -85,6 +86,7 @@ def test_unetseg_train_checks_its_mlflow_uri_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_the_names_are_mlflows_and_sagemakers():
     """The variables MLflow's client reads, and those SageMaker sets in a training job's container, as they spell them
     (the other tests use the constants)."""

@@ -182,7 +182,10 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
     last_b = torch.load(tmp_path / "spot" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
     timing = ("epoch_time", "images_per_sec")
-    strip = lambda h: [{k: v for k, v in r.items() if k not in timing} for r in h]  # noqa: E731
+
+    def strip(history):
+        return [{k: v for k, v in r.items() if k not in timing} for r in history]
+
     assert strip(last_a["history"]) == strip(last_b["history"])
 
 

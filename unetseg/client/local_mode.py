@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+from typing import Any
 
 from ..contract.errors import UnetsegError
 from ..contract.sagemaker_env import FAILURE_REASON_LIMIT
@@ -136,12 +137,17 @@ def install_failure_reporting() -> None:
                 raise
             raise LocalTrainingError(failure_message(job_name, failures, exc), failures) from exc
 
-    for new, old in ((train, sdk_train), (retrieve_artifacts, sdk_retrieve_artifacts)):
-        new.__unetseg__ = True  # type: ignore[attr-defined]
+    _wrap(_SageMakerContainer, train=train, retrieve_artifacts=retrieve_artifacts)
+
+
+def _wrap(owner: type, **wrappers: Any) -> None:
+    """Put each wrapper in place of the SDK method of its name, marked so that installing again does nothing."""
+    for name, new in wrappers.items():
+        old = getattr(owner, name)
+        new.__unetseg__ = True
         new.__doc__ = old.__doc__
-        new.__wrapped__ = old  # type: ignore[attr-defined]
-    _SageMakerContainer.train = train
-    _SageMakerContainer.retrieve_artifacts = retrieve_artifacts
+        new.__wrapped__ = old
+        setattr(owner, name, new)
 
 
 # --- local endpoints and batch transforms ----------------------------------------------------------------------
@@ -182,7 +188,4 @@ def install_serving_cleanup() -> None:
         sdk_stop_serving(self)
         remove_containers(names)  # looked up at call time, so tests can observe it
 
-    stop_serving.__unetseg__ = True  # type: ignore[attr-defined]
-    stop_serving.__doc__ = sdk_stop_serving.__doc__
-    stop_serving.__wrapped__ = sdk_stop_serving  # type: ignore[attr-defined]
-    _SageMakerContainer.stop_serving = stop_serving
+    _wrap(_SageMakerContainer, stop_serving=stop_serving)

@@ -73,11 +73,11 @@ def max_image_bytes(environ: Optional[Mapping[str, str]] = None) -> int:
         return DEFAULT_MAX_IMAGE_MB << 20
     try:
         mib = float(text)
+        if not (math.isfinite(mib) and mib > 0):
+            raise ValueError(text)
     except ValueError:
-        mib = math.nan
-    if not (math.isfinite(mib) and mib > 0):
         raise ConfigError(f"{MAX_IMAGE_MB_ENV}={env[MAX_IMAGE_MB_ENV]!r}: give the largest decoded image in MiB, a "
-                          f"number above 0 (default {DEFAULT_MAX_IMAGE_MB})")
+                          f"number above 0 (default {DEFAULT_MAX_IMAGE_MB})") from None
     return int(mib * 2**20)
 
 

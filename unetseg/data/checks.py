@@ -46,7 +46,9 @@ class CheckedDataset:
     sample_band_moments: Optional[np.ndarray] = field(default=None, repr=False)
 
     def subset(self, indices: Sequence[int]) -> CheckedDataset:
-        pick = lambda items: [items[i] for i in indices]  # noqa: E731
+        def pick(items: Sequence) -> list:
+            return [items[i] for i in indices]
+
         return CheckedDataset(pick(self.samples), self.codec, self.sample_class_pixels[list(indices)],
                               pick(self.sizes), pick(self.cached) if self.cached is not None else None,
                               pick(self.stored) if self.stored else [],
