@@ -13,7 +13,6 @@ A whole-image pass that runs out of memory is reported as such.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -34,7 +33,7 @@ def child(mode: str, folder: Path, tile: int, encoder: str, device_name: str) ->
     from unetseg.losses import build_loss
     from unetseg.model import artifact_config, build_model, normalization
     from unetseg.segmenter import Segmenter
-    from unetseg.training import evaluate, is_tiled
+    from unetseg.training import Run, evaluate, is_tiled
 
     Segmenter.max_pixels = tile * tile if mode == "tiled" else 2**62
     Segmenter.default_tile = tile
@@ -53,8 +52,8 @@ def child(mode: str, folder: Path, tile: int, encoder: str, device_name: str) ->
         torch.cuda.reset_peak_memory_stats(device)
         device_before = torch.cuda.memory_allocated(device) / 2**20
     try:
-        metrics = evaluate(model, loader, loss_fn, cfg, normalization(cfg), device, ctx, contextlib.nullcontext, False,
-                           large=(data.load(i) for i in tiled), config=artifact_config(cfg, data.codec.mode))
+        run = Run(cfg, ctx, model, loss_fn, normalization(cfg), None, False, artifact_config(cfg, data.codec.mode))
+        metrics = evaluate(run, loader, large=(data.load(i) for i in tiled))
     except torch.OutOfMemoryError as exc:
         return {"mode": mode, "error": f"out of memory ({str(exc).splitlines()[0][:120]})"}
     result = {"mode": mode, "peak_mib": _peak_rss_mib() - before, "miou": metrics["val_miou"]}

@@ -3,6 +3,7 @@
 import json
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,111 @@ def test_init_model_with_another_architecture_names_the_differences(artifact):
     assert "encoder_depth: 3 there, 4 here" in message and "in_channels: 3 there, 1 here" in message
     with pytest.raises(ArtifactError, match="no such model folder"):
         read_init_model(artifact[2].parent / "missing.tar.gz", CFG)
+
+
+# --- config.json states the architecture once ------------------------------------------------------------------------
+
+ARCHITECTURE = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels", "classes")
+# What unetseg wrote before format 2 (by the code of that time, for CFG): the architecture at the top level and again
+# under "hyperparameters".
+TWO_COPIES = Path(__file__).parent / "artifacts" / "config-two-copies.json"
+
+
+def test_config_json_states_the_architecture_once_at_the_top_level(artifact):
+    from unetseg.model import artifact_train_config
+
+    config = json.loads((artifact[1] / "config.json").read_text())
+    assert not set(ARCHITECTURE) & set(config["hyperparameters"]), "the architecture is written twice"
+    assert {k: config[k] for k in ARCHITECTURE} == {k: getattr(CFG, k) for k in ARCHITECTURE}
+    assert artifact_train_config(config) == CFG  # the whole TrainConfig: the hyperparameters and the architecture
+    segmenter = load_model(artifact[1], device="cpu")
+    assert segmenter.in_channels == 3 and segmenter.class_names == ["bg", "a", "b"]
+
+
+def old_artifact(folder, edit=None):
+    """A model folder as the code before format 2 wrote it: the weights of `artifact`, the config of that time."""
+    folder.mkdir()
+    config = json.loads(TWO_COPIES.read_text())
+    if edit:
+        edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_an_artifact_with_the_architecture_twice_still_loads_and_predicts_the_same(artifact, tmp_path):
+    _, folder, _ = artifact
+    old = old_artifact(tmp_path / "old")
+    (old / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    assert set(ARCHITECTURE) <= set(json.loads((old / "config.json").read_text())["hyperparameters"])  # format 1
+    then, now = load_model(old, device="cpu"), load_model(folder, device="cpu")
+    image = np.random.default_rng(3).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    assert np.array_equal(then.predict_proba(image), now.predict_proba(image))
+    assert then.in_channels == 3 and then.class_names == ["bg", "a", "b"]
+    assert not set(ARCHITECTURE) & set(then.config["hyperparameters"])  # read as format 2: one copy
+
+    from unetseg.model import read_init_model
+
+    assert read_init_model(old, CFG).keys() == now.model.state_dict().keys()  # fine-tuning from it, too
+
+
+@pytest.mark.parametrize("field, value", [("in_channels", 1), ("encoder", "resnet34"), ("classes", 2),
+                                          ("decoder_channels", [16, 8, 4])])
+def test_an_old_artifact_whose_two_copies_disagree_is_refused_naming_both(artifact, tmp_path, field, value):
+    """Which copy built the weights cannot be known from the file: neither wins, and the message says so."""
+    old = old_artifact(tmp_path / "old", lambda config: config.update({field: value}))
+    (old / "model.safetensors").write_bytes((artifact[1] / "model.safetensors").read_bytes())
+    with pytest.raises(ArtifactError) as info:
+        load_model(old, device="cpu")
+    message = str(info.value)
+    assert str(old / "config.json") in message and f"'{field}' is {value!r}" in message
+    assert "twice" in message and "hyperparameters say" in message and "restore it" in message
+
+
+# --- the architecture list is smp's ----------------------------------------------------------------------------------
+
+def smp_architectures() -> dict:
+    """smp's own mapping, built from its classes as its __init__.py builds MODEL_ARCHITECTURES_MAPPING."""
+    import segmentation_models_pytorch as smp
+
+    return {cls.__name__: cls for cls in smp._MODEL_ARCHITECTURES}
+
+
+def test_every_architecture_we_accept_is_an_smp_architecture_and_none_is_left_out():
+    from unetseg.contract.config import ARCHITECTURES
+
+    assert sorted(ARCHITECTURES) == sorted(smp_architectures())
+
+
+def takes_decoder_widths(cls) -> bool:
+    """Whether an smp architecture's constructor takes `decoder_channels` as a sequence of widths, one per stage
+    (DeepLabV3, PAN and UPerNet take one int under the same name)."""
+    import collections.abc
+    import inspect
+    import typing
+
+    parameter = inspect.signature(cls.__init__).parameters.get("decoder_channels")
+    return parameter is not None and typing.get_origin(parameter.annotation) is collections.abc.Sequence
+
+
+def test_one_rule_for_decoder_channels_derived_from_smp_signatures():
+    from unetseg.contract.config import DECODER_WIDTH_ARCHITECTURES
+
+    assert sorted(DECODER_WIDTH_ARCHITECTURES) == sorted(a for a, cls in smp_architectures().items()
+                                                        if takes_decoder_widths(cls))
+
+
+@pytest.mark.parametrize("arch", ["Linknet", "FPN", "DeepLabV3", "PAN", "UPerNet", "Segformer"])
+def test_decoder_channels_for_an_architecture_without_decoder_widths_is_refused_in_the_notebook(arch):
+    from unetseg.contract.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**{**TINY, "arch": arch})
+    message = str(info.value)
+    assert "decoder_channels" in message and arch in message and "Unet, UnetPlusPlus, MAnet" in message
+
+
+@pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus", "MAnet"])
+def test_decoder_widths_reach_the_model(arch):
+    model = build_model(CFG.replace(arch=arch), pretrained=False)
+    widths = [m.out_channels for m in model.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths[-1] == 8  # the last of [32, 16, 8]

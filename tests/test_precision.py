@@ -12,7 +12,7 @@ from support import TINY
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.errors import ConfigError
 from unetseg.model import build_model, freeze_unused, normalization
-from unetseg.training import autocast_dtype, build_optimizer, lr_schedule, restore
+from unetseg.training import autocast_dtype, build_optimizer, load_learnt, lr_schedule
 
 # --- the AMP choice ---------------------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ def test_resuming_with_fp16_after_a_run_without_a_grad_scaler(tmp_path):
     state = trained_checkpoint(fp16=False)  # bf16 or fp32 before: the scaler's state is empty
     model, optimizer, scheduler, scaler = parts(fp16=True)
     said = []
-    restore(state, model, optimizer, scheduler, scaler, said.append)
+    load_learnt(state, model, optimizer, scheduler, scaler, said.append)
     assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # a fresh scaler
     assert any("grad scaler" in line for line in said), said
     loss = torch.nn.functional.cross_entropy(model(torch.rand(2, 3, 32, 32)), torch.randint(0, 2, (2, 32, 32)))
@@ -129,12 +129,12 @@ def test_resuming_with_channels_last_toggled_steps_as_without_the_toggle(saved_l
     # changed layout.
     state = trained_checkpoint(channels_last=saved_layout, fused=True)
     reference = parts(channels_last=saved_layout, fused=True)
-    restore(copy.deepcopy(state), *reference, print)  # a copy each: loading shares the tensors, and a step writes them
+    load_learnt(copy.deepcopy(state), *reference, print)  # a copy each: loading shares the tensors; a step writes them
     expected = step_with_fixed_gradients(reference[0], reference[1])
 
     model, optimizer, scheduler, scaler = parts(channels_last=resumed_layout, fused=True)
     said = []
-    restore(copy.deepcopy(state), model, optimizer, scheduler, scaler, said.append)
+    load_learnt(copy.deepcopy(state), model, optimizer, scheduler, scaler, said.append)
     got = step_with_fixed_gradients(model, optimizer)
     worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
     assert worst < 1e-6, f"the resumed step differs by up to {worst} from one without the layout change"
@@ -145,7 +145,7 @@ def test_resuming_on_a_gpu_a_run_started_on_the_cpu_uses_the_fused_optimizer():
     state = trained_checkpoint(fused=False)
     model, optimizer, scheduler, scaler = parts(fused=True)
     said = []
-    restore(state, model, optimizer, scheduler, scaler, said.append)
+    load_learnt(state, model, optimizer, scheduler, scaler, said.append)
     assert all(group["fused"] for group in optimizer.param_groups), optimizer.param_groups[0]
     assert any("fused" in line for line in said), said
     step_with_fixed_gradients(model, optimizer)
@@ -154,7 +154,7 @@ def test_resuming_on_a_gpu_a_run_started_on_the_cpu_uses_the_fused_optimizer():
 def test_resuming_with_a_new_learning_rate_and_weight_decay_uses_them_at_the_saved_schedule_position():
     state = trained_checkpoint(lr=0.003, weight_decay=0.01)
     model, optimizer, scheduler, scaler = parts(lr=0.01, weight_decay=0.05)
-    restore(state, model, optimizer, scheduler, scaler, print)
+    load_learnt(state, model, optimizer, scheduler, scaler, print)
     factor = lr_schedule(TrainConfig(**TINY), steps_per_epoch=4)(scheduler.last_epoch)
     assert scheduler.last_epoch == 2
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 * factor] * 2)
@@ -166,7 +166,7 @@ def test_resuming_with_another_optimizer_starts_its_state_fresh_and_says_so():
     state = trained_checkpoint(optimizer="adamw")
     model, optimizer, scheduler, scaler = parts(optimizer="sgd")
     said = []
-    restore(state, model, optimizer, scheduler, scaler, said.append)
+    load_learnt(state, model, optimizer, scheduler, scaler, said.append)
     assert any("optimizer" in line and "adamw" in line and "sgd" in line for line in said), said
     assert torch.equal(model.state_dict()["segmentation_head.0.weight"], state["model"]["segmentation_head.0.weight"])
     assert scheduler.last_epoch == 2

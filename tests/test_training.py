@@ -20,7 +20,7 @@ from support import REPO, TINY, free_port, run_entry, sagemaker_tree, write_pair
 from unetseg.contract.config import TrainConfig
 from unetseg.contract.metrics_log import EPOCH_METRICS, SELECTION_METRIC, metric_definitions, parse_line
 from unetseg.metrics import confusion, summarize
-from unetseg.model import load_model
+from unetseg.model import artifact_train_config, load_model
 from unetseg.synthetic import demo_hyperparameters, make_demo_dataset
 from unetseg.training import RunPaths, train
 
@@ -112,7 +112,7 @@ def test_entry_contract_writes_artifacts_and_metric_lines(small_data, tmp_path):
     model_dir = tmp_path / "model"
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "history.json", "model.safetensors"]
     config = json.loads((model_dir / "config.json").read_text())
-    assert TrainConfig.from_hyperparameters(config["hyperparameters"]) == TrainConfig.from_hyperparameters(
+    assert artifact_train_config(config) == TrainConfig.from_hyperparameters(
         {k: json.dumps(v) if not isinstance(v, str) else v for k, v in HPS.items()})
     assert (tmp_path / "output" / "data" / "predictions.png").is_file()
     assert not (tmp_path / "output" / "failure").exists()

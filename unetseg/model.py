@@ -2,8 +2,11 @@
 
 The artifact (the model dir, tarred by SageMaker to model.tar.gz) is three files, none of them pickles:
 - model.safetensors: the weights;
-- config.json: all that inference needs (architecture, encoder, classes and names, colours, normalization,
-  input size and stride) plus the training hyperparameters and the best epoch's metrics;
+- config.json: all that inference needs (the architecture: arch, encoder, encoder_depth, decoder_channels,
+  in_channels, classes; class names and colours, normalization, input size and stride), the other hyperparameters
+  it was trained with, and the best epoch's metrics. The architecture is stated once, at the top level, where the
+  Segmenter, the ONNX export and its runtime read it; format 1 stated it again under "hyperparameters":
+  read_artifact still reads that form (as format 2), and refuses it when the two copies differ;
 - history.json: one record of metrics per epoch.
 """
 
@@ -16,23 +19,23 @@ import math
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import load_file, save_file
 
-from .segmenter import Segmenter
-
 from . import __version__
 from .atomic import replace_atomically
 from .contract.config import TrainConfig
 from .contract.errors import ArtifactError, ConfigError
+from .segmenter import Segmenter
 
 FORMAT = "unetseg-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the architecture only at the top level; an older unetseg then says to upgrade
 WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "history.json"
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -76,11 +79,10 @@ def build_model(cfg: TrainConfig, *, pretrained: bool = True) -> torch.nn.Module
     kwargs: dict[str, Any] = {}
     if cfg.encoder_depth != 5:
         if "encoder_depth" not in accepted:
-            raise ConfigError(f"hyperparameter 'encoder_depth' = {cfg.encoder_depth}: {cfg.arch} has a fixed depth of 5")
+            raise ConfigError(f"hyperparameter 'encoder_depth' = {cfg.encoder_depth}: {cfg.arch} has a fixed depth "
+                              "of 5")
         kwargs["encoder_depth"] = cfg.encoder_depth
-    if cfg.decoder_channels is not None:
-        if "decoder_channels" not in accepted:
-            raise ConfigError(f"hyperparameter 'decoder_channels': {cfg.arch} does not take a list of decoder widths")
+    if cfg.decoder_channels is not None:  # TrainConfig allows it for DECODER_WIDTH_ARCHITECTURES only
         kwargs["decoder_channels"] = list(cfg.decoder_channels)
     weights = cfg.encoder_weights if pretrained else None
     path_weights = weights is not None and weights != "imagenet"
@@ -106,14 +108,16 @@ def build_model(cfg: TrainConfig, *, pretrained: bool = True) -> torch.nn.Module
 def _load_encoder_file(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no such file")
-    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    state = (load_file(path) if path.suffix == ".safetensors"
+             else torch.load(path, map_location="cpu", weights_only=True))
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
     state = {k: _adapt_first_conv(v, own[k]) if k in own else v for k, v in state.items()}
     if not set(state) & set(own):
-        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the {type(model.encoder).__name__} encoder")
+        raise ConfigError(f"hyperparameter 'encoder_weights' = '{path}': no tensor matches the "
+                          f"{type(model.encoder).__name__} encoder")
     try:
         model.encoder.load_state_dict(state, strict=False)  # a classifier head in the file is fine to skip
     except RuntimeError as exc:
@@ -158,12 +162,12 @@ def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = Non
                     init_model: Optional[str] = None, norm: Optional[dict] = None) -> dict[str, Any]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "unetseg_version": __version__,
-        "arch": cfg.arch, "encoder": cfg.encoder, "encoder_depth": cfg.encoder_depth,
-        "decoder_channels": cfg.decoder_channels, "in_channels": cfg.in_channels, "classes": cfg.classes,
+        **{field: getattr(cfg, field) for field in CONFIG_ARCHITECTURE},
         "class_names": cfg.resolved_class_names, "class_colors": class_colors(cfg.class_colors, cfg.classes),
         "mask_mode": mask_mode, "normalization": norm or normalization(cfg),
         "input": {"image_size": cfg.image_size, "stride": cfg.stride},
-        "hyperparameters": cfg.to_hyperparameters(), "best": best or {},
+        "hyperparameters": {k: v for k, v in cfg.to_hyperparameters().items() if k not in CONFIG_ARCHITECTURE},
+        "best": best or {},
         "init_model": init_model,  # provenance: the model this one was fine-tuned from, if any
     }
 
@@ -246,6 +250,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Se
 
 # What must match between a trained model and a run that starts from it; the class count may differ (new head).
 ARCHITECTURE_FIELDS = ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels")
+# The architecture as config.json states it, at the top level (format 1 stated it again under "hyperparameters").
+CONFIG_ARCHITECTURE = (*ARCHITECTURE_FIELDS, "classes")
 
 
 def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -261,8 +267,14 @@ def read_init_model(path: str | Path, cfg: TrainConfig) -> dict[str, torch.Tenso
 
 
 def artifact_train_config(config: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig an artifact was trained with, less its encoder weights (the artifact's weights replace them)."""
-    return TrainConfig.from_hyperparameters({**config["hyperparameters"], "encoder_weights": None})
+    """The TrainConfig an artifact was trained with, less its encoder weights (the artifact's weights replace them):
+    its hyperparameters with the architecture from the top level, where config.json states it."""
+    return TrainConfig.from_hyperparameters({**config["hyperparameters"], **_architecture(config),
+                                             "encoder_weights": None})
+
+
+def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    return {field: config[field] for field in CONFIG_ARCHITECTURE if field in config}
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
@@ -303,7 +315,9 @@ def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{name(HISTORY_FILE)}: not valid JSON ({exc})") from None
         check_artifact(config, state, name)
-    return config, state, history
+    # Read as format 2: whoever reads this config next finds the architecture in one place.
+    hyperparameters = {k: v for k, v in config["hyperparameters"].items() if k not in CONFIG_ARCHITECTURE}
+    return {**config, "hyperparameters": hyperparameters}, state, history
 
 
 def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=lambda file: file) -> None:
@@ -321,16 +335,23 @@ def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=
     if not isinstance(hyperparameters, dict):
         raise bad("'hyperparameters'", "is missing (it is what rebuilds the network)" if hyperparameters is None
                   else f"is {type(hyperparameters).__name__}, not an object of hyperparameters")
+    for field in CONFIG_ARCHITECTURE:
+        if field not in config:
+            raise bad(f"'{field}'", "is missing")
+    twice = [field for field in CONFIG_ARCHITECTURE if field in hyperparameters]  # format 1 (or an edit)
     try:
+        if twice:  # which copy built the weights is unknown: they must agree
+            copy = TrainConfig.from_hyperparameters({**_architecture(config), **hyperparameters,
+                                                     "encoder_weights": None})
+            for field in twice:
+                theirs = getattr(copy, field)
+                if config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+                    raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r} (the "
+                                            "architecture is stated twice, as unetseg wrote it before model format 2, "
+                                            "and the copies differ)")
         cfg = artifact_train_config(config)
     except ConfigError as exc:
         raise bad("'hyperparameters'", f"do not parse: {exc}") from None
-    for field in (*ARCHITECTURE_FIELDS, "classes"):
-        theirs = getattr(cfg, field)
-        if field not in config:
-            raise bad(f"'{field}'", "is missing")
-        if config[field] != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-            raise bad(f"'{field}'", f"is {config[field]!r}, but its hyperparameters say {theirs!r}")
     _check_list(bad, config, "class_names", cfg.classes, lambda v: isinstance(v, str), "a name (text)")
     _check_list(bad, config, "class_colors", cfg.classes, _is_colour, "[r, g, b] with values 0..255")
     if config.get("mask_mode") not in ("binary", "index", "palette"):
@@ -370,7 +391,8 @@ def _check_normalization(bad, norm: Any, channels: int) -> None:
         numbers = isinstance(values, list) and all(type(v) in (int, float) for v in values)  # bool is no number
         if not numbers or len(values) != channels or not all(math.isfinite(v) and v > low for v in values):
             need = "numbers above 0" if key == "std" else "finite numbers"
-            raise bad(f"'normalization.{key}'", f"is {values!r}; it needs {channels} {need}, one per input channel")
+            raise bad(f"'normalization.{key}'", f"is {values!r}; it needs {channels} {need}, one per input channel "
+                                                f"(in_channels={channels})")
 
 
 def _check_weights(state: dict[str, torch.Tensor], cfg: TrainConfig, where: str) -> None:

@@ -14,10 +14,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,18 +27,26 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, distributed, tracking
 from .contract.config import TrainConfig
+from .contract.errors import ConfigError
+from .contract.metrics_log import SELECTION_METRIC, format_line
 from .data.checks import CheckedDataset, check_dataset
 from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
 from .data.masks import IGNORE_INDEX
 from .data.scan import pair_channel, split_holdout
 from .data.transforms import train_transform
 from .distributed import DistContext, all_gather_objects, all_reduce
-from .contract.errors import ConfigError
 from .losses import build_loss, class_weights
 from .metrics import confusion, summarize
-from .contract.metrics_log import SELECTION_METRIC, format_line
-from .model import (ARCHITECTURE_FIELDS, artifact_config, build_model, freeze_unused, load_matching,
-                    normalization, read_init_model, save_artifact)
+from .model import (
+    ARCHITECTURE_FIELDS,
+    artifact_config,
+    build_model,
+    freeze_unused,
+    load_matching,
+    normalization,
+    read_init_model,
+    save_artifact,
+)
 from .segmenter import Segmenter, native_bf16, prepare_input
 from .visualize import prediction_grid
 
@@ -74,6 +83,36 @@ def train(cfg: TrainConfig, paths: RunPaths, *, progress: Optional[bool] = None)
         distributed.shutdown(ctx)
 
 
+@dataclass(frozen=True)
+class Run:
+    """What the steps of one training run share: built once by _train, read by the loop, evaluate and finish."""
+    cfg: TrainConfig
+    ctx: DistContext
+    raw_model: torch.nn.Module  # the bare model (not the DDP / torch.compile wrapper): its weights are the artifact's
+    loss_fn: torch.nn.Module
+    norm: dict  # what the model expects of its input (model.normalization)
+    amp_dtype: Optional[torch.dtype]  # None: fp32
+    channels_last: bool
+    config: dict  # the artifact's config.json less the best epoch: what a Segmenter of this model reads
+    say: Callable[..., None] = print  # rank 0's print; a no-op on the other ranks
+    paths: Optional[RunPaths] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def forward(self, model: torch.nn.Module, images: torch.Tensor,
+                masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, labels, loss) of a batch from the loader: the one forward pass of training and evaluation."""
+        x = prepare_input(images.to(self.device, non_blocking=True), self.norm)
+        x = x if self.channels_last else x.contiguous()  # prepare_input's permute already leaves NHWC memory
+        y = masks.to(self.device, non_blocking=True).long()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext():
+            logits = model(x)
+        # The loss in fp32, outside autocast: a softmax and a sum over every pixel lose too much in bf16 or fp16.
+        return logits, y, self.loss_fn(logits.float(), y)
+
+
 def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) -> TrainResult:
     say = print if ctx.is_main else (lambda *a, **k: None)
     device = ctx.device
@@ -83,75 +122,61 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = autocast_dtype(cfg, device, say)
-    channels_last = cfg.channels_last and device.type == "cuda"
     # A checkpoint (this run, resumed) wins over init_model; either makes pretrained encoder weights moot. Both are
     # read and checked before the data: a wrong path or a damaged checkpoint should not wait for a long data check.
     state = checkpoint.load_state(paths.checkpoint_dir)
-    resuming = state is not None
-    init_state = read_init_model(paths.init_model, cfg) if paths.init_model is not None and not resuming else None
-    if resuming and paths.init_model is not None:
+    init_state = read_init_model(paths.init_model, cfg) if paths.init_model is not None and state is None else None
+    if state is not None and paths.init_model is not None:
         say(f"init model {paths.init_model} not used: resuming from {paths.checkpoint_dir / checkpoint.LAST}, which "
             "holds what this run has trained so far")
 
-    # --- data -----------------------------------------------------------------------------------------------
+    # --- data -----------------------------------------------------------------------------------------------------
     train_data, val_data = load_datasets(cfg, paths, ctx, say)
     sampler = EpochSampler(len(train_data.samples), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(device, ctx.local_world_size)
-    loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                       persistent_workers=workers > 0, collate_fn=pad_collate(cfg.stride))
-    train_loader = DataLoader(SegmentationDataset(train_data, train_transform(cfg.augment, cfg.image_size, cfg.in_channels), cfg.seed),
-                              batch_size=cfg.batch_size, sampler=sampler, **loader_args)
-    # Validation images above the size that predict tiles are scored tile by tile, as predict scores them, by each rank
-    # for its shard; the others in batches.
-    tiled = [i for i in ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size) if is_tiled(val_data.sizes[i])]
-    val_loader = DataLoader(SegmentationDataset(val_data), batch_size=val_batch_size(cfg, val_data),
-                            sampler=ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size, skip=tiled),
-                            **loader_args)
+    train_loader, val_loader, tiled = build_loaders(cfg, train_data, val_data, sampler, workers, ctx)
     steps_per_epoch = sampler.batches_per_epoch
     trained_on = {"train": train_data.fingerprint(), "validation": val_data.fingerprint(),
                   "steps_per_epoch": steps_per_epoch, "processes": ctx.world_size}
 
-    # --- model, optimizer, schedule ---------------------------------------------------------------------------
-    model = build_model(cfg, pretrained=not resuming and init_state is None)
-    if init_state is not None:
-        copied, fresh = load_matching(model, init_state)
-        say(f"initialized from {paths.init_model}: {copied} tensors"
-            + (f"; {len(fresh)} start fresh ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
-    freeze_unused(model, cfg.in_channels, cfg.stride)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    optimizer = build_optimizer(cfg, model, device)
+    # --- model, optimizer, schedule ---------------------------------------------------------------------------------
+    channels_last = cfg.channels_last and device.type == "cuda"
+    raw_model = build_run_model(cfg, init_state, paths.init_model, pretrained=state is None and init_state is None,
+                                say=say)
+    raw_model = raw_model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = build_optimizer(cfg, raw_model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # bf16 and fp32 need no scaling
     weights = class_weights(cfg.class_weights, train_data.class_pixels)
     if weights is not None:
-        say("class weights (cross-entropy): " + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
-    loss_fn = build_loss(cfg.loss, weights).to(device)
+        say("class weights (cross-entropy): "
+            + ", ".join(f"{n} {w:g}" for n, w in zip(cfg.resolved_class_names, weights)))
     norm = normalization(cfg, train_data.band_stats)  # band_stats: measured by the data check, where asked for
-    predict_config = artifact_config(cfg, train_data.codec.mode, norm=norm)  # what a Segmenter of this model reads
+    run = Run(cfg=cfg, ctx=ctx, raw_model=raw_model, loss_fn=build_loss(cfg.loss, weights).to(device), norm=norm,
+              amp_dtype=amp_dtype, channels_last=channels_last, say=say, paths=paths,
+              config=artifact_config(cfg, train_data.codec.mode, init_model=_provenance(paths), norm=norm))
 
-    # --- resume -----------------------------------------------------------------------------------------------
-    start_epoch, start_batch, step, history, best = 0, 0, 0, [], {}
-    partial = {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+    # --- resume -----------------------------------------------------------------------------------------------------
+    start_epoch, start_batch, step, history, best, epoch_sums = 0, 0, 0, [], {}, new_epoch_sums()
     if state is not None:
-        check_resumable(cfg, state["hyperparameters"], paths.checkpoint_dir, say)
-        start_epoch, start_batch, step = resume_position(state, trained_on, cfg.epochs, say)
-        state["scheduler"] = {**state["scheduler"], "last_epoch": step}  # the schedule's position: the step
-        checkpoint.restore_rng(state)
-        restore(state, model, optimizer, scheduler, scaler, say)
-        history, best, partial = list(state["history"]), dict(state["best"]), dict(state["partial"])
-        if not ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop below): rank 0 carries them
-            partial.update(loss_sum=0.0, samples=0)
-        say(f"resumed from {paths.checkpoint_dir / checkpoint.LAST}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
+        start_epoch, start_batch, step, history, best, epoch_sums = restore(
+            state, run, optimizer, scheduler, scaler, trained_on)
     tracker = tracking.start(cfg, paths, train_data, val_data, history) if ctx.is_main else tracking.NO_TRACKING
 
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
-    net = torch.compile(net) if cfg.compile else net
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # What the step calls. Wrapped after the restore: DDP broadcasts rank 0's weights when it is built.
+    model = (DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+             if ctx.distributed else raw_model)
+    model = torch.compile(model) if cfg.compile else model
 
     def snapshot(epoch: int, batch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "history": history,
-                "best": best, "partial": partial, "hyperparameters": cfg.to_hyperparameters(), "data": trained_on}
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch,
+                "step": step, "history": history, "best": best, "partial": epoch_sums,
+                "hyperparameters": cfg.to_hyperparameters(), "data": trained_on}
+
+    def sums_over_ranks(loss_sum: torch.Tensor) -> torch.Tensor:
+        """(loss sum, samples) of this epoch so far, over all ranks."""
+        return all_reduce(torch.stack([loss_sum, torch.tensor(float(epoch_sums["samples"]), device=device)]), ctx)
 
     say(f"training {cfg.arch}/{cfg.encoder} for {cfg.epochs} epochs x {steps_per_epoch} steps on "
         f"{ctx.world_size} x {device.type}, batch {cfg.batch_size} per process, "
@@ -160,83 +185,79 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
     epochs_without_gain = history[-1]["epoch"] - best["epoch"] if best else 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            # --- train one epoch ----------------------------------------------------------------------------
+            # --- train one epoch ----------------------------------------------------------------------------------
             sampler.set_epoch(epoch, start_batch)
-            model.train()
+            raw_model.train()
             started = time.perf_counter()
-            loss_sum = torch.tensor(partial["loss_sum"], device=device)
+            loss_sum = torch.tensor(epoch_sums["loss_sum"], device=device)
             batches = train_loader
             if progress and ctx.is_main:
-                from tqdm import tqdm
-                batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, initial=start_batch,
-                               total=steps_per_epoch, dynamic_ncols=True)
+                batches = progress_bar(train_loader, epoch, cfg.epochs, start_batch, steps_per_epoch)
             for batch_index, (images, masks) in enumerate(batches, start=start_batch):
-                x = prepare_input(images.to(device, non_blocking=True), norm)
-                x = x if channels_last else x.contiguous()
-                y = masks.to(device, non_blocking=True).long()
-                with autocast():
-                    logits = net(x)
-                loss = loss_fn(logits.float(), y)
+                _, _, loss = run.forward(model, images, masks)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-                scaler.step(optimizer)
+                    scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip_norm)
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed; update() then lowers the scale
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                loss_sum += loss.detach() * len(images)
-                partial["samples"] += len(images)
+                loss_sum += loss.detach() * len(images)  # summed on the device: loss.item() would sync every step
+                epoch_sums["samples"] += len(images)
                 if cfg.log_every and step % cfg.log_every == 0:
-                    say(format_line({"step_loss": loss.item()}, step=step, epoch=epoch + 1), flush=True)
+                    say(format_line({"step_loss": loss.item()}, step=step, epoch=epoch + 1), flush=True)  # a sync
+                # A collective call (an all-reduce every CHECK_EVERY steps): every rank makes it at every step, or
+                # the others wait in it; so a signal to one rank stops all of them at the same step.
                 if stop.agreed(ctx, step):
-                    samples = torch.tensor(float(partial["samples"]), device=device)
-                    sums = all_reduce(torch.stack([loss_sum, samples]), ctx)
-                    partial.update(loss_sum=float(sums[0]), samples=int(sums[1]),
-                                   seconds=partial["seconds"] + time.perf_counter() - started)
+                    sums = sums_over_ranks(loss_sum)
+                    epoch_sums.update(loss_sum=float(sums[0]), samples=int(sums[1]),
+                                      seconds=epoch_sums["seconds"] + time.perf_counter() - started)
                     if ctx.is_main:
                         checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch, batch_index + 1))
-                    say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: checkpoint saved to "
-                        f"{paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to resume", flush=True)
+                    say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: checkpoint saved "
+                        f"to {paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to "
+                        "resume", flush=True)
                     raise Interrupted(stop.name)
 
             # --- validate, log, checkpoint ------------------------------------------------------------------------
-            train_seconds = partial["seconds"] + time.perf_counter() - started
-            totals = all_reduce(torch.stack([loss_sum, torch.tensor(float(partial["samples"]), device=device)]), ctx)
+            train_seconds = epoch_sums["seconds"] + time.perf_counter() - started
+            totals = sums_over_ranks(loss_sum)
             metrics = {"train_loss": float(totals[0] / totals[1].clamp_min(1))}
-            distributed.broadcast_buffers(model, ctx)
-            metrics.update(evaluate(model, val_loader, loss_fn, cfg, norm, device, ctx, autocast, channels_last,
-                                    large=(val_data.load(i) for i in tiled), config=predict_config))
-            metrics.update(lr=scheduler.get_last_lr()[0], epoch_time=partial["seconds"] + time.perf_counter() - started,
-                           images_per_sec=float(totals[1]) / max(train_seconds, 1e-9))
+            # Each rank's last forward pass updated its own BatchNorm statistics (DDP copies rank 0's at the start of
+            # a forward pass, not after): evaluate with rank 0's, the ones that the checkpoint and the artifact keep.
+            distributed.broadcast_buffers(raw_model, ctx)
+            metrics.update(evaluate(run, val_loader, large=(val_data.load(i) for i in tiled)))
+            metrics.update(lr=scheduler.get_last_lr()[0], epoch_time=epoch_sums["seconds"] + time.perf_counter()
+                           - started, images_per_sec=float(totals[1]) / max(train_seconds, 1e-9))
             history.append({"epoch": epoch + 1, "step": step, **metrics})
-            start_batch, partial = 0, {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+            start_batch, epoch_sums = 0, new_epoch_sums()
             improved = not best or metrics[SELECTION_METRIC] > best[SELECTION_METRIC]
             if improved:
                 best = {"epoch": epoch + 1, SELECTION_METRIC: metrics[SELECTION_METRIC]}
             epochs_without_gain = 0 if improved else epochs_without_gain + 1
             if ctx.is_main:
                 if improved:
-                    checkpoint.save_best(paths.checkpoint_dir, model.state_dict())
+                    checkpoint.save_best(paths.checkpoint_dir, raw_model.state_dict())
                 checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch + 1, 0))
             say(format_line(metrics, epoch=epoch + 1), flush=True)
             tracker.log_epoch(history[-1])
             if cfg.early_stopping_patience and epochs_without_gain >= cfg.early_stopping_patience:
                 say(f"early stopping: no better {SELECTION_METRIC} for {epochs_without_gain} epochs (best {best})")
                 break
-            if stop.agreed(ctx, step, force=True):
+            if stop.agreed(ctx, step, force=True):  # collective too; the epoch's checkpoint is already saved
                 raise Interrupted(stop.name)
     except Interrupted:
         if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
-            finish(cfg, paths, model, train_data, val_data, history, best, say, picture=False, tracker=tracker)
+            finish(run, val_data, history, best, picture=False, tracker=tracker)
         distributed.barrier(ctx)
         return TrainResult(history, best, interrupted=stop.name)
     finally:
         stop.restore()
 
     if ctx.is_main:
-        finish(cfg, paths, model, train_data, val_data, history, best, say, tracker=tracker)
+        finish(run, val_data, history, best, tracker=tracker)
     # Every rank waits for rank 0's artifacts: a container that exits first can end the job with an empty model.
     distributed.barrier(ctx)
     return TrainResult(history, best)
@@ -244,38 +265,80 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
 
 # --- pieces of the loop ----------------------------------------------------------------------------------------
 
+def new_epoch_sums() -> dict:
+    """The running sums of an epoch: a checkpoint taken inside one carries them, so that its train_loss, epoch_time
+    and images_per_sec count the whole epoch after a resume."""
+    return {"loss_sum": 0.0, "samples": 0, "seconds": 0.0}
+
+
+def build_loaders(cfg: TrainConfig, train_data: CheckedDataset, val_data: CheckedDataset, sampler: EpochSampler,
+                  workers: int, ctx: DistContext) -> tuple[DataLoader, DataLoader, list[int]]:
+    """(training loader, validation loader, indices of the validation images scored in tiles). Validation images
+    above the size that predict tiles are scored tile by tile, as predict scores them, by each rank for its shard;
+    the others in batches."""
+    device = ctx.device
+    loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                       persistent_workers=workers > 0, collate_fn=pad_collate(cfg.stride))
+    augmented = SegmentationDataset(train_data, train_transform(cfg.augment, cfg.image_size, cfg.in_channels), cfg.seed)
+    train_loader = DataLoader(augmented, batch_size=cfg.batch_size, sampler=sampler, **loader_args)
+    tiled = [i for i in ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size) if is_tiled(val_data.sizes[i])]
+    val_loader = DataLoader(SegmentationDataset(val_data), batch_size=val_batch_size(cfg, val_data),
+                            sampler=ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size, skip=tiled),
+                            **loader_args)
+    return train_loader, val_loader, tiled
+
+
+def build_run_model(cfg: TrainConfig, init_state: Optional[dict], init_model, pretrained: bool,
+                    say) -> torch.nn.Module:
+    """The model to train, on the CPU: fresh (with pretrained encoder weights when `pretrained`), or with the tensors
+    of a fine-tuning source (`init_state`, read from `init_model`) that fit it."""
+    model = build_model(cfg, pretrained=pretrained)
+    if init_state is not None:
+        copied, fresh = load_matching(model, init_state)
+        some = ", ".join(fresh[:4]) + (", ..." if len(fresh) > 4 else "")
+        say(f"initialized from {init_model}: {copied} tensors"
+            + (f"; {len(fresh)} start fresh ({some})" if fresh else ""))
+    freeze_unused(model, cfg.in_channels, cfg.stride)
+    return model
+
+
+def progress_bar(loader: DataLoader, epoch: int, epochs: int, done: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, initial=done, total=total, dynamic_ncols=True)
+
+
+def _provenance(paths: RunPaths) -> Optional[str]:
+    return str(paths.init_model) if paths.init_model else None
+
+
 @torch.inference_mode()
-def evaluate(model, loader, loss_fn, cfg: TrainConfig, norm: dict, device, ctx: DistContext, autocast,
-             channels_last: bool, large: Iterable[tuple[np.ndarray, np.ndarray]] = (),
-             config: Optional[dict] = None) -> dict[str, float]:
+def evaluate(run: Run, loader, large: Iterable[tuple[np.ndarray, np.ndarray]] = ()) -> dict[str, float]:
     """Metrics over every rank's validation shard: the loader's images in batches, then the `large` ones (image, mask),
-    one at a time, tiled as predict tiles them (`config`: the model's artifact config). `model` is the bare model, not
-    the DDP wrapper (see distributed.broadcast_buffers): a shard may be empty when there are fewer images than
-    processes."""
+    one at a time, tiled as predict tiles them. Runs the bare model, not the DDP wrapper (see
+    distributed.broadcast_buffers): a shard may be empty when there are fewer images than processes."""
+    model, device, classes = run.raw_model, run.device, run.cfg.classes
     model.eval()
-    matrix = torch.zeros(cfg.classes, cfg.classes, dtype=torch.int64, device=device)
+    matrix = torch.zeros(classes, classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     for images, masks in loader:
-        x = prepare_input(images.to(device, non_blocking=True), norm)
-        x = x if channels_last else x.contiguous()
-        y = masks.to(device, non_blocking=True).long()
-        with autocast():
-            logits = model(x)
-        loss_sum += loss_fn(logits.float(), y) * len(images)
+        logits, y, loss = run.forward(model, images, masks)
+        loss_sum += loss * len(images)
         count += len(images)
-        matrix += confusion(logits.argmax(1), y, cfg.classes)
+        matrix += confusion(logits.argmax(1), y, classes)
     segmenter = None
     for image, mask in large:
-        segmenter = segmenter or Segmenter(model, config, device=device)
-        loss, counts = score_tiled(segmenter, image, mask, loss_fn, cfg.classes)
+        segmenter = segmenter or Segmenter(model, run.config, device=device)
+        loss, counts = score_tiled(segmenter, image, mask, run.loss_fn, classes)
         loss_sum += loss
         count += 1
         matrix += counts
-    all_reduce(matrix, ctx)
-    totals = all_reduce(torch.stack([loss_sum, count]), ctx)
+    all_reduce(matrix, run.ctx)
+    totals = all_reduce(torch.stack([loss_sum, count]), run.ctx)
     model.train()
-    return {"val_loss": float(totals[0] / totals[1].clamp_min(1)), **summarize(matrix.cpu(), cfg.resolved_class_names)}
+    return {"val_loss": float(totals[0] / totals[1].clamp_min(1)),
+            **summarize(matrix.cpu(), run.cfg.resolved_class_names)}
 
 
 def is_tiled(size: tuple[int, int]) -> bool:
@@ -303,22 +366,21 @@ def score_tiled(segmenter: Segmenter, image: np.ndarray, mask: np.ndarray, loss_
     return loss_sum / max(1, labelled), matrix
 
 
-def finish(cfg, paths: RunPaths, model, train_data: CheckedDataset, val_data: CheckedDataset, history, best, say,
-           picture: bool = True, tracker=tracking.NO_TRACKING) -> None:
+def finish(run: Run, val_data: CheckedDataset, history: list, best: dict, picture: bool = True,
+           tracker=tracking.NO_TRACKING) -> None:
     """Rank 0: the best weights, config and history to the model dir; then, with `picture` (not on a stop), a picture
     of predictions to the output dir, and model.onnx beside the weights when export_onnx asks for it; then, within a
     deadline, all of it to the tracking server."""
-    weights = checkpoint.load_best(paths.checkpoint_dir) or model.state_dict()
-    config = artifact_config(cfg, train_data.codec.mode, best, str(paths.init_model) if paths.init_model else None,
-                             normalization(cfg, train_data.band_stats))
-    config.update(tracker.config_fields())
+    paths, say = run.paths, run.say
+    weights = checkpoint.load_best(paths.checkpoint_dir) or run.raw_model.state_dict()
+    config = {**run.config, "best": best or {}, **tracker.config_fields()}
     save_artifact(paths.model_dir, weights, config, history)
-    if cfg.export_onnx and picture:
+    if run.cfg.export_onnx and picture:
         export_onnx(paths.model_dir, say)
     drawn = paths.output_data_dir / "predictions.png" if picture else None
     if drawn:
         try:
-            draw_predictions(model, weights, config, val_data, drawn)
+            draw_predictions(run.raw_model, weights, config, val_data, drawn)
         except Exception as exc:  # noqa: BLE001 - a picture is a convenience, never a reason to fail a trained job
             say(f"could not draw {drawn}: {exc}")
             drawn = None
@@ -516,7 +578,25 @@ def resume_position(state: dict, now: dict, epochs: int, say) -> tuple[int, int,
     return epoch, batch, step
 
 
-def restore(state: dict, model, optimizer, scheduler, scaler, say) -> None:
+def restore(state: dict, run: Run, optimizer, scheduler, scaler, trained_on: dict) -> tuple[int, int, int, list,
+                                                                                          dict, dict]:
+    """Continue from a checkpoint, in one step: check that it trained this model (check_resumable), find where to
+    continue (resume_position), put back the random generators and what the run learnt (load_learnt). Returns
+    (epoch, batch within it, optimizer step, history, best, the epoch's running sums)."""
+    cfg, where = run.cfg, run.paths.checkpoint_dir
+    check_resumable(cfg, state["hyperparameters"], where, run.say)
+    epoch, batch, step = resume_position(state, trained_on, cfg.epochs, run.say)
+    state["scheduler"] = {**state["scheduler"], "last_epoch": step}  # the schedule's position: the step
+    checkpoint.restore_rng(state)
+    load_learnt(state, run.raw_model, optimizer, scheduler, scaler, run.say)
+    epoch_sums = dict(state["partial"])
+    if not run.ctx.is_main:  # the partial epoch's sums are over all ranks (see the stop in _train): rank 0 has them
+        epoch_sums.update(loss_sum=0.0, samples=0)
+    run.say(f"resumed from {where / checkpoint.LAST}: epoch {epoch + 1}, batch {batch}, step {step}")
+    return epoch, batch, step, list(state["history"]), dict(state["best"]), epoch_sums
+
+
+def load_learnt(state: dict, model, optimizer, scheduler, scaler, say) -> None:
     """Load a checkpoint into the parts built for this run. What the run learnt (weights, optimizer moments, the
     schedule's position, the grad scale) comes from the checkpoint; how this run trains (its hyperparameters, fused or
     not, memory layout, precision) stays as built, so that each change check_resumable allows works."""

@@ -22,11 +22,15 @@ from .errors import ConfigError
 from .metrics_log import class_metric, metric_name_clashes
 from .sagemaker_env import TUNING_MARKER
 
-# segmentation-models-pytorch architectures, by the class name that smp.create_model accepts.
+# segmentation-models-pytorch architectures, by class name: smp's own list, kept here as a literal because this module
+# must not import torch; tests/test_model.py holds it to smp's classes.
 ARCHITECTURES = (
     "Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet",
     "DeepLabV3", "DeepLabV3Plus", "PAN", "UPerNet", "Segformer", "DPT",
 )
+# Those whose constructor takes `decoder_channels` as a list of widths, one per encoder stage (DeepLabV3, PAN and
+# UPerNet take a single int by that name): the one rule for the hyperparameter, tied to smp's signatures by a test.
+DECODER_WIDTH_ARCHITECTURES = ("Unet", "UnetPlusPlus", "MAnet")
 
 # Keys that SageMaker itself adds to a job's hyperparameters: the HyperparameterTuner's objective and the SDK's
 # framework metadata. They are not ours to validate.
@@ -51,7 +55,8 @@ class TrainConfig(BaseModel):
     encoder_depth: int = Field(5, ge=1, le=5,
                                description="number of encoder stages; the input size must divide by 2**depth")
     decoder_channels: Optional[list[int]] = Field(
-        None, description="decoder widths, one per encoder stage (Unet family); none = the architecture's default"
+        None, description=f"decoder widths, one per encoder stage ({', '.join(DECODER_WIDTH_ARCHITECTURES)}); none = "
+        "the architecture's default"
     )
     in_channels: int = Field(3, ge=1, le=64, description="image channels: 1 for grayscale, 3 for RGB, N for N-band "
                              "TIFF or .npy images (multispectral)")
@@ -157,7 +162,11 @@ class TrainConfig(BaseModel):
         if self.decoder_channels is not None:
             if any(c < 1 for c in self.decoder_channels):
                 raise ValueError(f"decoder_channels={self.decoder_channels} must be positive")
-            if self.arch in ("Unet", "UnetPlusPlus", "MAnet") and len(self.decoder_channels) != self.encoder_depth:
+            if self.arch not in DECODER_WIDTH_ARCHITECTURES:
+                raise ValueError(f"decoder_channels={self.decoder_channels}: {self.arch} takes no list of decoder "
+                                 f"widths; only {', '.join(DECODER_WIDTH_ARCHITECTURES)} do: leave decoder_channels "
+                                 "unset (none) for the architecture's default")
+            if len(self.decoder_channels) != self.encoder_depth:
                 raise ValueError(
                     f"decoder_channels={self.decoder_channels} needs one width per encoder stage "
                     f"(encoder_depth={self.encoder_depth})"
