@@ -795,15 +795,32 @@ def test_ctrl_c_during_the_data_check_is_one_line(tmp_path):
         return True
 
     deadline = time.monotonic() + 120
-    while not serve_reader():  # the first reader: the data check is running
+    writer = None
+    while writer is None:  # a reader has opened the slow file: the data check is under way, and waits for it
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
+    # The check cannot end while its reader waits on the slow file, so the stop is said first, whatever the load;
+    # only then does the reader get its bytes (the process exits once its reading thread returns). Served the other
+    # way round, a slow signal could land after the check had read everything, and the check's own error won.
+    said = b""
+    os.set_blocking(proc.stderr.fileno(), False)
+    while b"interrupted" not in said and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            said += os.read(proc.stderr.fileno(), 65536)
+        except BlockingIOError:
+            time.sleep(0.02)
+    os.set_blocking(proc.stderr.fileno(), True)
+    os.write(writer, b"not a png")
+    os.close(writer)
     while proc.poll() is None and time.monotonic() < deadline:  # any later reader of the slow file gets its bytes too
         serve_reader()
         time.sleep(0.02)
     out, err = proc.communicate(timeout=60)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, said.decode() + err)
     assert_clean_exit(done, "interrupted")
     assert "data:" not in out  # stopped in the data check, not after it
 
