@@ -803,12 +803,15 @@ def test_ctrl_c_during_the_data_check_is_one_line(tmp_path):
         except OSError:
             time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    # The check cannot end while its reader waits on the slow file, so the stop is said first, whatever the load;
-    # only then does the reader get its bytes (the process exits once its reading thread returns). Served the other
-    # way round, a slow signal could land after the check had read everything, and the check's own error won.
+    # The check cannot end while its reader waits on the slow file, so the signal is taken before the check's own
+    # error can win (served first, a slow signal on a loaded machine landed after the check had read everything).
+    # When a pool thread reads the file, the main thread says the stop at once; when the main thread itself is the
+    # reader, blocked in the read, the signal stays pending until the file is served: so serve it after the stop is
+    # said, or after a few seconds, by which time the signal is surely pending.
     said = b""
     os.set_blocking(proc.stderr.fileno(), False)
-    while b"interrupted" not in said and proc.poll() is None and time.monotonic() < deadline:
+    pending_by = min(deadline, time.monotonic() + 5)
+    while b"interrupted" not in said and proc.poll() is None and time.monotonic() < pending_by:
         try:
             said += os.read(proc.stderr.fileno(), 65536)
         except BlockingIOError:
