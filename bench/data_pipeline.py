@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from common import dataset, median_rate
 from unetseg.contract.config import TrainConfig
 from unetseg.data.checks import check_dataset
-from unetseg.data.dataset import EpochSampler, SegmentationDataset, pad_collate, worker_init
+from unetseg.data.dataset import EpochSampler, PadCollate, SegmentationDataset, worker_init
 from unetseg.data.scan import pair_channel
 from unetseg.data.transforms import train_transform
 from unetseg.model import normalization
@@ -88,7 +88,7 @@ def main() -> None:
             checked = check_dataset(samples, cfg.replace(cache_images=cache))
             sampler = EpochSampler(len(samples), args.batch_size, seed=0)
             loader = DataLoader(SegmentationDataset(checked, train_transform("light", args.crop, channels)),
-                                batch_size=args.batch_size, sampler=sampler, collate_fn=pad_collate(32),
+                                batch_size=args.batch_size, sampler=sampler, collate_fn=PadCollate(32),
                                 worker_init_fn=worker_init, **extra)
             run = functools.partial(consume, loader, args.epochs, normalization(cfg), sampler)
             rate = median_rate(run, len(sampler) * args.epochs)

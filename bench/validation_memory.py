@@ -27,7 +27,7 @@ def child(mode: str, folder: Path, tile: int, encoder: str, device_name: str) ->
 
     from unetseg.contract.config import TrainConfig
     from unetseg.data.checks import check_dataset
-    from unetseg.data.dataset import SegmentationDataset, ShardSampler, pad_collate
+    from unetseg.data.dataset import PadCollate, SegmentationDataset, ShardSampler
     from unetseg.data.scan import pair_channel
     from unetseg.distributed import DistContext
     from unetseg.losses import build_loss
@@ -43,7 +43,7 @@ def child(mode: str, folder: Path, tile: int, encoder: str, device_name: str) ->
     torch.manual_seed(0)
     model = build_model(cfg, pretrained=False).to(device)
     tiled = [i for i in range(len(data.samples)) if is_tiled(data.sizes[i])]
-    loader = DataLoader(SegmentationDataset(data), batch_size=1, collate_fn=pad_collate(cfg.stride),
+    loader = DataLoader(SegmentationDataset(data), batch_size=1, collate_fn=PadCollate(cfg.stride),
                         sampler=ShardSampler(len(data.samples), skip=tiled))
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
     loss_fn = build_loss(cfg.loss).to(device)

@@ -29,8 +29,9 @@ from . import checkpoint, distributed, tracking
 from .contract.config import TrainConfig
 from .contract.errors import ConfigError
 from .contract.metrics_log import SELECTION_METRIC, format_line
+from .data import loader_workers
 from .data.checks import CheckedDataset, check_dataset
-from .data.dataset import EpochSampler, SegmentationDataset, ShardSampler, pad_collate, worker_init
+from .data.dataset import EpochSampler, PadCollate, SegmentationDataset, ShardSampler, worker_init
 from .data.masks import IGNORE_INDEX
 from .data.scan import pair_channel, split_holdout
 from .data.transforms import train_transform
@@ -131,9 +132,9 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
             "holds what this run has trained so far")
 
     # --- data -----------------------------------------------------------------------------------------------------
-    train_data, val_data = load_datasets(cfg, paths, ctx, say)
-    sampler = EpochSampler(len(train_data.samples), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(device, ctx.local_world_size)
+    train_data, val_data = load_datasets(cfg, paths, ctx, say, copies=loader_workers.copies_per_process(workers))
+    sampler = EpochSampler(len(train_data.samples), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     train_loader, val_loader, tiled = build_loaders(cfg, train_data, val_data, sampler, workers, ctx)
     steps_per_epoch = sampler.batches_per_epoch
     trained_on = {"train": train_data.fingerprint(), "validation": val_data.fingerprint(),
@@ -180,7 +181,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
 
     say(f"training {cfg.arch}/{cfg.encoder} for {cfg.epochs} epochs x {steps_per_epoch} steps on "
         f"{ctx.world_size} x {device.type}, batch {cfg.batch_size} per process, "
-        f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, {workers} loader workers")
+        f"precision {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, "
+        f"{loader_workers.describe(workers)}")
     stop = StopSignal()
     epochs_without_gain = history[-1]["epoch"] - best["epoch"] if best else 0
     try:
@@ -278,7 +280,8 @@ def build_loaders(cfg: TrainConfig, train_data: CheckedDataset, val_data: Checke
     the others in batches."""
     device = ctx.device
     loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                       persistent_workers=workers > 0, collate_fn=pad_collate(cfg.stride))
+                       persistent_workers=workers > 0, collate_fn=PadCollate(cfg.stride),
+                       multiprocessing_context=loader_workers.context(workers))
     augmented = SegmentationDataset(train_data, train_transform(cfg.augment, cfg.image_size, cfg.in_channels), cfg.seed)
     train_loader = DataLoader(augmented, batch_size=cfg.batch_size, sampler=sampler, **loader_args)
     tiled = [i for i in ShardSampler(len(val_data.samples), ctx.rank, ctx.world_size) if is_tiled(val_data.sizes[i])]
@@ -426,8 +429,10 @@ def centre_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
 
 
-def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> tuple[CheckedDataset, CheckedDataset]:
-    """Pair, check and (when they fit) cache train and validation; one mask convention for both."""
+def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say,
+                  copies: int = 1) -> tuple[CheckedDataset, CheckedDataset]:
+    """Pair, check and (when they fit) cache train and validation; one mask convention for both. `copies`: of each
+    process's data in memory (loader workers that hold their own: data/loader_workers.py)."""
     train = pair_channel(paths.train)
     if paths.validation is not None:
         val = pair_channel(paths.validation)
@@ -439,7 +444,7 @@ def load_datasets(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, say) -> t
     # Validation images large enough to be tiled are read when validated, one at a time, and never kept: one of them
     # could outweigh the rest of the dataset and leave it all uncached.
     owners = [i % ctx.world_size for i in range(len(train))] + [j % ctx.world_size for j in range(len(val))]
-    checked = check_dataset(train + val, cfg, cache_share=ctx.local_world_size, rank=ctx.rank, owners=owners,
+    checked = check_dataset(train + val, cfg, cache_share=ctx.local_world_size * copies, rank=ctx.rank, owners=owners,
                             gather=partial(all_gather_objects, ctx=ctx),
                             uncached=lambda i, size: i >= len(train) and is_tiled(size))
     train_data = checked.subset(range(len(train)))

@@ -65,6 +65,7 @@ PROCS_PER_HOST_ENV = "UNETSEG_PROCS_PER_HOST"  # training processes per host ins
 MASTER_PORT_ENV = "UNETSEG_MASTER_PORT"  # torchrun's rendezvous port
 RANK_REPORTS_ENV = "UNETSEG_RANK_REPORTS"  # supervisor -> ranks: the folder for each rank's stop or failure
 MAX_IMAGE_MB_ENV = "UNETSEG_MAX_IMAGE_MB"  # the largest decoded image, in training, predict and serving
+LOADER_START_ENV = "UNETSEG_LOADER_START"  # fork | forkserver: how loader workers start (data/loader_workers.py)
 
 # --- experiment tracking: MLflow's own names (its client reads them too), and unetseg's ----------------------------
 MLFLOW_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # an http(s) server or a SageMaker MLflow tracking server's ARN

@@ -95,13 +95,16 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def pad_collate(stride: int):
+class PadCollate:
     """Stack (image, mask) pairs into NHWC and NHW batches, padding each side up to a multiple of `stride`
     (images with 0, masks with ignore): validation images may differ in size and need not fit the encoder."""
 
-    def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        height = _round_up(max(img.shape[0] for img, _ in batch), stride)
-        width = _round_up(max(img.shape[1] for img, _ in batch), stride)
+    def __init__(self, stride: int):
+        self.stride = stride
+
+    def __call__(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        height = _round_up(max(img.shape[0] for img, _ in batch), self.stride)
+        width = _round_up(max(img.shape[1] for img, _ in batch), self.stride)
         dtype = torch.float32 if any(img.dtype != torch.uint8 for img, _ in batch) else torch.uint8
         images = torch.zeros((len(batch), height, width, batch[0][0].shape[2]), dtype=dtype)
         masks = torch.full((len(batch), height, width), IGNORE_INDEX, dtype=torch.uint8)
@@ -111,8 +114,6 @@ def pad_collate(stride: int):
             images[i, : img.shape[0], : img.shape[1]] = img
             masks[i, : mask.shape[0], : mask.shape[1]] = mask
         return images, masks
-
-    return collate
 
 
 def _round_up(value: int, multiple: int) -> int:
