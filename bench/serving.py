@@ -5,7 +5,13 @@ real server (`python -m unetseg.container.serving`: gunicorn, one worker, as in 
 sends a PNG and asks for a PNG mask, so the endpoint's figures include decoding the request and encoding the answer;
 the direct figures are `Segmenter.predict` on the decoded array. Overhead ratio = endpoint time / direct time.
 
-    python bench/serving.py [--sizes 256 512] [--requests 30]
+Where the model runs (--cores, default: one "model core" when the machine has two or more): the direct calls and the
+server run on the same CPU cores with as many threads, and the benchmark's own HTTP client runs on another core. On
+a real endpoint the client is another machine; sharing the model's cores with it (and with its OpenMP threads, which
+spin for a while after each direct call) charged the endpoint for the benchmark's own work. `--cores all` gives the
+shared figure: every core to both, the client included.
+
+    python bench/serving.py [--sizes 256 512] [--requests 30] [--cores 1|all]
 """
 
 from __future__ import annotations
@@ -45,8 +51,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--cores", default="1", help="cores for the model (direct and server), or 'all'")
     args = parser.parse_args()
-    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.cores == "all" or len(cpus) < 2:
+        model_cores, client_cores = set(cpus), set(cpus)
+    else:
+        count = min(int(args.cores), len(cpus) - 1)
+        model_cores, client_cores = set(cpus[:count]), set(cpus[count:])
+    threads = len(model_cores)
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,21 +73,25 @@ def main() -> None:
         env = {**os.environ, "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "OMP_NUM_THREADS": str(threads)}
         server = subprocess.Popen([sys.executable, "-m", "unetseg.container.serving", "--model-dir", str(model_dir),
                                    "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=subprocess.DEVNULL, preexec_fn=lambda: os.sched_setaffinity(0, model_cores))
         try:
             wait_healthy(port)
-            print(f"model: Unet/resnet18 depth 4, 3 classes; CPU, {threads} threads; {args.requests} requests per "
-                  "size; endpoint: gunicorn, 1 worker, PNG in, PNG mask out")
+            where = ("every core, shared with the client" if model_cores == client_cores else
+                     f"cores {sorted(model_cores)}, the client on {sorted(client_cores)}")
+            print(f"model: Unet/resnet18 depth 4, 3 classes; CPU, {threads} threads on {where}; {args.requests} "
+                  "requests per size; endpoint: gunicorn, 1 worker, PNG in, PNG mask out")
             print(f"{'size':>6} {'path':<9}{'p50 ms':>9}{'p99 ms':>9}{'images/s':>10}{'overhead':>10}")
             for size in args.sizes:
                 image = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
                 body = codecs.encode_image(image, codecs.PNG)
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                direct.predict(image), invoke(conn, body)  # warm-up
                 direct_times, endpoint_times = [], []
-                for _ in range(args.requests):  # interleaved, so that load from elsewhere hits both alike
+                for _ in range(args.requests + 1):  # interleaved, so that load from elsewhere hits both alike
+                    os.sched_setaffinity(0, model_cores)  # this thread: the direct call on the model's cores
                     direct_times.append(timed(direct.predict, image))
+                    os.sched_setaffinity(0, client_cores)  # and the client on its own
                     endpoint_times.append(timed(invoke, conn, body))
+                direct_times, endpoint_times = direct_times[1:], endpoint_times[1:]  # the first: warm-up
                 conn.close()
                 d50, d99 = percentiles(direct_times)
                 e50, e99 = percentiles(endpoint_times)
