@@ -519,8 +519,8 @@ def test_predict_decodes_only_a_bounded_number_of_images_ahead(model_dir, tmp_pa
 
     folder = images_folder(tmp_path / "in", count=24, size=16)
     decoded, ahead = [], []
-    real_read = predict.read_image
-    monkeypatch.setattr(predict, "read_image", lambda path: decoded.append(path) or real_read(path))
+    real_read = predict.read_image_valid
+    monkeypatch.setattr(predict, "read_image_valid", lambda path: decoded.append(path) or real_read(path))
     model = load_model(model_dir, device="cpu")
     real_chunk = predict._predict_chunk
 
@@ -570,22 +570,22 @@ def test_predict_decodes_ahead_only_up_to_a_byte_budget(model_dir, tmp_path, mon
     folder = images_folder(tmp_path / "in", count=12, size=512)  # 768 KiB each, decoded
     monkeypatch.setenv("UNETSEG_MAX_IMAGE_MB", "2")
     lock, held, peak = threading.Lock(), [0], [0]
-    real_read, real_chunk = predict.read_image, predict._predict_chunk
+    real_read, real_chunk = predict.read_image_valid, predict._predict_chunk
 
     def reading(path):
-        image = real_read(path)
+        image, valid = real_read(path)
         with lock:
             held[0] += image.nbytes
             peak[0] = max(peak[0], held[0])
-        return image
+        return image, valid
 
     def predicting(model, chunk, *args, **kwargs):
         time.sleep(0.05)  # a slow model: decoding must not run through the whole folder meanwhile
         yield from real_chunk(model, chunk, *args, **kwargs)
         with lock:
-            held[0] -= sum(image.nbytes for _, image in chunk)
+            held[0] -= sum(image.nbytes for _, image, _ in chunk)
 
-    monkeypatch.setattr(predict, "read_image", reading)
+    monkeypatch.setattr(predict, "read_image_valid", reading)
     monkeypatch.setattr(predict, "_predict_chunk", predicting)
     written = predict.predict_files(load_model(model_dir, device="cpu"), sorted(folder.iterdir()), tmp_path / "out",
                                     progress=False)

@@ -18,6 +18,7 @@ from unetseg.contract.config import TrainConfig
 from unetseg.contract.errors import OutputError
 from unetseg.contract.sagemaker_env import MAX_IMAGE_MB_ENV
 from unetseg.model import artifact_config, build_model, load_model, save_artifact
+from unetseg.raster_io import NODATA_CLASS
 from unetseg.segmenter import Segmenter
 
 BACKENDS = ("rasterio", "tifffile")
@@ -106,7 +107,6 @@ def test_a_16_bit_single_band_raster_is_scaled_as_the_whole_image_path_scales_it
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_geotiff_mask_keeps_crs_transform_and_marks_no_data(model, tmp_path, backend, monkeypatch):
     from unetseg.predict_raster import predict_raster
-    from unetseg.raster_io import NODATA_CLASS
 
     image = pixels(180, 230)
     image[:40, :50] = 0  # a corner outside the survey: no data in every band
@@ -209,3 +209,30 @@ def test_a_mask_never_overwrites_its_image(model, tmp_path):
     with pytest.raises(OutputError, match="would overwrite the image"):
         predict_raster(model, source, tmp_path)
     assert source.read_bytes() == before
+
+
+def test_no_data_pixels_get_the_no_data_class_on_the_whole_image_path_as_on_the_windowed_one(model_dir, model,
+                                                                                             tmp_path):
+    """A small image goes whole to the model and gets a PNG mask; where it holds no data (a float pixel NaN in every
+    band, a plain TIFF's GDAL_NODATA value in every band) that mask says NODATA_CLASS, as the windowed GeoTIFF mask
+    does, instead of whatever class the zeroed pixels looked like."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = pixels(48, 64, dtype=np.uint8)
+    floats = image.astype(np.float32) / 255
+    floats[:10, :20] = np.nan  # no data: NaN in every band
+    np.save(folder / "scene.npy", floats)
+    sentinel = image.copy()
+    sentinel[40:, 50:] = 7  # the declared no-data value in every band
+    tifffile.imwrite(folder / "plain.tif", sentinel, extratags=[(42113, "s", 0, "7", True)])  # GDAL_NODATA, no geo
+    out = tmp_path / "out"
+    assert cli(["predict", "--model", str(model_dir), "--input", str(folder), "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["plain.png", "scene.png"]
+    for name, void in (("scene.png", np.s_[:10, :20]), ("plain.png", np.s_[40:, 50:])):
+        mask = np.array(Image.open(out / name))
+        assert (mask[void] == NODATA_CLASS).all(), name
+        rest = np.ones(mask.shape, bool)
+        rest[void] = False
+        assert (mask[rest] < 3).all(), name

@@ -27,10 +27,11 @@ from .contract.codecs import encode_mask_png
 from .contract.errors import DataError, OutputError, UsageError, write_failure_reason
 from .contract.image_headers import max_image_bytes
 from .contract.layout import IMAGES
-from .data.io import declared_size, read_image
+from .data.io import declared_size, read_image_valid
 from .data.scan import IMAGE_EXTENSIONS
 from .inference import SegmenterBase, tta_views
 from .predict_raster import note_overlays, predict_rasters, windowed
+from .raster_io import NODATA_CLASS
 from .visualize import overlay
 
 
@@ -100,8 +101,10 @@ def predict_files(model: SegmenterBase, images: Sequence[Path], output: Path, *,
 
         bar = tqdm(total=len(images), unit="image")
     for chunk in _decoded_chunks(images, batch_size, model.in_channels, problems):
-        for path, image, probs in _predict_chunk(model, chunk, tile, tta):
+        for path, image, valid, probs in _predict_chunk(model, chunk, tile, tta):
             mask = probs.argmax(0).astype(np.uint8)
+            if valid is not None:  # no data there: say so, as the windowed path does, not the zeros' class
+                mask[~valid] = NODATA_CLASS
             target = output / f"{path.stem}.png"
             with _writing(target):
                 target.write_bytes(encode_mask_png(mask, model.class_colors))
@@ -136,7 +139,7 @@ def _writing(target: Path) -> Iterator[Path]:
 
 
 def _decoded_chunks(images: Sequence[Path], size: int, channels: int,
-                    problems: list[str]) -> Iterator[list[tuple[Path, np.ndarray]]]:
+                    problems: list[str]) -> Iterator[list[tuple[Path, np.ndarray, Optional[np.ndarray]]]]:
     """Chunks of up to `size` decoded images, decoded in threads at most two chunks ahead of the model, and while the
     images decoded and not yet predicted stay within the byte budget (an image over it is decoded alone). An image
     that cannot be used goes to `problems` instead."""
@@ -160,12 +163,12 @@ def _decoded_chunks(images: Sequence[Path], size: int, channels: int,
         while pending or chunk:
             if pending:
                 future, cost = pending.popleft()
-                path, image, problem = future.result()
+                path, image, valid, problem = future.result()
                 if problem is not None:
                     problems.append(problem)
                     held -= cost
                 else:
-                    chunk.append((path, image))
+                    chunk.append((path, image, valid))
                     chunk_cost += cost
             refill()
             # The chunk goes to the model when full, at the end, or when the budget lets nothing more start.
@@ -185,25 +188,26 @@ def _declared_bytes(path: Path) -> int:
         return 0
 
 
-def _load(path: Path, channels: int) -> tuple[Path, Optional[np.ndarray], Optional[str]]:
+def _load(path: Path, channels: int) -> tuple[Path, Optional[np.ndarray], Optional[np.ndarray], Optional[str]]:
+    """(path, image, pixels that hold data or None when all do, problem)."""
     try:
-        image = read_image(path)
+        image, valid = read_image_valid(path)
     except DataError as exc:
-        return path, None, str(exc)
+        return path, None, None, str(exc)
     if image.shape[2] != channels:
         found = image.shape[2]
         names = {1: " (grayscale)", 3: " (RGB)"}
         hint = (f"; convert it, e.g. with PIL's .convert('{'RGB' if channels == 3 else 'L'}')"
                 if found in names and channels in names else "; give it the bands the model was trained on")
-        return path, None, (f"{path}: the image has {found} channel(s){names.get(found, '')}, but the model takes "
-                            f"{channels}{names.get(channels, '')}{hint}")
-    return path, image, None
+        return path, None, None, (f"{path}: the image has {found} channel(s){names.get(found, '')}, but the model "
+                                  f"takes {channels}{names.get(channels, '')}{hint}")
+    return path, image, valid, None
 
 
 def _predict_chunk(model: SegmenterBase, chunk, tile: Optional[int], tta: str):
     """Same-sized small images in one forward pass; others one by one (tiled when large)."""
     by_shape: dict[tuple, list[int]] = {}
-    for i, (_, image) in enumerate(chunk):
+    for i, (_, image, _) in enumerate(chunk):
         by_shape.setdefault(image.shape, []).append(i)
     results: dict[int, np.ndarray] = {}
     for shape, members in by_shape.items():
@@ -213,5 +217,5 @@ def _predict_chunk(model: SegmenterBase, chunk, tile: Optional[int], tta: str):
         else:
             for i in members:
                 results[i] = model.predict_proba(chunk[i][1], tile=tile, tta=tta)
-    for i, (path, image) in enumerate(chunk):
-        yield path, image, results[i]
+    for i, (path, image, valid) in enumerate(chunk):
+        yield path, image, valid, results[i]
