@@ -43,7 +43,8 @@ int start(int threads) {
 """
 
 # Starts `loaders` DataLoaders of 2 workers each, one after the other, while 4 native threads churn thread states;
-# prints how many started. A worker deadlocked at its start never answers: the loader's own timeout reports it.
+# prints how many started, or stops at the first worker deadlocked at its start: it never answers, and the loader's
+# own timeout (60 s: the first start under a fork server also starts the server) reports it.
 STARTS = """
 import ctypes, sys
 import torch
@@ -54,11 +55,11 @@ def main(library, loaders):
     assert ctypes.CDLL(library).start(4) == 0
     data = TensorDataset(torch.arange(8.0))
     for i in range(loaders):
-        loader = DataLoader(data, batch_size=2, num_workers=2, timeout=30,
+        loader = DataLoader(data, batch_size=2, num_workers=2, timeout=60,
                             multiprocessing_context=loader_workers.context(2))
         try:
             assert sum(len(b[0]) for b in loader) == 8
-        except RuntimeError as error:  # "DataLoader timed out after 30 seconds"
+        except RuntimeError as error:  # "DataLoader timed out after 60 seconds"
             print(f"worker deadlocked at loader {i}: {error}", flush=True)
             return 1
     print(f"started {loaders} loaders", flush=True)
@@ -91,19 +92,20 @@ def start_loaders(folder: Path, loaders: int, method: str) -> subprocess.Complet
 
 @pytest.mark.slow
 def test_loader_workers_start_while_native_threads_enter_python(churn_library):
-    done = start_loaders(churn_library, 12, loader_workers.start_method())
-    assert done.returncode == 0 and "started 12 loaders" in done.stdout, done.stdout + done.stderr[-3000:]
+    done = start_loaders(churn_library, 40, loader_workers.start_method())
+    assert done.returncode == 0 and "started 40 loaders" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_forked_workers_deadlock_exactly_where_the_interpreter_has_the_bug(churn_library):
     """The other side of the test above: plain fork deadlocks on this interpreter when, and only when, the version
-    table says so; the churn is strong enough to show it."""
-    done = start_loaders(churn_library, 12, "fork")
+    table says so. With the churn running, 6 to 30 forks in 100 deadlocked here; 24 forks once passed without one in
+    CI, so this tries up to 400: at 6 in 100, the chance that none deadlocks is below 1e-10."""
+    done = start_loaders(churn_library, 200, "fork")
     if loader_workers.fork_can_deadlock():
         assert done.returncode == 1 and "worker deadlocked" in done.stdout, done.stdout + done.stderr[-3000:]
     else:
-        assert done.returncode == 0 and "started 12 loaders" in done.stdout, done.stdout + done.stderr[-3000:]
+        assert done.returncode == 0 and "started 200 loaders" in done.stdout, done.stdout + done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("version, implementation, deadlocks", [
