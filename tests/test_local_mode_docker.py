@@ -237,10 +237,11 @@ def test_local_mode_trains_from_a_ground_truth_manifest(training_image, local_se
 # Two DataLoader workers per training process, as on every GPU job: a stop must reach the training processes and not
 # their workers (a worker that anyone but its parent signals makes the training process fail).
 SPOT_HPS = {**TINY, "epochs": 2, "seed": 5, "log_every": 1, "num_workers": 2}
-SPOT_STOP_AT = 3  # stop once step 3 is logged; the SIGTERM lands a few steps later, still inside epoch 1 of 2
-# Steps per epoch: with 1 process, 48 images of batch 4; with 2 (torchrun in one container, gloo), 128 images, 16 steps
-# each: the ranks agree on a stop every 10 steps, so it lands at step 10, inside epoch 1.
-SPOT_STEPS = {1: 12, 2: 16}
+SPOT_STOP_AT = 3  # stop once step 3 is logged; the SIGTERM lands some steps later, still inside epoch 1 of 2
+# Steps per epoch: with 1 process, 96 images of batch 4; with 2 (torchrun in one container, gloo), 256 images, 32 steps
+# each: the ranks agree on a stop every 10 steps, so it lands at step 10, 20 or 30, inside epoch 1. (With 12 steps, a
+# `docker stop` slowed by a loaded CI machine once reached the process only after step 12, at the epoch's end.)
+SPOT_STEPS = {1: 24, 2: 32}
 
 
 def run_train(image: str, tree: Path, name: str, stop_after_step: int | None = None,

@@ -249,6 +249,9 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                 say(f"early stopping: no better {SELECTION_METRIC} for {epochs_without_gain} epochs (best {best})")
                 break
             if stop.agreed(ctx, step, force=True):  # collective too; the epoch's checkpoint is already saved
+                say(f"stopping on {stop.name} after epoch {epoch + 1}: checkpoint saved to "
+                    f"{paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to resume",
+                    flush=True)
                 raise Interrupted(stop.name)
     except Interrupted:
         if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
