@@ -166,7 +166,7 @@ def artifact_config(cfg: TrainConfig, mask_mode: str, best: Optional[dict] = Non
         "class_names": cfg.resolved_class_names, "class_colors": class_colors(cfg.class_colors, cfg.classes),
         "mask_mode": mask_mode, "normalization": norm or normalization(cfg),
         "input": {"image_size": cfg.image_size, "stride": cfg.stride},
-        "hyperparameters": {k: v for k, v in cfg.to_hyperparameters().items() if k not in CONFIG_ARCHITECTURE},
+        "hyperparameters": _without_architecture(cfg.to_hyperparameters()),
         "best": best or {},
         "init_model": init_model,  # provenance: the model this one was fine-tuned from, if any
     }
@@ -277,6 +277,11 @@ def _architecture(config: dict[str, Any]) -> dict[str, Any]:
     return {field: config[field] for field in CONFIG_ARCHITECTURE if field in config}
 
 
+def _without_architecture(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters as config.json keeps them: the architecture is stated at its top level instead."""
+    return {k: v for k, v in hyperparameters.items() if k not in CONFIG_ARCHITECTURE}
+
+
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
     """Copy the tensors of `state` whose name and shape match; (tensors copied, names of those left as they were)."""
     own = model.state_dict()
@@ -316,8 +321,7 @@ def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
             raise ArtifactError(f"{name(HISTORY_FILE)}: not valid JSON ({exc})") from None
         check_artifact(config, state, name)
     # Read as format 2: whoever reads this config next finds the architecture in one place.
-    hyperparameters = {k: v for k, v in config["hyperparameters"].items() if k not in CONFIG_ARCHITECTURE}
-    return {**config, "hyperparameters": hyperparameters}, state, history
+    return {**config, "hyperparameters": _without_architecture(config["hyperparameters"])}, state, history
 
 
 def check_artifact(config: dict[str, Any], state: dict[str, torch.Tensor], name=lambda file: file) -> None:

@@ -218,9 +218,8 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                                       seconds=epoch_sums["seconds"] + time.perf_counter() - started)
                     if ctx.is_main:
                         checkpoint.save_state(paths.checkpoint_dir, snapshot(epoch, batch_index + 1))
-                    say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: checkpoint saved "
-                        f"to {paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to "
-                        "resume", flush=True)
+                    say(f"stopping on {stop.name} at epoch {epoch + 1}, batch {batch_index + 1}: "
+                        f"{resume_hint(paths)}", flush=True)
                     raise Interrupted(stop.name)
 
             # --- validate, log, checkpoint ------------------------------------------------------------------------
@@ -249,9 +248,7 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
                 say(f"early stopping: no better {SELECTION_METRIC} for {epochs_without_gain} epochs (best {best})")
                 break
             if stop.agreed(ctx, step, force=True):  # collective too; the epoch's checkpoint is already saved
-                say(f"stopping on {stop.name} after epoch {epoch + 1}: checkpoint saved to "
-                    f"{paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to resume",
-                    flush=True)
+                say(f"stopping on {stop.name} after epoch {epoch + 1}: {resume_hint(paths)}", flush=True)
                 raise Interrupted(stop.name)
     except Interrupted:
         if ctx.is_main and history:  # the model only: SageMaker's SIGKILL is coming, and the picture can wait
@@ -269,6 +266,12 @@ def _train(cfg: TrainConfig, paths: RunPaths, ctx: DistContext, progress: bool) 
 
 
 # --- pieces of the loop ----------------------------------------------------------------------------------------
+
+def resume_hint(paths: RunPaths) -> str:
+    """What a stop says after its checkpoint is written."""
+    return (f"checkpoint saved to {paths.checkpoint_dir / checkpoint.LAST}; run again with the same checkpoint dir to "
+            "resume")
+
 
 def new_epoch_sums() -> dict:
     """The running sums of an epoch: a checkpoint taken inside one carries them, so that its train_loss, epoch_time
